@@ -1,0 +1,33 @@
+// The one place that registers fastdecode's C++ ops with torch: schemas (outputs first, mutated
+// tensors marked) and the CPU implementations. CUDA implementations of the same schemas are
+// registered by csrc/cuda/registration.cpp when the extension is built with CUDA.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/ops.h"
+
+// The module object only exists so `import fastdecode._C` loads the library and runs the
+// registrations below.
+static struct PyModuleDef fastdecode_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastdecode_module); }
+
+TORCH_LIBRARY(fastdecode, m) {
+  m.def("append_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slot_mapping) -> ()");
+  m.def("paged_attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, "
+        "Tensor block_tables, Tensor seq_lens, Tensor? cu_seqlens_q, float scale, bool causal, "
+        "float softcap, int sliding_window, Tensor? alibi_slopes) -> ()");
+  m.def("apply_repetition_penalty(Tensor logits, Tensor? seen_tokens, Tensor penalty) -> Tensor");
+  m.def("process_logits(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
+        "Tensor min_p, Tensor repetition_penalty, Tensor? seen_tokens) -> Tensor");
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
+        "Tensor repetition_penalty, Tensor? seen_tokens, Tensor seeds, Tensor offsets) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastdecode, CPU, m) {
+  m.impl("append_kv", &fastdecode::cpu::append_kv);
+  m.impl("paged_attention", &fastdecode::cpu::paged_attention);
+  m.impl("apply_repetition_penalty", &fastdecode::cpu::apply_repetition_penalty);
+  m.impl("process_logits", &fastdecode::cpu::process_logits);
+  m.impl("sample", &fastdecode::cpu::sample);
+}

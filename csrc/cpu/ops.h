@@ -1,0 +1,47 @@
+// Torch adapters of the CPU kernels: check shapes / dtypes, dispatch on dtype, run the kernel.
+// Shapes use the shared vocabulary (see README.md): T tokens, B seqs, Hq / Hkv heads, D head_dim,
+// N blocks, P block_size, M max_blocks_per_seq, V vocab_size.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fastdecode::cpu {
+
+// key, value: [T, Hkv, D]; k_cache, v_cache: [N, P, Hkv, D]; slot_mapping: [T] int64 (< 0 skips).
+void append_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
+               at::Tensor& v_cache, const at::Tensor& slot_mapping);
+
+// out, query: [B, Hq, D] (decode) or [T, Hq, D] with cu_seqlens_q [B + 1] int32 (packed);
+// block_tables: [B, M] int32; seq_lens: [B] int32; alibi_slopes: [Hq] float32.
+// softcap 0 = off; sliding_window 0 = off.
+void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, const at::Tensor& block_tables,
+                     const at::Tensor& seq_lens, const std::optional<at::Tensor>& cu_seqlens_q,
+                     double scale, bool causal, double softcap, int64_t sliding_window,
+                     const std::optional<at::Tensor>& alibi_slopes);
+
+// logits: [B, V] any float dtype; seen_tokens: [B, L] int64 (-1 = padding); penalty: [B] f32.
+// Returns [B, V] float32.
+at::Tensor apply_repetition_penalty(const at::Tensor& logits,
+                                    const std::optional<at::Tensor>& seen_tokens,
+                                    const at::Tensor& penalty);
+
+// Per-row parameters, all [B]: temperature f32 (0 = greedy), top_k int32 (0 = off),
+// top_p f32 (1 = off), min_p f32 (0 = off), repetition_penalty f32 (1 = off).
+// Returns [B, V] float32 processed scores (-inf where filtered).
+at::Tensor process_logits(const at::Tensor& logits, const at::Tensor& temperature,
+                          const at::Tensor& top_k, const at::Tensor& top_p,
+                          const at::Tensor& min_p, const at::Tensor& repetition_penalty,
+                          const std::optional<at::Tensor>& seen_tokens);
+
+// As process_logits, then one draw per row: seeds, offsets [B] int64 key the Philox draw.
+// Returns [B] int64 ids, -1 for rows with NaN logits or nothing finite left.
+at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
+                  const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
+                  const at::Tensor& repetition_penalty,
+                  const std::optional<at::Tensor>& seen_tokens, const at::Tensor& seeds,
+                  const at::Tensor& offsets);
+
+}  // namespace fastdecode::cpu

@@ -1,0 +1,12 @@
+"""fastdecode: fast LLM decoding for Hugging Face transformers models.
+
+- ``fastdecode.ops``: paged-KV attention and fused sampling ops (CUDA, Triton, CPU, torch).
+- ``fastdecode.generate`` / ``patch`` / ``unpatch``: drop-in replacement of ``model.generate``.
+- ``fastdecode.Engine``: continuous batching for serving stacks.
+"""
+
+from fastdecode import ops
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "__version__"]

@@ -1,0 +1,42 @@
+"""Loads the C++ extension ``fastdecode._C`` and registers the fake (meta) implementations of its
+ops, so they trace under ``torch.compile`` and pass ``torch.library.opcheck``."""
+
+from __future__ import annotations
+
+import torch
+
+import fastdecode._C  # noqa: F401  (registers torch.ops.fastdecode.*)
+
+_LIB = "fastdecode::"
+
+
+@torch.library.register_fake(_LIB + "append_kv")
+def _append_kv_fake(key, value, k_cache, v_cache, slot_mapping) -> None:
+    return None
+
+
+@torch.library.register_fake(_LIB + "paged_attention")
+def _paged_attention_fake(out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
+                          scale, causal, softcap, sliding_window, alibi_slopes) -> None:
+    return None
+
+
+@torch.library.register_fake(_LIB + "apply_repetition_penalty")
+def _penalty_fake(logits, seen_tokens, penalty):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake(_LIB + "process_logits")
+def _process_fake(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen_tokens):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake(_LIB + "sample")
+def _sample_fake(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen_tokens,
+                 seeds, offsets):
+    return logits.new_empty(logits.shape[:1], dtype=torch.int64)
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build of the extension carries the CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(_LIB + "paged_attention", "CUDA")

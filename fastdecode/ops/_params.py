@@ -1,0 +1,144 @@
+"""Validation and normalisation of the sampling parameters shared by every backend.
+
+Public sampling ops accept each parameter as a Python number (all rows) or a ``[B]`` tensor
+(per row). Backends receive a :class:`SamplingTensors`: one ``[B]`` tensor per parameter on the
+logits' device, in a fixed dtype, already validated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+Number = Union[int, float]
+Param = Union[Number, torch.Tensor]
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters, all on the logits' device.
+
+    temperature: [B] float32, 0 = greedy row.
+    top_k: [B] int32, 0 = off (values <= 0 or >= V are mapped to 0).
+    top_p: [B] float32 in (0, 1], 1 = off.
+    min_p: [B] float32 in [0, 1], 0 = off.
+    repetition_penalty: [B] float32 > 0, 1 = off.
+    seen_tokens: [B, L] int64 ids, -1 = padding, or None.
+    The ``has_*`` flags let kernels skip a whole stage; they are True when unknown.
+    """
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    seen_tokens: Optional[torch.Tensor]
+    has_top_k: bool = True
+    has_top_p: bool = True
+    has_min_p: bool = True
+    has_penalty: bool = True
+    all_greedy: bool = False
+
+
+def _check_rows(name: str, values: torch.Tensor, bad: torch.Tensor, allowed: str) -> None:
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} must be {allowed}; got {values[row].item()} at row {row}")
+
+
+def _per_row(name: str, value: Param, batch: int, dtype: torch.dtype, device: torch.device,
+             allowed: str, valid) -> tuple[torch.Tensor, Optional[float]]:
+    """Return ``([B] tensor, scalar or None)`` after checking ``valid(tensor) -> bool mask``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.item()
+        else:
+            if value.shape != (batch,):
+                raise ValueError(f"{name} must be a number or a [{batch}] tensor, got shape "
+                                 f"{tuple(value.shape)}")
+            if value.is_floating_point() and dtype != torch.float32:
+                bad = value != value.round()
+                _check_rows(name, value, bad, "an integer")
+            host = value.detach().to("cpu", torch.float64)
+            _check_rows(name, host, ~valid(host), allowed)
+            return value.to(device=device, dtype=dtype), None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if dtype != torch.float32 and value != int(value):
+        raise ValueError(f"{name} must be an integer, got {value}")
+    host = torch.tensor([float(value)], dtype=torch.float64)
+    if not bool(valid(host)[0]):
+        raise ValueError(f"{name} must be {allowed}; got {value} (all rows)")
+    return torch.full((batch,), value, dtype=dtype, device=device), float(value)
+
+
+def normalize(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = 0,
+              top_p: Param = 1.0, min_p: Param = 0.0, repetition_penalty: Param = 1.0,
+              seen_tokens: Optional[torch.Tensor] = None) -> SamplingTensors:
+    """Validate the sampling parameters for ``logits`` [B, V] and return them per row."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [num_seqs, vocab_size], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
+    batch, vocab = logits.shape
+    dev = logits.device
+    temp, t_s = _per_row("temperature", temperature, batch, torch.float32, dev,
+                         ">= 0 (0 = greedy)", lambda t: (t >= 0) & torch.isfinite(t))
+    k, k_s = _per_row("top_k", top_k, batch, torch.int64, dev, "an integer",
+                      lambda t: torch.isfinite(t))
+    k = torch.where((k <= 0) | (k >= vocab), torch.zeros_like(k), k).to(torch.int32)
+    p, p_s = _per_row("top_p", top_p, batch, torch.float32, dev, "in (0, 1]",
+                      lambda t: (t > 0) & (t <= 1))
+    mp, mp_s = _per_row("min_p", min_p, batch, torch.float32, dev, "in [0, 1]",
+                        lambda t: (t >= 0) & (t <= 1))
+    rp, rp_s = _per_row("repetition_penalty", repetition_penalty, batch, torch.float32, dev,
+                        "> 0", lambda t: (t > 0) & torch.isfinite(t))
+    if seen_tokens is not None:
+        if seen_tokens.dim() != 2 or seen_tokens.shape[0] != batch:
+            raise ValueError(f"seen_tokens must be [{batch}, L], got shape "
+                             f"{tuple(seen_tokens.shape)}")
+        if seen_tokens.is_floating_point():
+            raise TypeError(f"seen_tokens must hold integer ids, got {seen_tokens.dtype}")
+        seen_tokens = seen_tokens.to(device=dev, dtype=torch.int64).contiguous()
+        if seen_tokens.numel():
+            bad = seen_tokens >= vocab
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise ValueError(f"seen_tokens must be ids in [0, {vocab}) or -1 (padding); "
+                                 f"row {row} has {int(seen_tokens[row].max())}")
+    return SamplingTensors(
+        temperature=temp, top_k=k, top_p=p, min_p=mp, repetition_penalty=rp,
+        seen_tokens=seen_tokens,
+        has_top_k=not (k_s is not None and (k_s <= 0 or k_s >= vocab)),
+        has_top_p=p_s != 1.0,
+        has_min_p=mp_s != 0.0,
+        has_penalty=seen_tokens is not None and seen_tokens.numel() > 0 and rp_s != 1.0,
+        all_greedy=t_s == 0.0,
+    )
+
+
+def seeds_and_offsets(batch: int, device: torch.device, seeds: Optional[torch.Tensor],
+                      offsets: Optional[torch.Tensor],
+                      generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(seeds [B] int64 >= 0, offsets [B] int64)`` for the counter-based RNG.
+
+    Rows with ``seed < 0`` (or all rows when ``seeds`` is None) get a fresh random seed drawn from
+    ``generator`` (torch's global RNG when None) and offset 0, so every backend draws through the
+    same counter-based generator keyed by (seed, offset).
+    """
+    gen_device = generator.device if generator is not None else device
+    fresh = torch.randint(0, 2**62, (batch,), generator=generator, device=gen_device,
+                          dtype=torch.int64).to(device)
+    if seeds is None:
+        return fresh, torch.zeros(batch, dtype=torch.int64, device=device)
+    for name, t in (("seeds", seeds), ("offsets", offsets)):
+        if t is not None and (t.shape != (batch,) or t.is_floating_point()):
+            raise ValueError(f"{name} must be a [{batch}] integer tensor, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    seeds = seeds.to(device=device, dtype=torch.int64)
+    offsets = (torch.zeros(batch, dtype=torch.int64, device=device) if offsets is None
+               else offsets.to(device=device, dtype=torch.int64))
+    seeded = seeds >= 0
+    return torch.where(seeded, seeds, fresh), torch.where(seeded, offsets, 0)

@@ -1,0 +1,115 @@
+"""Float64 references every backend is held to.
+
+Deliberately naive and independent of ``fastdecode``: attention is a loop over sequences and
+heads on gathered pages; sampling is a loop over rows that spells out Hugging Face's processors.
+``upcast=False`` computes in the input dtype instead; the pass rule (flash-attention's) is that a
+kernel's error against the float64 result is at most twice the error of that low-precision run,
+plus a small absolute epsilon (see :func:`assert_close_2x`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """cache [N, P, Hkv, D], block_table [M] -> the sequence's first ``length`` tokens
+    [length, Hkv, D]."""
+    p = cache.shape[1]
+    rows = [cache[int(block_table[i // p]), i % p] for i in range(length)]
+    return torch.stack(rows) if rows else cache.new_zeros((0,) + cache.shape[2:])
+
+
+def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q=None, *,
+                    scale=None, causal=True, softcap=None, sliding_window=None,
+                    alibi_slopes=None, upcast=True) -> torch.Tensor:
+    """query [B or T, Hq, D] -> out [B or T, Hq, D] (float64 if upcast, else query dtype)."""
+    dt = torch.float64 if upcast else query.dtype
+    hq, d = query.shape[1], query.shape[2]
+    hkv = k_cache.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    num_seqs = seq_lens.shape[0]
+    starts = (list(range(num_seqs + 1)) if cu_seqlens_q is None
+              else [int(x) for x in cu_seqlens_q])
+    out = torch.zeros(query.shape, dtype=dt)
+    for b in range(num_seqs):
+        n = int(seq_lens[b])
+        q = query[starts[b]:starts[b + 1]].to(dt)
+        sq = q.shape[0]
+        if n == 0 or sq == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], n).to(dt)
+        v = gather_kv(v_cache, block_tables[b], n).to(dt)
+        for h in range(hq):
+            kv_h = h // (hq // hkv)
+            s = (q[:, h] @ k[:, kv_h].T) * scale  # [Sq, n]
+            if softcap:
+                s = softcap * torch.tanh(s / softcap)
+            for i in range(sq):
+                pos = n - sq + i
+                for j in range(n):
+                    if alibi_slopes is not None:
+                        s[i, j] += float(alibi_slopes[h]) * (j - pos)
+                    hidden = (causal and j > pos) or (sliding_window and j <= pos - sliding_window)
+                    if hidden:
+                        s[i, j] = -math.inf
+            p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+            out[starts[b]:starts[b + 1], h] = p @ v[:, kv_h]
+    return out
+
+
+def process_row(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                repetition_penalty=1.0, seen=()) -> torch.Tensor:
+    """One row [V] -> processed float64 scores [V] in HF order (penalty, temperature, top-k,
+    top-p, min-p). temperature 0 = greedy: only the penalty. Ties at the top-k and top-p
+    boundaries are all kept."""
+    s = logits.to(torch.float64).clone()
+    for tok in {int(t) for t in seen if int(t) >= 0}:
+        s[tok] = s[tok] * repetition_penalty if s[tok] < 0 else s[tok] / repetition_penalty
+    if temperature == 0:
+        return s
+    s = s / temperature
+    v = s.numel()
+    if 0 < top_k < v:
+        kth = torch.sort(s, descending=True).values[top_k - 1]
+        s[s < kth] = -math.inf
+    if top_p < 1:
+        probs = torch.softmax(s, 0)
+        keep = torch.zeros(v, dtype=torch.bool)
+        for tok in range(v):
+            keep[tok] = probs[probs > probs[tok]].sum() < top_p
+        s[~keep] = -math.inf
+    if min_p > 0:
+        probs = torch.softmax(s, 0)
+        s[probs < min_p * probs.max()] = -math.inf
+    return s
+
+
+def process_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                   repetition_penalty=1.0, seen_tokens=None) -> torch.Tensor:
+    """logits [B, V] -> processed float64 scores [B, V]; parameters numbers or [B] tensors."""
+    rows = []
+    for b in range(logits.shape[0]):
+        def at(x, cast):
+            return cast(x[b]) if isinstance(x, torch.Tensor) else cast(x)
+        rows.append(process_row(
+            logits[b], temperature=at(temperature, float), top_k=at(top_k, int),
+            top_p=at(top_p, float), min_p=at(min_p, float),
+            repetition_penalty=at(repetition_penalty, float),
+            seen=() if seen_tokens is None else seen_tokens[b].tolist()))
+    return torch.stack(rows)
+
+
+def distribution(logits, **params) -> torch.Tensor:
+    """The exact sampling distribution [B, V] float64 of the processed scores."""
+    return torch.softmax(process_logits(logits, **params), dim=-1)
+
+
+def assert_close_2x(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor,
+                    atol: float = 1e-5, name: str = "out") -> None:
+    """flash-attention's rule: max|out - ref64| <= 2 * max|ref_lowp - ref64| + atol."""
+    err = (out.to(torch.float64) - ref64).abs().max().item() if out.numel() else 0.0
+    base = (ref_lowp.to(torch.float64) - ref64).abs().max().item() if out.numel() else 0.0
+    assert err <= 2 * base + atol, f"{name}: max error {err:.3g} > 2 x {base:.3g} + {atol:g}"
