@@ -31,9 +31,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "csrc" / "compile_check" / "all_kernels.cu"
-# Same code-generation flags as setup.py, plus warnings as errors.
-NVCC_FLAGS = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Werror", "all-warnings",
-              "-Xcompiler", "-Wall,-Wextra,-Werror"]
+# The flags setup.py's build passes (its own plus torch.utils.cpp_extension's COMMON_NVCC_FLAGS,
+# which disable implicit half / bfloat16 conversions), and warnings as errors.
+BUILD_FLAGS = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+               "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+               "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+NVCC_FLAGS = [*BUILD_FLAGS, "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
 DTYPES = {"f": "float", "6__half": "__half", "13__nv_bfloat16": "__nv_bfloat16"}
 COPY_WORDS = {"5uint4": "uint4", "5uint2": "uint2", "j": "uint32_t", "t": "uint16_t"}
 
@@ -159,8 +162,8 @@ def check_adapters(nvcc: str, arch: str) -> bool:
         ok = True
         for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
             start = time.perf_counter()
-            cmd = [nvcc, "-O3", "-std=c++20", "--use_fast_math", f"-arch=sm_{arch}",
-                   "-DFASTDECODE_WITH_CUDA", "-Xcompiler", "-fPIC,-Wall",
+            cmd = [nvcc, *BUILD_FLAGS, f"-arch=sm_{arch}", "-DFASTDECODE_WITH_CUDA",
+                   "-Xcompiler", "-fPIC,-Wall",
                    *[f"-I{p}" for p in include], "-c", str(source), "-o",
                    str(Path(tmp) / (source.stem + ".o"))]
             proc = subprocess.run(cmd, capture_output=True, text=True)
