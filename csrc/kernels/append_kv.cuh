@@ -87,16 +87,11 @@ inline cudaError_t append_kv(const AppendKVParams& p, cudaStream_t stream) {
   if (p.elem_bytes != 2 && p.elem_bytes != 4) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(p.num_tokens));
   const dim3 block(detail::kAppendThreads);
-  if (detail::aligned_to(p, 16)) {
-    detail::append_kv_kernel<uint4><<<grid, block, 0, stream>>>(p);
-  } else if (detail::aligned_to(p, 8)) {
-    detail::append_kv_kernel<uint2><<<grid, block, 0, stream>>>(p);
-  } else if (detail::aligned_to(p, 4)) {
-    detail::append_kv_kernel<uint32_t><<<grid, block, 0, stream>>>(p);
-  } else {
-    detail::append_kv_kernel<uint16_t><<<grid, block, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  using detail::aligned_to, detail::append_kv_kernel;
+  if (aligned_to(p, 16)) return launch(append_kv_kernel<uint4>, grid, block, stream, p);
+  if (aligned_to(p, 8)) return launch(append_kv_kernel<uint2>, grid, block, stream, p);
+  if (aligned_to(p, 4)) return launch(append_kv_kernel<uint32_t>, grid, block, stream, p);
+  return launch(append_kv_kernel<uint16_t>, grid, block, stream, p);
 }
 
 }  // namespace fastdecode::kernels

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fastdecode::kernels {
 
@@ -72,5 +73,17 @@ __device__ __forceinline__ uint64_t warp_sum(uint64_t x) {
 }
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// The one kernel-launch site of the launchers. tests/cuda_emu (a CPU model of the CUDA execution
+// model that runs these kernels in CI, where there is no GPU) defines FASTDECODE_CUDA_EMULATOR
+// and provides its own `launch`.
+#ifndef FASTDECODE_CUDA_EMULATOR
+template <typename... Params>
+inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                          std::type_identity_t<Params>... args) {
+  kernel<<<grid, block, 0, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif
 
 }  // namespace fastdecode::kernels

@@ -11,6 +11,7 @@
 // buffering (16-byte copies); scores, online softmax and P.V run on the tile in float32.
 #pragma once
 
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -86,21 +87,6 @@ constexpr int kv_tile_tokens() {
   return tile;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_bytes = valid ? 16 : 0;  // 0 source bytes -> the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
 __device__ __forceinline__ int clamped_seq_len(const PagedDecodeParams& p, int seq) {
   const int64_t limit = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
   const int64_t len = p.seq_lens[seq];
@@ -169,14 +155,16 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
     const int t0 = lo + tile * kTile;
     for (int c = tid; c < kTile * kChunks; c += kAttnThreads) {
       const int t = c / kChunks, v = c % kChunks, j = t0 + t;
-      const bool valid = j < hi;
-      int64_t at = 0;
-      if (valid) {
+      if (j < hi) {  // 16-byte cp.async, completed by __pipeline_wait_prior
         const int64_t block = block_table[j / p.block_size];
-        at = block * p.kv_stride_block + (j % p.block_size) * p.kv_stride_token + v * kVec;
+        const int64_t at = block * p.kv_stride_block + (j % p.block_size) * p.kv_stride_token +
+                           v * kVec;
+        __pipeline_memcpy_async(&kv_smem[stage][0][t][v], k_base + at, sizeof(uint4));
+        __pipeline_memcpy_async(&kv_smem[stage][1][t][v], v_base + at, sizeof(uint4));
+      } else {  // past the end: zeros, so that 0 * V never meets stale non-finite values
+        kv_smem[stage][0][t][v] = make_uint4(0, 0, 0, 0);
+        kv_smem[stage][1][t][v] = make_uint4(0, 0, 0, 0);
       }
-      cp_async16(&kv_smem[stage][0][t][v], k_base + at, valid);
-      cp_async16(&kv_smem[stage][1][t][v], v_base + at, valid);
     }
   };
 
@@ -200,12 +188,12 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
   const float slope_pos = static_cast<float>(seq_len - 1);  // the query's position i
 
   if (num_tiles > 0) load_tile(0, 0);
-  cp_async_commit();
+  __pipeline_commit();
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile & 1, t0 = lo + tile * kTile;
     if (tile + 1 < num_tiles) load_tile(tile + 1, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
+    __pipeline_commit();
+    __pipeline_wait_prior(1);  // this tile's copies are done; the next tile's may be in flight
     __syncthreads();
 
     // Scores: kDotLanes lanes per (head, token) dot product.
@@ -347,13 +335,11 @@ cudaError_t launch_paged_decode(const PagedDecodeParams& p, cudaStream_t stream)
   const dim3 grid(static_cast<unsigned>(std::max(max_parts, 1)),
                   static_cast<unsigned>(p.num_kv_heads * ceil_div(group, kMaxGroupHeads)),
                   static_cast<unsigned>(p.num_seqs));
-  paged_decode_kernel<T, D><<<grid, kAttnThreads, 0, stream>>>(p);
-  if (max_parts > 1) {
-    const dim3 merge_grid(static_cast<unsigned>(p.num_qo_heads),
-                          static_cast<unsigned>(p.num_seqs));
-    paged_decode_merge_kernel<T><<<merge_grid, kMergeThreads, 0, stream>>>(p, max_parts);
-  }
-  return cudaGetLastError();
+  const cudaError_t err = launch(paged_decode_kernel<T, D>, grid, dim3(kAttnThreads), stream, p);
+  if (err != cudaSuccess || max_parts <= 1) return err;
+  const dim3 merge_grid(static_cast<unsigned>(p.num_qo_heads), static_cast<unsigned>(p.num_seqs));
+  return launch(paged_decode_merge_kernel<T>, merge_grid, dim3(kMergeThreads), stream, p,
+                max_parts);
 }
 
 }  // namespace detail

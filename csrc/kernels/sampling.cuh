@@ -369,9 +369,8 @@ inline cudaError_t sample(const SamplingParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   return DISPATCH_DTYPE(p.dtype, T, [&] {
-    detail::sample_kernel<T>
-        <<<static_cast<unsigned>(p.num_rows), detail::kSampleThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch(detail::sample_kernel<T>, dim3(static_cast<unsigned>(p.num_rows)),
+                  dim3(detail::kSampleThreads), stream, p);
   });
 }
 
