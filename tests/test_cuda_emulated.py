@@ -210,7 +210,8 @@ def test_sample_special_rows(lib):
 
 def test_sample_distribution(lib):
     # Many seeds on one small row: empirical frequencies match the processed distribution.
-    v, draws = 12, 2048
+    # (Each row is a 1024-thread CTA under the emulator, hence a modest number of draws.)
+    v, draws = 12, 512
     logits = torch.randn(1, v).repeat(draws, 1)
     params = normalize(logits, temperature=0.8, top_k=8, top_p=0.95, min_p=0.02,
                        repetition_penalty=1.5, seen_tokens=torch.tensor([[2, 2, -1]] * draws))
@@ -221,4 +222,4 @@ def test_sample_distribution(lib):
                                    seen_tokens=torch.tensor([[2, 2, -1]]))[0]
     freq = torch.bincount(ids, minlength=v).double() / draws
     assert (freq[probs == 0] == 0).all(), "filtered tokens never drawn"
-    assert (freq - probs).abs().sum() / 2 < 0.05  # total variation; ~0.02 expected noise
+    assert (freq - probs).abs().sum() / 2 < 0.1  # total variation; ~0.04 expected noise

@@ -1,14 +1,13 @@
 // A CPU model of the CUDA execution model, just enough to run fastdecode's kernels without a GPU
 // (CI machines have none): the kernel headers compile with g++ against these stand-in CUDA
-// headers, and each CTA runs its threads as coroutines (ucontext). A coroutine switches only at
+// headers, and each CTA runs its threads as coroutines (x86-64 stack switching: a system call per
+// switch, as ucontext makes, is too slow for 1024-thread CTAs). A coroutine switches only at
 // __syncthreads and at warp collectives (shuffles, ballots, matches), which block until every
 // lane named in the mask has arrived, as on the hardware. Shared memory is the kernels' static
 // locals (`__shared__` -> `static`); CTAs run one after another. Checks indexing, masking,
 // reductions and the algorithms; it says nothing about speed or about memory-model races
 // that need real concurrency.
 #pragma once
-
-#include <ucontext.h>
 
 #include <cmath>
 #include <cstddef>
@@ -103,14 +102,44 @@ inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size, siz
 inline void __pipeline_commit() {}
 inline void __pipeline_wait_prior(size_t) {}
 
+#if !defined(__x86_64__)
+#error "the CUDA emulator switches stacks with x86-64 assembly"
+#endif
+
+// emu_switch(save, next): pushes the callee-saved registers, stores the stack pointer in *save,
+// continues on stack `next` (popping what an earlier emu_switch pushed there).
+extern "C" void emu_switch(void** save, void* next);
+asm(R"(
+.text
+.globl emu_switch
+.type emu_switch, @function
+emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size emu_switch, .-emu_switch
+)");
+
 namespace emu {
 
 struct Block {
   dim3 idx, dim, grid;
   std::function<void()> body;
-  std::vector<ucontext_t> ctx;
+  std::vector<void*> sp;  // saved stack pointer of each thread
   std::vector<std::vector<char>> stacks;
-  ucontext_t scheduler;
+  void* scheduler = nullptr;
   int current = 0, alive = 0;
   int bar_count = 0;
   long bar_gen = 0;
@@ -124,7 +153,7 @@ struct Block {
 };
 inline Block* block = nullptr;
 
-inline void yield() { swapcontext(&block->ctx[block->current], &block->scheduler); }
+inline void yield() { emu_switch(&block->sp[block->current], block->scheduler); }
 
 inline void release_barrier_if_complete() {
   Block& b = *block;
@@ -145,10 +174,13 @@ inline int barrier(int predicate) {
   return b.bar_or[gen & 1];
 }
 
-inline void thread_entry() {
+[[noreturn]] inline void thread_entry() {
   block->body();
   --block->alive;  // exited threads no longer hold barriers back
   release_barrier_if_complete();
+  void* unused;
+  emu_switch(&unused, block->scheduler);  // never resumed
+  std::abort();
 }
 
 // Deposits this lane's value and returns all 32 slots once every lane in `mask` has deposited.
@@ -182,13 +214,14 @@ T from_bits(uint64_t u) {
 }
 inline int lane() { return block->current % 32; }
 
-// Separate (and not inlined) because getcontext returns twice.
-[[gnu::noinline]] inline void start_thread(Block& b, int t) {
-  getcontext(&b.ctx[t]);
-  b.ctx[t].uc_stack.ss_sp = b.stacks[t].data();
-  b.ctx[t].uc_stack.ss_size = b.stacks[t].size();
-  b.ctx[t].uc_link = &b.scheduler;
-  makecontext(&b.ctx[t], thread_entry, 0);
+// A fresh stack whose first emu_switch "returns" into thread_entry with six zero registers.
+inline void start_thread(Block& b, int t) {
+  auto top = reinterpret_cast<uintptr_t>(b.stacks[t].data() + b.stacks[t].size()) & ~uintptr_t{15};
+  auto* frame = reinterpret_cast<void**>(top) - 8;  // [6 registers][entry][padding]
+  for (int i = 0; i < 6; ++i) frame[i] = nullptr;
+  frame[6] = reinterpret_cast<void*>(&thread_entry);
+  frame[7] = nullptr;  // at entry rsp + 8 is 16-byte aligned, as a call leaves it
+  b.sp[t] = frame;
 }
 
 template <typename Kernel, typename... Args>
@@ -197,7 +230,7 @@ void run_grid(Kernel kernel, dim3 grid, dim3 dim, Args... args) {
   Block b;
   b.grid = grid;
   b.dim = dim;
-  b.ctx.resize(threads);
+  b.sp.resize(threads);
   b.stacks.assign(threads, std::vector<char>(128 * 1024));
   b.body = [&] { kernel(args...); };
   block = &b;
@@ -215,7 +248,7 @@ void run_grid(Kernel kernel, dim3 grid, dim3 dim, Args... args) {
             if (done[t]) continue;
             b.current = t;
             const int alive_before = b.alive;
-            swapcontext(&b.scheduler, &b.ctx[t]);
+            emu_switch(&b.scheduler, b.sp[t]);
             if (b.alive < alive_before) {
               done[t] = true;
               ++finished;
