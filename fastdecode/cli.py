@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", metavar="PATH", help="local checkpoint directory "
-                        "(default: the built-in model, see `fastdecode.hf.tiny.default_model`)")
+                        "(default: the built-in model, see `fastdecode.hf.default_model`)")
     common.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda if available, else cpu")
     common.add_argument("--dtype", choices=tuple(DTYPES), default=None,
@@ -75,7 +75,7 @@ def load(args: argparse.Namespace):
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
                                                      dtype=dtype)
     else:
-        from fastdecode.hf.tiny import default_model_and_tokenizer
+        from fastdecode.hf.default_model import default_model_and_tokenizer
 
         model, tokenizer = default_model_and_tokenizer(dtype=dtype)
     return model.to(device).eval(), tokenizer
