@@ -18,8 +18,8 @@ import torch
 
 from fastdecode.ops import torch_backend
 from fastdecode.ops._params import normalize
-from tests import reference
-from tests.pairwise import pairwise
+import reference
+from pairwise import pairwise
 
 ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "tests" / "cuda_emu"

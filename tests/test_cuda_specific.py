@@ -9,7 +9,7 @@ import torch
 
 from fastdecode import ops
 from fastdecode.ops import _backends
-from tests import reference
+import reference
 
 pytestmark = [
     pytest.mark.gpu,
