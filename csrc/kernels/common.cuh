@@ -7,7 +7,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <type_traits>
 
 namespace fastdecode::kernels {
 
@@ -78,9 +77,9 @@ __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / 
 // model that runs these kernels in CI, where there is no GPU) defines FASTDECODE_CUDA_EMULATOR
 // and provides its own `launch`.
 #ifndef FASTDECODE_CUDA_EMULATOR
-template <typename... Params>
+template <typename... Params, typename... Args>
 inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
-                          std::type_identity_t<Params>... args) {
+                          const Args&... args) {
   kernel<<<grid, block, 0, stream>>>(args...);
   return cudaGetLastError();
 }

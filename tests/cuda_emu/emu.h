@@ -311,10 +311,10 @@ inline unsigned __match_any_sync(unsigned mask, unsigned value) {
 }
 
 namespace fastdecode::kernels {
-template <typename... Params>
+template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t,
-                   std::type_identity_t<Params>... args) {
-  emu::run_grid(kernel, grid, block, args...);
+                   const Args&... args) {
+  emu::run_grid(kernel, grid, block, static_cast<Params>(args)...);
   return cudaSuccess;
 }
 }  // namespace fastdecode::kernels
