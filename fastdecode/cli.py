@@ -68,6 +68,9 @@ def load(args: argparse.Namespace):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda"
                                                    else torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the terminal for the generated text
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
