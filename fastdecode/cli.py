@@ -98,7 +98,7 @@ def _complete(model, tokenizer, text: str, args: argparse.Namespace) -> str:
     from transformers import TextStreamer
 
     enc = tokenizer(text, return_tensors="pt").to(model.device)
-    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True)
+    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = fastdecode.generate(model, **enc, streamer=streamer, **_gen_kwargs(args, tokenizer))
     reply = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     if args.no_stream:
