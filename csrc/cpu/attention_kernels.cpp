@@ -253,7 +253,8 @@ class AttentionWorker {
                           off * static_cast<int64_t>(sizeof(T));
         const int64_t stop = std::min(bytes, byte + lines * 64);
         lines -= (stop - byte + 63) / 64;
-        for (; byte < stop; byte += 64) __builtin_prefetch(row + byte);
+        // Into L2 (locality 2): a tile's K and V rows outgrow L1 before they are used.
+        for (; byte < stop; byte += 64) __builtin_prefetch(row + byte, 0, 2);
       }
       if (off < 0 || byte >= bytes) {
         byte = 0;
