@@ -2,9 +2,10 @@
 
 Typical use::
 
-    from common import Report, measure_read_bandwidth, time_ms
+    from common import Report, cpu_ms, measure_read_bandwidth, time_ms
 
     ms = time_ms(lambda: op(x), device="cpu")             # median of timed runs, after warmup
+    cpu = cpu_ms(lambda: op(x))                           # median process CPU time per call
     bw = measure_read_bandwidth("cpu")                    # GB/s of a large streaming read
     report = Report("attention", device="cpu")            # -> benchmarks/results/attention_cpu.*
     report.add_table("Default config", rows)               # rows: list of dicts, one per line
@@ -55,6 +56,22 @@ def time_ms(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 3,
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def cpu_ms(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 15) -> float:
+    """Median process CPU time of ``fn()`` in milliseconds, summed over threads (CPU work only).
+
+    On a shared machine wall time includes waiting for a core; CPU time does not (though it
+    does include threads spinning at a barrier), so ``cpu_ms / threads`` bounds what the wall
+    time would be on an idle machine with perfect scaling."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
     return statistics.median(times) * 1e3
 
 
