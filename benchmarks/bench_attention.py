@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdecode.ops as ops
-from common import Report, cpu_ms, measure_read_bandwidth, time_ms
+from common import Report, cpu_ms, measure_read_bandwidth, time_interleaved, time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -103,7 +103,7 @@ class Problem:
 
 
 def measure(problem: Problem, backends: list[str], repeat: int) -> dict[str, tuple]:
-    """Per method: (median wall ms, median process CPU ms or None on cuda)."""
+    """Per method: (median wall ms, median process CPU ms or None on cuda), timed round-robin."""
     dev = problem.cfg.device
     fns = {}
     for name in backends:
@@ -112,9 +112,8 @@ def measure(problem: Problem, backends: list[str], repeat: int) -> dict[str, tup
     fns["sdpa contiguous (enable_gqa)"] = problem.sdpa_gqa()
     fns["sdpa contiguous (grouped q)"] = problem.sdpa_grouped()
     fns["gather + sdpa"] = problem.gather_sdpa()
-    return {method: (time_ms(fn, device=dev, repeat=repeat),
-                     cpu_ms(fn, repeat=repeat) if dev == "cpu" else None)
-            for method, fn in fns.items()}
+    times = time_interleaved(fns, device=dev, repeat=repeat)
+    return {k: (wall, cpu if dev == "cpu" else None) for k, (wall, cpu) in times.items()}
 
 
 def rows_for(cfg: Config, times: dict[str, tuple], bandwidth: float) -> list[dict]:
@@ -186,7 +185,7 @@ def main() -> None:
     columns = ["method", "ms", "GB/s", "% of read BW", "speedup vs sdpa"]
     if args.device == "cpu":
         columns.append("process CPU ms")
-    report.add_table("Default config", rows, columns)
+    report.add_table("Default config", rows, columns, csv_name="default")
 
     if args.device == "cpu" and "cpu" in backends:
         counts = ([int(t) for t in args.threads.split(",")] if args.threads
@@ -201,7 +200,8 @@ def main() -> None:
                             "process CPU ms": cpu,
                             "GB/s at CPU ms / threads": cfg.kv_bytes() / (cpu / n * 1e-3) / 1e9})
         torch.set_num_threads(full)
-        report.add_table("CPU kernel thread scaling (torch.set_num_threads)", scaling)
+        report.add_table("CPU kernel thread scaling (torch.set_num_threads)", scaling,
+                         csv_name="threads")
     del problem
 
     if args.sweep:
@@ -213,8 +213,7 @@ def main() -> None:
             c = replace(cfg, kv_len=n, batch=max(1, cfg.batch * cfg.kv_len // n))
             sweep += rows_for(c, measure(Problem(c), backends, args.repeat), bandwidth)
         report.add_table("KV length sweep (batch x KV length fixed)", sweep,
-                         ["kv_len", "batch", "method", "ms", "GB/s", "% of read BW",
-                          "speedup vs sdpa"])
+                         ["kv_len", "batch"] + columns, csv_name="sweep")
         report.add_plot("time per decode step", sweep, x="kv_len", y="ms", series="method")
         report.add_plot("achieved bandwidth", sweep, x="kv_len", y="GB/s", series="method")
     if not args.no_write:
