@@ -214,7 +214,8 @@ def main() -> None:
             sweep += rows_for(c, measure(Problem(c), backends, args.repeat), bandwidth)
         report.add_table("KV length sweep (batch x KV length fixed)", sweep,
                          ["kv_len", "batch"] + columns, csv_name="sweep")
-        report.add_plot("time per decode step", sweep, x="kv_len", y="ms", series="method")
+        report.add_plot("time per decode step", sweep, x="kv_len", y="ms", series="method",
+                        logy=True)
         report.add_plot("achieved bandwidth", sweep, x="kv_len", y="GB/s", series="method")
     if not args.no_write:
         for path in report.write():

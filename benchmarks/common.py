@@ -154,6 +154,7 @@ class _Plot:
     y: str
     series: str
     logx: bool
+    logy: bool
 
 
 @dataclass
@@ -178,9 +179,9 @@ class Report:
         self._sections.append(("note", text))
 
     def add_plot(self, title: str, rows: list[dict], *, x: str, y: str, series: str,
-                 logx: bool = True) -> None:
+                 logx: bool = True, logy: bool = False) -> None:
         """One line per distinct ``row[series]``: ``row[y]`` against ``row[x]``."""
-        self._plots.append(_Plot(title, rows, x, y, series, logx))
+        self._plots.append(_Plot(title, rows, x, y, series, logx, logy))
 
     def write(self, out_dir: Path = RESULTS_DIR) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,6 +234,8 @@ class Report:
             ax.set_ylabel(plot.y)
             if plot.logx:
                 ax.set_xscale("log", base=2)
+            if plot.logy:
+                ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.suptitle(f"{self.name} ({self.device})")
