@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import platform
 import statistics
 import subprocess
@@ -64,7 +65,7 @@ def machine_info(device: torch.device) -> dict[str, str]:
     import transformers
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, text=True,
                                 capture_output=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
@@ -80,6 +81,9 @@ def machine_info(device: torch.device) -> dict[str, str]:
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
                         f"transformers {transformers.__version__}, fastdecode {commit}",
             "command": "python " + " ".join(sys.argv)}
+    if hasattr(os, "getloadavg"):  # a shared machine inflates every time, ratios less so
+        loads = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        info["load average at start (1, 5, 15 min)"] = loads
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -167,6 +171,7 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     device = torch.device(args.device)
+    info = machine_info(device)
     backends = [b for b in args.backends.split(",") if b]
     methods = make_methods(args, backends)
     base, read = "transformers", "read logits once"
@@ -187,7 +192,6 @@ def main() -> None:
         best = [time_ms(lambda: fn(logits, seen), device, iters, 1)[1] for fn in methods.values()]
         sweep_rows.append([batch] + [round(t, 3) for t in best])
 
-    info = machine_info(device)
     info["shape"] = (f"batch {args.batch}, vocab {args.vocab}, float32 logits; penalty "
                      f"{args.penalty} over {args.seen} seen tokens, temperature "
                      f"{args.temperature}, top_k {args.top_k}, top_p {args.top_p}")
