@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdecode.ops as ops
-from common import Report, measure_read_bandwidth, time_ms
+from common import Report, cpu_ms, measure_read_bandwidth, time_interleaved, time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -102,28 +102,30 @@ class Problem:
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
-def measure(problem: Problem, backends: list[str], repeat: int) -> dict[str, float]:
-    """Median ms per method."""
+def measure(problem: Problem, backends: list[str], repeat: int) -> dict[str, tuple]:
+    """Per method: (median wall ms, median process CPU ms or None on cuda), timed round-robin."""
     dev = problem.cfg.device
-    ms = {}
+    fns = {}
     for name in backends:
         problem.check(name)
-        ms[f"fastdecode {name}"] = time_ms(problem.fastdecode(name), device=dev, repeat=repeat)
-    gqa = time_ms(problem.sdpa_gqa(), device=dev, repeat=repeat)
-    grouped = time_ms(problem.sdpa_grouped(), device=dev, repeat=repeat)
-    ms["sdpa contiguous (enable_gqa)"] = gqa
-    ms["sdpa contiguous (grouped q)"] = grouped
-    ms["gather + sdpa"] = time_ms(problem.gather_sdpa(), device=dev, repeat=repeat)
-    return ms
+        fns[f"fastdecode {name}"] = problem.fastdecode(name)
+    fns["sdpa contiguous (enable_gqa)"] = problem.sdpa_gqa()
+    fns["sdpa contiguous (grouped q)"] = problem.sdpa_grouped()
+    fns["gather + sdpa"] = problem.gather_sdpa()
+    times = time_interleaved(fns, device=dev, repeat=repeat)
+    return {k: (wall, cpu if dev == "cpu" else None) for k, (wall, cpu) in times.items()}
 
 
-def rows_for(cfg: Config, ms: dict[str, float], bandwidth: float) -> list[dict]:
-    baseline = min(v for k, v in ms.items() if k.startswith("sdpa contiguous"))
+def rows_for(cfg: Config, times: dict[str, tuple], bandwidth: float) -> list[dict]:
+    baseline = min(t for k, (t, _) in times.items() if k.startswith("sdpa contiguous"))
     rows = []
-    for method, t in ms.items():
+    for method, (t, cpu) in times.items():
         gbps = cfg.kv_bytes() / (t * 1e-3) / 1e9
-        rows.append({"kv_len": cfg.kv_len, "method": method, "ms": t, "GB/s": gbps,
-                     "% of read BW": 100 * gbps / bandwidth, "speedup vs sdpa": baseline / t})
+        row = {"kv_len": cfg.kv_len, "batch": cfg.batch, "method": method, "ms": t, "GB/s": gbps,
+               "% of read BW": 100 * gbps / bandwidth, "speedup vs sdpa": baseline / t}
+        if cpu is not None:
+            row["process CPU ms"] = cpu
+        rows.append(row)
     return rows
 
 
@@ -150,7 +152,8 @@ def parse_args():
     ap.add_argument("--head-dim", type=int)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--sweep", default="256,512,1024,2048,4096",
-                    help="KV lengths for the sweep table and plot ('' to skip)")
+                    help="KV lengths for the sweep table and plot, at a fixed batch x KV "
+                         "length ('' to skip)")
     ap.add_argument("--threads", default=None,
                     help="cpu: comma-separated thread counts for the scaling table "
                          "(default: 1 and torch's current count)")
@@ -179,8 +182,10 @@ def main() -> None:
 
     problem = Problem(cfg)
     rows = rows_for(cfg, measure(problem, backends, args.repeat), bandwidth)
-    report.add_table("Default config", rows,
-                     ["method", "ms", "GB/s", "% of read BW", "speedup vs sdpa"])
+    columns = ["method", "ms", "GB/s", "% of read BW", "speedup vs sdpa"]
+    if args.device == "cpu":
+        columns.append("process CPU ms")
+    report.add_table("Default config", rows, columns, csv_name="default")
 
     if args.device == "cpu" and "cpu" in backends:
         counts = ([int(t) for t in args.threads.split(",")] if args.threads
@@ -190,20 +195,27 @@ def main() -> None:
         for n in counts:
             torch.set_num_threads(n)
             t = time_ms(problem.fastdecode("cpu"), repeat=args.repeat)
-            scaling.append({"threads": n, "ms": t,
-                            "GB/s": cfg.kv_bytes() / (t * 1e-3) / 1e9})
+            cpu = cpu_ms(problem.fastdecode("cpu"), repeat=args.repeat)
+            scaling.append({"threads": n, "ms": t, "GB/s": cfg.kv_bytes() / (t * 1e-3) / 1e9,
+                            "process CPU ms": cpu,
+                            "GB/s at CPU ms / threads": cfg.kv_bytes() / (cpu / n * 1e-3) / 1e9})
         torch.set_num_threads(full)
-        report.add_table("CPU kernel thread scaling (torch.set_num_threads)", scaling)
+        report.add_table("CPU kernel thread scaling (torch.set_num_threads)", scaling,
+                         csv_name="threads")
     del problem
 
     if args.sweep:
         sweep = []
+        # The batch shrinks as sequences grow, so every point reads the default config's KV
+        # volume: far more than the last-level cache, as in serving (short sequences in a small
+        # batch would be served from cache and overstate the kernel).
         for n in (int(x) for x in args.sweep.split(",")):
-            c = replace(cfg, kv_len=n)
+            c = replace(cfg, kv_len=n, batch=max(1, cfg.batch * cfg.kv_len // n))
             sweep += rows_for(c, measure(Problem(c), backends, args.repeat), bandwidth)
-        report.add_table("KV length sweep", sweep,
-                         ["kv_len", "method", "ms", "GB/s", "% of read BW", "speedup vs sdpa"])
-        report.add_plot("time per decode step", sweep, x="kv_len", y="ms", series="method")
+        report.add_table("KV length sweep (batch x KV length fixed)", sweep,
+                         ["kv_len", "batch"] + columns, csv_name="sweep")
+        report.add_plot("time per decode step", sweep, x="kv_len", y="ms", series="method",
+                        logy=True)
         report.add_plot("achieved bandwidth", sweep, x="kv_len", y="GB/s", series="method")
     if not args.no_write:
         for path in report.write():

@@ -2,9 +2,10 @@
 
 Typical use::
 
-    from common import Report, measure_read_bandwidth, time_ms
+    from common import Report, measure_read_bandwidth, time_interleaved, time_ms
 
     ms = time_ms(lambda: op(x), device="cpu")             # median of timed runs, after warmup
+    both = time_interleaved({"mine": f, "baseline": g})   # {name: (wall ms, CPU ms)}, round-robin
     bw = measure_read_bandwidth("cpu")                    # GB/s of a large streaming read
     report = Report("attention", device="cpu")            # -> benchmarks/results/attention_cpu.*
     report.add_table("Default config", rows)               # rows: list of dicts, one per line
@@ -55,6 +56,44 @@ def time_ms(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 3,
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, device: str = "cpu",
+                     warmup: int = 2, repeat: int = 15) -> dict[str, tuple[float, float]]:
+    """{name: (median wall ms, median process CPU ms)} of each ``fns[name]()``, timed round-robin
+    (one call of each per round) so that load changes on a shared machine hit all of them alike.
+    CPU time sums all threads and excludes time spent waiting for a core."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            _sync(device)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]) * 1e3, statistics.median(cpu[k]) * 1e3)
+            for k in fns}
+
+
+def cpu_ms(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 15) -> float:
+    """Median process CPU time of ``fn()`` in milliseconds, summed over threads (CPU work only).
+
+    On a shared machine wall time includes waiting for a core; CPU time does not (though it
+    does include threads spinning at a barrier), so ``cpu_ms / threads`` bounds what the wall
+    time would be on an idle machine with perfect scaling."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
     return statistics.median(times) * 1e3
 
 
@@ -115,6 +154,7 @@ class _Plot:
     y: str
     series: str
     logx: bool
+    logy: bool
 
 
 @dataclass
@@ -127,17 +167,21 @@ class Report:
     _sections: list[tuple[str, object]] = field(default_factory=list)
     _plots: list[_Plot] = field(default_factory=list)
 
-    def add_table(self, title: str, rows: list[dict], columns: Optional[list[str]] = None):
-        self._sections.append(("table", (title, rows, columns or list(rows[0]))))
+    def add_table(self, title: str, rows: list[dict], columns: Optional[list[str]] = None, *,
+                  csv_name: Optional[str] = None):
+        """A table of ``rows``; its CSV is ``{name}_{device}[_{csv_name}].csv`` (the suffix
+        defaults to the title, and is left out when the report has a single table)."""
+        columns = columns or list(rows[0])
+        self._sections.append(("table", (title, rows, columns, csv_name)))
         print(f"\n## {title}\n{markdown_table(rows, columns)}", flush=True)
 
     def add_note(self, text: str) -> None:
         self._sections.append(("note", text))
 
     def add_plot(self, title: str, rows: list[dict], *, x: str, y: str, series: str,
-                 logx: bool = True) -> None:
+                 logx: bool = True, logy: bool = False) -> None:
         """One line per distinct ``row[series]``: ``row[y]`` against ``row[x]``."""
-        self._plots.append(_Plot(title, rows, x, y, series, logx))
+        self._plots.append(_Plot(title, rows, x, y, series, logx, logy))
 
     def write(self, out_dir: Path = RESULTS_DIR) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,15 +190,21 @@ class Report:
         md = [f"# {self.name} benchmark ({self.device})", "",
               f"Command: `{command}`", "",
               *[f"- {k}: {v}" for k, v in machine_info(self.device).items()], ""]
+        load = os.getloadavg()[0]
+        if load > (os.cpu_count() or 1):
+            md += [f"**Shared machine**: load average {load:.1f} on {os.cpu_count()} logical "
+                   "cores while writing; wall times include waiting for a core, so compare "
+                   "methods within this run (and their process CPU time where reported).", ""]
         paths = []
         tables = [s for s in self._sections if s[0] == "table"]
         for kind, body in self._sections:
             if kind == "note":
                 md += [body, ""]
                 continue
-            title, rows, columns = body
+            title, rows, columns, csv_name = body
             md += [f"## {title}", "", markdown_table(rows, columns), ""]
-            slug = "" if len(tables) == 1 else "_" + re.sub(r"\W+", "_", title.lower()).strip("_")
+            slug = re.sub(r"\W+", "_", (csv_name or title).lower()).strip("_")
+            slug = "" if len(tables) == 1 else "_" + slug
             path = out_dir / f"{stem}{slug}.csv"
             with path.open("w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -184,6 +234,8 @@ class Report:
             ax.set_ylabel(plot.y)
             if plot.logx:
                 ax.set_xscale("log", base=2)
+            if plot.logy:
+                ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.suptitle(f"{self.name} ({self.device})")

@@ -38,7 +38,7 @@ def skip_unsupported(backend, head_dim: int) -> None:
                                  "feature": FEATURES}))
 def test_decode(backend, dtype, head_dim, heads, block_size, batch, feature):
     skip_unsupported(backend, head_dim)
-    if backend.interpreted:
+    if backend.interpreted or block_size == 256:  # the float64 reference is a Python loop
         batch = min(batch, 5)
     lens = kv_lengths(block_size, batch)
     lens[-1] = 0 if batch > 2 else lens[-1]  # a CUDA-graph padding row

@@ -120,6 +120,7 @@ def test_repetition_penalty_alone(backend, dtype, penalty):
     seen[:, 3:6] = torch.tensor([2, 2, -1])  # duplicates and padding: penalised once
     seen[3] = -1  # a row with nothing seen
     pen = torch.tensor([penalty, penalty, 1.0, penalty])
+    before = logits.clone()
     out = ops.apply_repetition_penalty(logits.to(backend.device), seen.to(backend.device),
                                        pen.to(backend.device), backend=backend.name).cpu()
     ref = reference.process_logits(logits, temperature=0.0, repetition_penalty=pen,
@@ -127,7 +128,7 @@ def test_repetition_penalty_alone(backend, dtype, penalty):
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref.float(), rtol=1e-6, atol=0)
     assert out[0, 2] == pytest.approx(2.0 / penalty) and out[0, 0] == pytest.approx(-2 * penalty)
-    assert torch.equal(logits, logits.clone())  # inputs untouched
+    assert torch.equal(logits, before)  # inputs untouched
 
 
 def test_logits_are_never_modified(backend):
@@ -150,28 +151,32 @@ def test_seeded_rows_ignore_batch_position_and_batchmates(backend):
         rows = list(others[:mates])
         rows.insert(pos, target[0])
         seeds = torch.randint(0, 2**40, (len(rows),))
-        seeds[pos], offsets = 1234, torch.randint(0, 100, (len(rows),))
-        offsets[pos] = 77
+        offsets = torch.randint(0, 100, (len(rows),))
+        seeds[pos], offsets[pos] = 1234, 77
         logits = torch.stack(rows).to(backend.device)
         drawn = ops.sample(logits, seeds=seeds.to(backend.device),
                            offsets=offsets.to(backend.device), backend=backend.name, **params)
         tokens.add(int(drawn[pos]))
     assert len(tokens) == 1
     # A different offset is a different draw stream (not a constant).
-    drawn = {int(ops.sample(target.to(backend.device), seeds=torch.tensor([1234], device=backend.device),
-                            offsets=torch.tensor([o], device=backend.device),
-                            backend=backend.name, **params)) for o in range(20)}
+    seed = torch.tensor([1234], device=backend.device)
+    drawn = {int(ops.sample(target.to(backend.device), seeds=seed, offsets=seed * 0 + o,
+                            backend=backend.name, **params)) for o in range(8)}
     assert len(drawn) > 1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [7, 50257])
-def test_seeded_draws_match_the_torch_backend(backend, vocab):
+def test_seeded_draws_match_the_torch_backend(backend, vocab, dtype):
     if backend.name == "torch":
         pytest.skip("compares a backend with the torch backend")
     vocab, batch = _shrink(backend, vocab), 64
-    logits = random_logits(batch, vocab, torch.float32, scale=2.0)
+    logits = random_logits(batch, vocab, dtype, scale=2.0)
+    # Low-precision logits tie often; the torch backend breaks ties inside top-p like HF's sort,
+    # while the kernels keep them (documented), so top-p is compared on float32 only.
     params = dict(temperature=per_row([0.0, 0.7, 1.0, 1.5], batch, torch.float32),
-                  top_k=per_row([0, 50], batch, torch.int64), top_p=0.95)
+                  top_k=per_row([0, 50], batch, torch.int64),
+                  top_p=0.95 if dtype == torch.float32 else 1.0)
     seeds, offsets = torch.arange(batch) * 7919, torch.arange(batch) % 5
     want = ops.sample(logits, seeds=seeds, offsets=offsets, backend="torch", **params)
     dev = {k: v.to(backend.device) if isinstance(v, torch.Tensor) else v

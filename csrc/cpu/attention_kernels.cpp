@@ -1,11 +1,12 @@
 // CPU paged attention and append_kv: the kernels behind attention.cpp's torch adapters.
 //
 // Paged attention is memory bound, so the work is shaped around reading each KV row once:
-// a work item is (sequence, kv head, chunk of query tokens), and every query row of the item
-// (chunk tokens x the Hq / Hkv query heads of the GQA group) is served from one pass over the
-// group's KV. The pass walks KV positions in tiles of kTile; per tile it computes all rows' scores,
-// applies softcap -> ALiBi -> masks, takes one online-softmax step per row, then streams the V
-// rows once into every row's float32 accumulator.
+// a work item is (sequence, chunk of its query tokens, run of kv heads), and every query row of
+// the item (tokens x heads x the Hq / Hkv query heads of each GQA group) is served from one pass
+// over those heads' KV. The pass walks KV positions in tiles of kTile: per tile it computes all
+// rows' scores, applies softcap -> ALiBi -> masks, takes one online-softmax step per row, then
+// streams the V rows once into every row's float32 accumulator, while the next tile's rows are
+// prefetched (blocks are scattered, so hardware prefetchers alone cannot follow the table).
 #include "vec.h"  // first: it selects at::vec's instruction set
 
 #include <ATen/Parallel.h>
@@ -37,8 +38,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// One row of d elements as float32, zero-padded to dp = round_up(d, kVec) so that the dot and
-// axpy loops run whole vectors only. fp32 rows that need no padding are read in place.
+// One row of d elements as float32, zero-padded to dp = round_up(d, kVec) so that the score and
+// accumulate loops run whole vectors only. fp32 rows that need no padding are read in place.
 template <typename T>
 inline const float* row_f32(const T* src, float* buf, int64_t d, int64_t dp) {
   if constexpr (std::is_same_v<T, float>) {
@@ -253,7 +254,8 @@ class AttentionWorker {
                           off * static_cast<int64_t>(sizeof(T));
         const int64_t stop = std::min(bytes, byte + lines * 64);
         lines -= (stop - byte + 63) / 64;
-        for (; byte < stop; byte += 64) __builtin_prefetch(row + byte);
+        // Into L2 (locality 2): a tile's K and V rows outgrow L1 before they are used.
+        for (; byte < stop; byte += 64) __builtin_prefetch(row + byte, 0, 2);
       }
       if (off < 0 || byte >= bytes) {
         byte = 0;

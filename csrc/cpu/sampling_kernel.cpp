@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -24,17 +23,29 @@ constexpr int64_t kChunk = 2048;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 template <typename T>
-void to_float(const T* src, int64_t n, float* dst) {
+inline Vec load_vec(const T* src) {
   if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(dst, src, n * sizeof(float));
+    return Vec::loadu(src);
   } else {
-    int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec v;
-      at::vec::load_to_float(src + i, v);
-      v.store(dst + i);
-    }
-    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+    Vec v;
+    at::vec::load_to_float(src, v);
+    return v;
+  }
+}
+
+// dst [n] = src converted to float, divided by the temperature when `divide` (HF divides even
+// by 1; greedy rows are not divided at all), in one sweep.
+template <typename T>
+void load_chunk(const T* src, int64_t n, bool divide, float temperature, float* dst) {
+  const Vec t(temperature);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec v = load_vec(src + i);
+    (divide ? v / t : v).store(dst + i);
+  }
+  for (; i < n; ++i) {
+    const float x = static_cast<float>(src[i]);
+    dst[i] = divide ? x / temperature : x;
   }
 }
 
@@ -66,13 +77,17 @@ class SeenMask {
   SeenMask(const SeenMask&) = delete;
   SeenMask& operator=(const SeenMask&) = delete;
 
-  // Penalises dst [n], the values of tokens [begin, begin + n); begin is a multiple of 64.
-  void apply(float* dst, int64_t begin, int64_t n, float penalty) const {
+  // Penalises dst [n], the processed values of tokens [begin, begin + n) (begin a multiple of
+  // 64), recomputing each marked value from the source: penalty first, then the temperature.
+  template <typename T>
+  void apply(const T* src, int64_t begin, int64_t n, float penalty, bool divide,
+             float temperature, float* dst) const {
     if (!any_) return;
     for (int64_t word = begin >> 6; word << 6 < begin + n; ++word) {
       for (uint64_t bits = ws_.seen_bits[word]; bits != 0; bits &= bits - 1) {
         const int64_t i = (word << 6) + __builtin_ctzll(bits) - begin;
-        dst[i] = penalize(dst[i], penalty);
+        const float x = penalize(static_cast<float>(src[i]), penalty);
+        dst[i] = divide ? x / temperature : x;
       }
     }
   }
@@ -92,45 +107,40 @@ struct RowMax {
   int64_t argmax = -1;
   bool nan = false;
 
-  // Returns the chunk's maximum (NaN if it holds one).
-  float update(const float* x, int64_t begin, int64_t n) {
-    // ATen's maximum propagates NaN, so one reduction also detects NaN.
-    const float chunk_max =
-        at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);
+  // x: [n] values of tokens [begin, begin + n) with maximum chunk_max (NaN if they hold one).
+  void update(const float* x, int64_t begin, int64_t n, float chunk_max) {
     if (std::isnan(chunk_max)) {
       nan = true;
     } else if (chunk_max > max) {
       max = chunk_max;
       argmax = begin + (std::find(x, x + n, chunk_max) - x);
     }
-    return chunk_max;
   }
 };
+
+// Maximum of x [n]; ATen's maximum propagates NaN, so one reduction also detects NaN.
+inline float chunk_max(const float* x, int64_t n) {
+  return at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);
+}
 
 // One pass over the row: converted, penalised, divided by the temperature (sampled rows), written
 // to `row` when given (else to a chunk buffer), with the running max and top-k candidates.
 template <typename T>
 struct RowPass {
   RowMax stats;
-  bool complete = true;  // false when the pass stopped at a NaN (stop_at_nan)
 
   RowPass(const RowInput<T>& in, const RowParams& p, bool greedy, float* row,
           TopKCollector* top_k, bool stop_at_nan, Workspace& ws) {
     const SeenMask seen(in, p.repetition_penalty, ws);
     if (row == nullptr) ws.chunk.resize(kChunk);
-    const Vec temperature(p.temperature);
     for (int64_t begin = 0; begin < in.vocab; begin += kChunk) {
       const int64_t n = std::min(kChunk, in.vocab - begin);
       float* x = row != nullptr ? row + begin : ws.chunk.data();
-      to_float(in.logits + begin, n, x);
-      seen.apply(x, begin, n, p.repetition_penalty);
-      if (!greedy) at::vec::map([&](Vec v) { return v / temperature; }, x, x, n);
-      const float chunk_max = stats.update(x, begin, n);
-      if (stats.nan && stop_at_nan) {
-        complete = false;
-        return;
-      }
-      if (top_k != nullptr) top_k->add(x, begin, n, chunk_max);
+      const T* src = in.logits + begin;
+      load_chunk(src, n, !greedy, p.temperature, x);
+      seen.apply(src, begin, n, p.repetition_penalty, !greedy, p.temperature, x);
+      stats.update(x, begin, n, top_k != nullptr ? top_k->add(x, begin, n) : chunk_max(x, n));
+      if (stats.nan && stop_at_nan) return;  // the row yields -1 whatever follows
     }
   }
 };
@@ -142,8 +152,8 @@ void penalize_row(const RowInput<T>& in, float penalty, float* out, Workspace& w
   const SeenMask seen(in, penalty, ws);
   for (int64_t begin = 0; begin < in.vocab; begin += kChunk) {
     const int64_t n = std::min(kChunk, in.vocab - begin);
-    to_float(in.logits + begin, n, out + begin);
-    seen.apply(out + begin, begin, n, penalty);
+    load_chunk(in.logits + begin, n, false, 1.0f, out + begin);
+    seen.apply(in.logits + begin, begin, n, penalty, false, 1.0f, out + begin);
   }
 }
 

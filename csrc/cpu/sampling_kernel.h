@@ -40,7 +40,7 @@ struct Workspace {
   std::vector<int32_t> cand_ids;     //   ... and their ids
   std::vector<float> tmp;            // selection scratch
   std::vector<double> hist;          // top-p mass histogram
-  std::vector<uint64_t> seen_bits;   // [ceil(V / 64)] repetition-penalty mask, all zero between rows
+  std::vector<uint64_t> seen_bits;   // [ceil(V / 64)] penalty mask; all zero between rows
 };
 
 // HF RepetitionPenaltyLogitsProcessor: out [V] float32.

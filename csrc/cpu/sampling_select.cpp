@@ -95,16 +95,17 @@ TopKCollector::TopKCollector(int32_t k, Workspace& ws)
   ids_.clear();
 }
 
-void TopKCollector::add(const float* x, int64_t begin, int64_t n, float chunk_max) {
-  if (!(chunk_max >= threshold_)) return;  // most chunks once the threshold has settled
-  const int64_t full = n - n % Vec::size();
+float TopKCollector::add(const float* x, int64_t begin, int64_t n) {
+  // One sweep computes the chunk maximum and compares against the threshold; candidates are
+  // rare once the threshold has settled, so the lane loop seldom runs.
+  Vec vmax(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < n; i += Vec::size()) {
-    // One compare per vector; candidates are rare, so the lane loop seldom runs.
-    const Vec v = i < full ? Vec::loadu(x + i) : Vec::loadu(x + i, n - i);
     const int lanes = static_cast<int>(std::min<int64_t>(Vec::size(), n - i));
+    const Vec v = lanes == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, lanes);
+    // The tail load zero-fills: only its real lanes enter the maximum.
+    vmax = Vec::set(vmax, at::vec::maximum(vmax, v), lanes);
     uint32_t hits = ~static_cast<uint32_t>((v >= Vec(threshold_)).zero_mask());
-    hits &= (1u << lanes) - 1;  // lanes <= 16
-    for (; hits != 0; hits &= hits - 1) {
+    for (hits &= (1u << lanes) - 1; hits != 0; hits &= hits - 1) {  // lanes <= 16
       const int64_t j = i + __builtin_ctz(hits);
       if (!(x[j] >= threshold_)) continue;  // the threshold rose within this vector
       vals_.push_back(x[j]);
@@ -116,6 +117,8 @@ void TopKCollector::add(const float* x, int64_t begin, int64_t n, float chunk_ma
       }
     }
   }
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); },
+                                        vmax);
 }
 
 float TopKCollector::finish() {

@@ -20,8 +20,9 @@ constexpr float kLowest = std::numeric_limits<float>::lowest();
 class TopKCollector {
  public:
   TopKCollector(int32_t k, Workspace& ws);
-  // x: [n] processed values of tokens [begin, begin + n); chunk_max: their maximum.
-  void add(const float* x, int64_t begin, int64_t n, float chunk_max);
+  // x: [n] processed values of tokens [begin, begin + n). Returns their maximum (NaN if any is
+  // NaN), computed in the same sweep.
+  float add(const float* x, int64_t begin, int64_t n);
   // Leaves exactly the kept tokens in the buffer and returns the threshold (the k-th largest
   // value, or kLowest when fewer than k finite values exist).
   float finish();
