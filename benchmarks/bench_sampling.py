@@ -4,7 +4,8 @@ Per call: repetition penalty over L seen tokens -> temperature -> top-k -> top-p
 row, logits [B, V] float32. Baselines measured in the same run (these machines are noisy):
 transformers' LogitsProcessorList + softmax + torch.multinomial, the same chain in plain torch
 with sort-based top-k / top-p (fastdecode's ``torch`` backend), and the time to read the logits
-once (a max-reduction over them: the bandwidth bound no sampler can beat).
+once (a max-reduction over them: the bandwidth bound no sampler can beat). Calls rotate over
+several input buffers so that nothing is served from the last-level cache.
 
     python benchmarks/bench_sampling.py --device cpu
     python benchmarks/bench_sampling.py --device cuda --backends cuda,triton
@@ -145,11 +146,19 @@ def make_methods(args, backends: list[str]):
     return methods
 
 
-def inputs(args, batch: int, device: torch.device):
+# Calls rotate over this many logits buffers (larger than the last-level cache together), so
+# that no method, and not the read bound either, reads logits left in cache by the previous call.
+NUM_BUFFERS = 4
+
+
+def call_rotating(fn, args, batch: int, device: torch.device):
+    """A no-argument callable running fn(logits, seen) on the next of NUM_BUFFERS inputs."""
     gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(batch, args.vocab, generator=gen) * 2.0).to(device)
-    seen = torch.randint(0, args.vocab, (batch, args.seen), generator=gen).to(device)
-    return logits, seen
+    data = [((torch.randn(batch, args.vocab, generator=gen) * 2.0).to(device),
+             torch.randint(0, args.vocab, (batch, args.seen), generator=gen).to(device))
+            for _ in range(NUM_BUFFERS)]
+    step = iter(range(10**9))
+    return lambda: fn(*data[next(step) % NUM_BUFFERS])
 
 
 def main() -> None:
@@ -166,19 +175,22 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--note", help="context recorded with the results (e.g. machine load)")
     args = parser.parse_args()
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     info = machine_info(device)
     backends = [b for b in args.backends.split(",") if b]
     methods = make_methods(args, backends)
     base, read = "transformers", "read logits once"
 
-    logits, seen = inputs(args, args.batch, device)
-    times = {name: time_ms(lambda: fn(logits, seen), device, args.iters, args.warmup)
-             for name, fn in methods.items()}
+    times = {name: time_ms(call_rotating(fn, args, args.batch, device), device, args.iters,
+                           args.warmup) for name, fn in methods.items()}
     header = ["method", "median ms", "best ms", "speedup vs transformers (median)",
               "speedup (best)", "read bound / time (median)", "read bound / time (best)"]
     rows = [[name, f"{med:.3f}", f"{best:.3f}", f"{times[base][0] / med:.1f}x",
@@ -187,15 +199,18 @@ def main() -> None:
 
     sweep_rows = []
     for batch in args.sweep:
-        logits, seen = inputs(args, batch, device)
         iters = max(3, args.iters // 2)
-        best = [time_ms(lambda: fn(logits, seen), device, iters, 1)[1] for fn in methods.values()]
+        best = [time_ms(call_rotating(fn, args, batch, device), device, iters, 1)[1]
+                for fn in methods.values()]
         sweep_rows.append([batch] + [round(t, 3) for t in best])
 
     info["shape"] = (f"batch {args.batch}, vocab {args.vocab}, float32 logits; penalty "
                      f"{args.penalty} over {args.seen} seen tokens, temperature "
                      f"{args.temperature}, top_k {args.top_k}, top_p {args.top_p}")
-    write_results(args.out / f"sampling_{args.device}", info, header, rows,
+    if args.note:
+        info["note"] = args.note
+    suffix = f"_{args.threads}thread" if args.threads else ""
+    write_results(args.out / f"sampling_{args.device}{suffix}", info, header, rows,
                   ["batch"] + list(methods), sweep_rows)
     for row in rows:
         print(" | ".join(row))

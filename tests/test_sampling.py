@@ -189,19 +189,20 @@ def test_seeded_draws_match_the_torch_backend(backend, vocab, dtype):
 
 def test_nan_and_non_finite_rows(backend):
     vocab = _shrink(backend, 1000)
-    logits = random_logits(7, vocab, torch.float32)
+    logits = random_logits(8, vocab, torch.float32)
     logits[0, 17] = math.nan
     logits[1] = NEG_INF
     logits[2, -1] = math.nan  # in the last, partial chunk
     logits[3, 5] = math.inf
     logits[4, :-1] = NEG_INF  # one finite token left
     logits[5, 3] = math.inf
-    temperature = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.8, 0.0, 1.0])
+    logits[7, -1] = math.nan  # in the last, partial chunk of a sampled (top-k) row
+    temperature = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.8, 0.0, 1.0, 1.0])
     params = dict(temperature=temperature.to(backend.device), top_k=10, top_p=0.9)
     drawn = ops.sample(logits.to(backend.device), backend=backend.name, **params).cpu()
     assert drawn[:4].tolist() == [-1, -1, -1, -1]  # NaN, all -inf, NaN (greedy), +inf (sampled)
     assert drawn[4] == vocab - 1 and drawn[5] == 3  # greedy +inf row: its argmax
-    assert 0 <= drawn[6] < vocab
+    assert 0 <= drawn[6] < vocab and drawn[7] == -1
     ops.process_logits(logits.to(backend.device), backend=backend.name, **params)  # no crash
 
 

@@ -87,7 +87,9 @@ float top_p_by_histogram(const float* vals, int64_t n, float max, float top_p, W
 
 TopKCollector::TopKCollector(int32_t k, Workspace& ws)
     : k_(k),
-      capacity_(std::max<size_t>(4 * static_cast<size_t>(k), 1024)),
+      // Each compaction costs O(capacity) and raises the threshold to the k-th largest seen so
+      // far; about 4k balances the compactions against the tokens the stale threshold admits.
+      capacity_(std::max<size_t>(4 * static_cast<size_t>(k), 64)),
       vals_(ws.cand_vals),
       ids_(ws.cand_ids),
       tmp_(ws.tmp) {
@@ -96,18 +98,35 @@ TopKCollector::TopKCollector(int32_t k, Workspace& ws)
 }
 
 float TopKCollector::add(const float* x, int64_t begin, int64_t n) {
-  // One sweep computes the chunk maximum and compares against the threshold; candidates are
-  // rare once the threshold has settled, so the lane loop seldom runs.
+  // One sweep computes the chunk maximum and screens groups of kGroup vectors with a single
+  // compare of their maximum against the threshold: once the threshold has settled, candidates
+  // are rare and almost every group is skipped.
+  constexpr int64_t kGroup = 4;
+  constexpr int64_t kSpan = kGroup * Vec::size();
+  const auto max_op = [](Vec a, Vec b) { return at::vec::maximum(a, b); };
   Vec vmax(-std::numeric_limits<float>::infinity());
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    const int lanes = static_cast<int>(std::min<int64_t>(Vec::size(), n - i));
-    const Vec v = lanes == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, lanes);
-    // The tail load zero-fills: only its real lanes enter the maximum.
-    vmax = Vec::set(vmax, at::vec::maximum(vmax, v), lanes);
+  int64_t i = 0;
+  for (; i + kSpan <= n; i += kSpan) {
+    const Vec g = max_op(max_op(Vec::loadu(x + i), Vec::loadu(x + i + Vec::size())),
+                         max_op(Vec::loadu(x + i + 2 * Vec::size()),
+                                Vec::loadu(x + i + 3 * Vec::size())));
+    vmax = max_op(vmax, g);
+    if ((g >= Vec(threshold_)).zero_mask() != (1 << Vec::size()) - 1) collect(x, begin, i, kSpan);
+  }
+  if (i < n) collect(x, begin, i, n - i);
+  float m = at::vec::vec_reduce_all<float>(max_op, vmax);
+  for (; i < n; ++i) m = (std::isnan(x[i]) || x[i] > m) ? x[i] : m;  // NaN wins
+  return m;
+}
+
+void TopKCollector::collect(const float* x, int64_t begin, int64_t from, int64_t len) {
+  for (int64_t i = from; i < from + len; i += Vec::size()) {
+    const int lanes = static_cast<int>(std::min<int64_t>(Vec::size(), from + len - i));
+    const Vec v = Vec::loadu(x + i, lanes);
     uint32_t hits = ~static_cast<uint32_t>((v >= Vec(threshold_)).zero_mask());
     for (hits &= (1u << lanes) - 1; hits != 0; hits &= hits - 1) {  // lanes <= 16
       const int64_t j = i + __builtin_ctz(hits);
-      if (!(x[j] >= threshold_)) continue;  // the threshold rose within this vector
+      if (!(x[j] >= threshold_)) continue;  // a compaction below raised the threshold
       vals_.push_back(x[j]);
       ids_.push_back(static_cast<int32_t>(begin + j));
       if (vals_.size() >= capacity_) {
@@ -117,8 +136,6 @@ float TopKCollector::add(const float* x, int64_t begin, int64_t n) {
       }
     }
   }
-  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); },
-                                        vmax);
 }
 
 float TopKCollector::finish() {

@@ -29,6 +29,8 @@ class TopKCollector {
   int64_t size() const { return static_cast<int64_t>(vals_.size()); }
 
  private:
+  // Appends x[from, from + len) >= threshold, compacting whenever the buffer fills.
+  void collect(const float* x, int64_t begin, int64_t from, int64_t len);
   float kth_largest();
   void keep_at_least(float threshold);
 
