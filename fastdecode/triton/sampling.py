@@ -159,6 +159,8 @@ def _sampling_kernel(
     min_x = tl.where(filtered & (min_p > 0), x_max + tl.log(tl.where(min_p > 0, min_p, 1.0)),
                      float("-inf"))
 
+    # Rows without filters never draw (greedy or -1): shift by 0 there, not by +-inf.
+    shift = tl.where(filtered, x_max, 0.0)
     if WRITE_SCORES:
         out_row = out_ptr + row.to(tl.int64) * stride_ob
         for start in range(0, vocab, BLOCK):
@@ -173,7 +175,7 @@ def _sampling_kernel(
             offs = start + tl.arange(0, BLOCK)
             x = _load_scaled(row_ptr, offs, vocab, t_div)
             keep = (_key(x) >= floor_key) & (x >= min_x)
-            total += tl.where(keep, tl.exp(x - x_max), 0.0)
+            total += tl.where(keep, tl.exp(x - shift), 0.0)
         target = _philox_uniform(tl.load(seeds_ptr + row), tl.load(offsets_ptr + row))
         target = target * tl.sum(total, 0)
         carry = tl.zeros((), tl.float32)
@@ -183,7 +185,7 @@ def _sampling_kernel(
             offs = start + tl.arange(0, BLOCK)
             x = _load_scaled(row_ptr, offs, vocab, t_div)
             keep = (_key(x) >= floor_key) & (x >= min_x)
-            w = tl.where(keep, tl.exp(x - x_max), 0.0)
+            w = tl.where(keep, tl.exp(x - shift), 0.0)
             # w > 0: rounding between chunk sums and scans must never pick a filtered token.
             hit = (carry + tl.cumsum(w, 0) > target) & (w > 0)
             drawn = tl.minimum(drawn, tl.min(tl.where(hit, offs, vocab), 0))
