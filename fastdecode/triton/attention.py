@@ -194,10 +194,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Head dims are padded (and masked) to one of these. 64 is the floor: tl.dot needs K >= 16 and
 # smaller heads only occur in toy models, where one fewer compiled variant matters more.
 HEAD_DIM_PADS = (64, 128, 256)
-# Rows of a decode tile: the GQA group padded for tl.dot (M >= 16); groups above 16 use tiles of
-# 64 rows (MQA models), one program per 64 query heads.
-DECODE_ROWS = (16, 64)
-PACKED_ROWS = 64
+# Rows of a tile: a decode tile holds one token's GQA group padded to 16 (tl.dot needs M >= 16);
+# larger groups (MQA models) and packed tiles (tokens x group) use 64 rows, 32 for float32 with
+# 256-wide heads (64 rows spill registers there even at 8 warps).
+DECODE_ROWS = 16
+TILE_ROWS = 64
 MERGE_PARTS_BLOCK = 16
 # KV tokens per decode partition. Fixed (batch-invariant); 512 keeps each program's KV loop long
 # enough to pipeline, while a 4k-token sequence still gives 8 programs per KV head to fill the
@@ -223,22 +224,24 @@ def attention_config(dtype: torch.dtype, head_dim: int, group: int,
                      packed: bool) -> AttentionConfig:
     """The variant the launcher runs for these sizes (the compile test enumerates its range)."""
     d_pad = next_pow2(head_dim, HEAD_DIM_PADS[0])
-    rows = PACKED_ROWS if packed else (DECODE_ROWS[0] if group <= DECODE_ROWS[0]
-                                       else DECODE_ROWS[1])
-    # float32 has no tensor-core path at full precision (ieee dot runs on FMAs): halve the KV
-    # tile and double the warps so the fp32 operands fit in registers without spilling; the
-    # same for 256-wide heads. 2 stages: one KV tile load in flight behind the math (3 stages
-    # bought no spare registers for the 16-row decode tile when compiled for sm_90a).
-    wide = dtype == torch.float32 or d_pad == 256
-    block_n = 32 if wide else 64
-    num_warps = 8 if wide or rows * d_pad >= 64 * 128 else 4
+    fp32 = dtype == torch.float32
+    big = TILE_ROWS // 2 if fp32 and d_pad == 256 else TILE_ROWS
+    rows = DECODE_ROWS if not packed and group <= DECODE_ROWS else big
+    # float32 has no full-precision tensor-core path (the ieee dot runs on FMAs) and 256-wide
+    # heads are large: 32-token KV tiles keep their operands in registers. 8 warps except for
+    # the small 16-row decode tile. 2 stages: one KV tile load in flight behind the math
+    # (3 stages gained nothing for the 16-row decode tile when compiled for sm_90a). These
+    # choices are spill-free on sm_90a (tests/test_triton_compile.py).
+    block_n = 32 if fp32 or d_pad == 256 else 64
+    num_warps = 4 if rows == DECODE_ROWS and d_pad <= 128 else 8
     return AttentionConfig(dtype, d_pad, rows, packed, block_n, num_warps, num_stages=2)
 
 
 def attention_configs() -> list[AttentionConfig]:
     """Every variant ``attention_config`` can return (one representative input per bucket)."""
     configs = {attention_config(dtype, d, group, packed) for dtype in FLOAT_DTYPES
-               for d in HEAD_DIM_PADS for group in DECODE_ROWS for packed in (False, True)}
+               for d in HEAD_DIM_PADS for group in (1, DECODE_ROWS + 1)
+               for packed in (False, True)}
     return sorted(configs, key=repr)
 
 

@@ -16,6 +16,7 @@ Shapes: logits [num_seqs, vocab_size]; per-row parameters [num_seqs]; seen_token
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -24,9 +25,26 @@ import triton.language as tl
 
 from fastdecode.ops._params import SamplingTensors
 
-BLOCK = 1024  # vocabulary chunk; 16 pivots x 1024 keys per radix step fit 8 warps' registers
+# Logit dtypes read directly; others (float64) are converted to float32 first.
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Vocabulary chunk per loop step; a radix step compares it with 16 pivots (16K predicates over
+# 8 warps: 64 per thread). Rows are independent programs, so one row per SM at most.
+BLOCK = 1024
 NUM_WARPS = 8
-_PIVOTS = 16  # radix digit of 4 bits: 8 passes fix a 32-bit key
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """One compiled variant of ``_sampling_kernel`` (what the compile test enumerates)."""
+
+    dtype: torch.dtype  # of the kernel input: float32 penalised scores, or the raw logits
+    write_scores: bool  # process_logits (True) or sample (False)
+    block: int = BLOCK
+    num_warps: int = NUM_WARPS
+
+
+def sampling_configs() -> list[SamplingConfig]:
+    return [SamplingConfig(dtype, write) for dtype in LOGIT_DTYPES for write in (False, True)]
 
 
 @triton.jit
@@ -229,6 +247,9 @@ def _repetition_penalty_kernel(
 
 # ------------------------------------------------------------------------------------ launchers
 def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as the kernels read them: a compiled dtype, unit stride along the vocabulary."""
+    if logits.dtype not in LOGIT_DTYPES:
+        return logits.float()
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
@@ -272,10 +293,11 @@ def _launch(out: torch.Tensor, scores: torch.Tensor, params: SamplingTensors,
     batch, vocab = scores.shape
     if batch == 0:
         return
+    cfg = SamplingConfig(scores.dtype, write_scores=seeds is None)
     _sampling_kernel[(batch,)](
         out, scores, params.temperature, params.top_k, params.top_p, params.min_p, seeds,
         offsets, scores.stride(0), out.stride(0), vocab,
-        WRITE_SCORES=seeds is None, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        WRITE_SCORES=cfg.write_scores, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )
 
 
