@@ -100,10 +100,14 @@ def _paged_attention_kernel(
         # intersected with its partition.
         last_row = tl.minimum(row0 + BLOCK_ROWS, num_rows) - 1
         first_pos = kv_len - q_len + row0 // group
-        hi = tl.where(causal != 0, kv_len - q_len + last_row // group + 1, kv_len)
-        lo = tl.where(sliding_window > 0, tl.maximum(first_pos - sliding_window + 1, 0), 0)
-        lo = tl.maximum(lo, part * partition_size)
-        hi = tl.minimum(hi, (part + 1) * partition_size)
+        lo = part * partition_size
+        hi = (part + 1) * partition_size
+        if sliding_window > 0:
+            lo = tl.maximum(lo, first_pos - sliding_window + 1)
+        if causal != 0:
+            hi = tl.minimum(hi, kv_len - q_len + last_row // group + 1)
+        else:
+            hi = tl.minimum(hi, kv_len)
 
         m_i = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_ROWS], tl.float32)

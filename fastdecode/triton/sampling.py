@@ -102,7 +102,7 @@ def _threshold(row_ptr, vocab, temperature, x_max, floor_key, target,
     whose top satisfies it: 4 bits per pass, always 8 passes (no data-dependent loop)."""
     lo = tl.full((), -2147483648, tl.int64)
     digits = tl.arange(0, 16).to(tl.int64)
-    for level in tl.static_range(8):
+    for level in range(8):
         shift = 28 - 4 * level
         pivots = lo + ((digits + 1) << shift) - 1
         f = tl.zeros([16], tl.float32)
