@@ -63,6 +63,11 @@ def _paged_attention_kernel(
     BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PACKED: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """Grid (row tiles, num_kv_heads, partitions). Online softmax over the program's KV range
+    in BLOCK_N-token steps, gathering each token's block through the block table. Writes
+    ``out`` when the sequence has one partition, else (partial out, lse) to the workspace
+    part_out [num_tokens, num_qo_heads, max_partitions, head_dim] float32 and part_lse
+    [num_tokens, num_qo_heads, max_partitions] float32. UPCAST: interpreter only."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)

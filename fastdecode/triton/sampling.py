@@ -125,6 +125,39 @@ def _threshold(row_ptr, vocab, temperature, x_max, floor_key, target,
 
 
 @triton.jit
+def _kept_weight(x, x_max, floor_key, min_x):
+    """exp(x - max) of a token the filters keep, else 0."""
+    keep = (_key(x) >= floor_key) & (x >= min_x)
+    return tl.where(keep, tl.exp(x - x_max), 0.0)
+
+
+@triton.jit
+def _draw(row_ptr, vocab, temperature, x_max, floor_key, min_x, u, BLOCK: tl.constexpr):
+    """The first token in vocabulary order whose running sum of kept weights exceeds u times
+    their total (two passes)."""
+    total = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = _load_scaled(row_ptr, offs, vocab, temperature)
+        total += _kept_weight(x, x_max, floor_key, min_x)
+    target = u * tl.sum(total, 0)
+    carry = tl.zeros((), tl.float32)
+    drawn = vocab
+    last_kept = -1
+    for start in range(0, vocab, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        w = _kept_weight(_load_scaled(row_ptr, offs, vocab, temperature), x_max, floor_key,
+                         min_x)
+        # w > 0: rounding between chunk sums and scans must never pick a filtered token.
+        hit = (carry + tl.cumsum(w, 0) > target) & (w > 0)
+        drawn = tl.minimum(drawn, tl.min(tl.where(hit, offs, vocab), 0))
+        last_kept = tl.maximum(last_kept, tl.max(tl.where(w > 0, offs, -1), 0))
+        carry += tl.sum(w, 0)
+    # Rounding can put the target past the last kept token's running sum: take that token.
+    return tl.where(drawn == vocab, last_kept, drawn)
+
+
+@triton.jit
 def _sampling_kernel(
     out_ptr, logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seeds_ptr,
     offsets_ptr,
@@ -177,8 +210,6 @@ def _sampling_kernel(
     min_x = tl.where(filtered & (min_p > 0), x_max + tl.log(tl.where(min_p > 0, min_p, 1.0)),
                      float("-inf"))
 
-    # Rows without filters never draw (greedy or -1): shift by 0 there, not by +-inf.
-    shift = tl.where(filtered, x_max, 0.0)
     if WRITE_SCORES:
         out_row = out_ptr + row.to(tl.int64) * stride_ob
         for start in range(0, vocab, BLOCK):
@@ -188,30 +219,10 @@ def _sampling_kernel(
             tl.store(out_row + offs, tl.where(keep | (filtered == 0), x, float("-inf")),
                      mask=offs < vocab)
     else:
-        total = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, vocab, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = _load_scaled(row_ptr, offs, vocab, t_div)
-            keep = (_key(x) >= floor_key) & (x >= min_x)
-            total += tl.where(keep, tl.exp(x - shift), 0.0)
-        target = _philox_uniform(tl.load(seeds_ptr + row), tl.load(offsets_ptr + row))
-        target = target * tl.sum(total, 0)
-        carry = tl.zeros((), tl.float32)
-        drawn = tl.full((), vocab, tl.int32)
-        last_kept = tl.full((), -1, tl.int32)
-        for start in range(0, vocab, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = _load_scaled(row_ptr, offs, vocab, t_div)
-            keep = (_key(x) >= floor_key) & (x >= min_x)
-            w = tl.where(keep, tl.exp(x - shift), 0.0)
-            # w > 0: rounding between chunk sums and scans must never pick a filtered token.
-            hit = (carry + tl.cumsum(w, 0) > target) & (w > 0)
-            drawn = tl.minimum(drawn, tl.min(tl.where(hit, offs, vocab), 0))
-            last_kept = tl.maximum(last_kept, tl.max(tl.where(w > 0, offs, -1), 0))
-            carry += tl.sum(w, 0)
-        # Rounding can put the target past the last kept token's running sum: take that token.
-        drawn = tl.where(drawn == vocab, last_kept, drawn)
-        token = tl.where(greedy, arg, drawn)
+        token = arg
+        if filtered:  # only these rows draw: the others are greedy or yield -1
+            u = _philox_uniform(tl.load(seeds_ptr + row), tl.load(offsets_ptr + row))
+            token = _draw(row_ptr, vocab, t_div, x_max, floor_key, min_x, u, BLOCK)
         bad = (nan != 0) | (x_max == float("-inf")) | ((greedy == 0) & (x_max == float("inf")))
         tl.store(out_ptr + row, tl.where(bad, -1, token).to(tl.int64))
 
