@@ -2,8 +2,12 @@
 TRITON_INTERPRET=1), implementing the backend interface of :mod:`fastdecode.ops.torch_backend`
 through the custom ops ``torch.ops.fastdecode.triton_*``.
 
-Kernels and launchers: :mod:`.attention` (paged attention, split-KV merge, ``plan_attention`` /
-``workspace_size``), :mod:`.kv_cache` (append_kv), :mod:`.sampling`.
+Kernels and launchers: :mod:`.attention` (paged attention, split-KV merge), :mod:`.kv_cache`
+(append_kv), :mod:`.sampling`. Decode attention follows a plan / run split: ``plan_attention``
+derives the launch from shapes alone (once per step, cached), and a caller that preallocates
+``workspace_size(num_seqs, num_qo_heads, head_dim, max_blocks_per_seq, block_size)`` float32
+elements and passes them as ``workspace=`` gets per-layer calls that neither allocate nor sync
+(CUDA-graph capturable).
 """
 
 from __future__ import annotations
