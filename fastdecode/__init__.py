@@ -10,3 +10,7 @@ from fastdecode import ops
 __version__ = "0.1.0"
 
 __all__ = ["ops", "__version__"]
+
+from fastdecode.engine import Engine, RequestOutput, SamplingParams  # noqa: E402
+
+__all__ += ["Engine", "RequestOutput", "SamplingParams"]
