@@ -99,9 +99,10 @@ class Scheduler:
             seq = self.waiting[0]
             n = min(seq.num_pending, budget)
             if not self.blocks.can_allocate(n):
-                # Prefill the prefix that fits (a chunk too large for an idle cache would
-                # otherwise wait forever); FIFO: nobody overtakes the head of the queue.
-                n = self.blocks.admissible_tokens()
+                # FIFO: nobody overtakes the head of the queue. It waits for blocks to free up,
+                # unless nothing runs: then a chunk too large for the whole cache would wait
+                # forever, so it starts with the prefix that fits.
+                n = 0 if self.running else self.blocks.admissible_tokens()
                 if n == 0:
                     break
             self.waiting.popleft()
