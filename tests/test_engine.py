@@ -82,6 +82,16 @@ EOS = 2
 VOCAB = 97
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models: thread synchronisation costs more than the math (10x slower on a busy
+    machine), so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

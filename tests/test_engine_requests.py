@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import EOS, VOCAB, greedy_reference, prompts_of, tiny_llama
+from test_engine import EOS, VOCAB, greedy_reference, prompts_of, single_thread, tiny_llama
 
 from fastdecode import Engine, SamplingParams
 from fastdecode.engine.block_manager import cdiv
+
+pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 
 
 @pytest.mark.parametrize("field,value,allowed", [

@@ -57,6 +57,7 @@ class Engine:
         self._requests: dict[str, Sequence] = {}  # every unfinished request
         self._aborted: list[Sequence] = []         # reported by the next step()
         self._arrivals = itertools.count()
+        self._ids = itertools.count()
         self._last_batch = (0, 0)
         self._generated = 0
 
@@ -69,7 +70,8 @@ class Engine:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt = self._check_prompt(prompt_ids, params)
         if request_id is None:
-            request_id = next(r for r in (f"req-{n}" for n in itertools.count())
+            # Generated ids are never reused, so outputs of a finished request stay unambiguous.
+            request_id = next(r for r in (f"req-{n}" for n in self._ids)
                               if r not in self._requests)
         elif not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
