@@ -58,7 +58,8 @@ def summarize(t0: float, t_end: float, token_times: list[list[float]]) -> dict:
     generated = sum(len(ts) for ts in token_times)
     return {"seconds": t_end - t0, "generated_tokens": generated,
             "tokens_per_s": generated / (t_end - t0),
-            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
+            "ttft_p50_s": float(np.percentile(ttft, 50)),
+            "ttft_p99_s": float(np.percentile(ttft, 99)),
             "itl_mean_ms": float(gaps.mean() * 1e3) if gaps.size else float("nan")}
 
 
@@ -83,8 +84,8 @@ def run_engine(model, prompts, args) -> dict:
 def run_hf(model, prompts, args) -> dict:
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=-1,
-                           pad_token_id=0)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False,
+                           eos_token_id=-1, pad_token_id=0)
     cb = ContinuousBatchingConfig(num_blocks=args.num_blocks, page_size=args.block_size,
                                   max_batch_tokens=args.max_batch_tokens)
     t0 = time.perf_counter()
@@ -144,6 +145,7 @@ def environment() -> dict:
     import transformers
     env = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+           "load_avg_1m_at_end": round(os.getloadavg()[0], 1),
            "torch": torch.__version__, "transformers": transformers.__version__,
            "command": "python " + " ".join(sys.argv)}
     try:
@@ -158,7 +160,8 @@ def report(raw: dict, key: str) -> None:
     runs = raw[key]
     rows = [(name, runs[name]) for name in ("engine", "hf", "ct2") if name in runs]
     lines = [f"# Serving benchmark ({key})", "",
-             "| system | tokens/s | total s | TTFT p50 s | TTFT p99 s | ITL ms | vs generate_batch | vs CTranslate2 |",
+             "| system | tokens/s | total s | TTFT p50 s | TTFT p99 s | ITL ms "
+             "| vs generate_batch | vs CTranslate2 |",
              "|---|---|---|---|---|---|---|---|"]
     csv = ["system,tokens_per_s,seconds,ttft_p50_s,ttft_p99_s,itl_mean_ms"]
     for name, r in rows:

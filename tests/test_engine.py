@@ -106,7 +106,7 @@ def greedy_reference(seed: int, prompts, max_new_tokens: int, **gen_kwargs) -> l
     model = tiny_llama(seed)
     refs = []
     for p in prompts:
-        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+        out = model.generate(torch.tensor([p]), attention_mask=torch.ones_like(torch.tensor([p])),
                              max_new_tokens=max_new_tokens, do_sample=False, **gen_kwargs)
         new = out[0, len(p):].tolist()
         refs.append(new[:new.index(EOS) + 1] if EOS in new else new)
@@ -236,3 +236,30 @@ def test_abort_frees_blocks_and_leaves_others_exact():
     for rid, p, ref in zip(ids[1:], prompts[1:], refs[1:]):
         assert_same_greedy(5, p, final[rid][-1].output_ids, ref)
     assert engine.stats["free_blocks"] == 32
+
+
+def test_forked_sequences_share_the_prompt_and_copy_on_write():
+    """What parallel sampling will do: fork a prefilled request; the first write into the
+    shared partial block copies it (in every layer) before the forward pass."""
+    from fastdecode.engine.sequence import Sequence, Status
+
+    prompt = prompts_of([6], seed=13)[0]
+    ref = greedy_reference(11, [prompt], 5, eos_token_id=None)[0]
+    engine = Engine(tiny_llama(11), block_size=4, num_blocks=16)
+    params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+    rid = engine.add_request(prompt, params)
+    engine.step()  # prefill: 6 tokens in blocks [full, 2 of 4], one token drawn
+    parent = engine._requests[rid]
+    child = Sequence("child", prompt, params, parent.arrival, parent.stop_ids)
+    child.token_ids, child.num_computed = list(parent.token_ids), parent.num_computed
+    child.block_table = engine.blocks.fork(parent.block_table)
+    child.status = Status.RUNNING
+    engine.scheduler.running.append(child)
+    engine._requests["child"] = child
+    assert engine.stats["free_blocks"] == 14
+    final = {}
+    while engine.has_unfinished():
+        final.update((o.request_id, o) for o in engine.step())
+    assert final[rid].output_ids == final["child"].output_ids
+    assert_same_greedy(11, prompt, final[rid].output_ids, ref)
+    assert engine.stats["free_blocks"] == 16
