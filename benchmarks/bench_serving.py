@@ -100,7 +100,7 @@ def run_hf(model, prompts, args) -> dict:
 
 
 def _save_for_ctranslate2(model, directory: str) -> None:
-    """save_pretrained + a word-level tokenizer covering the vocabulary (the converter needs one)."""
+    """save_pretrained and a word-level tokenizer over the vocabulary (the converter needs one)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
