@@ -9,7 +9,16 @@ from fastdecode import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+__all__ = ["ops", "generate", "patch", "unpatch", "__version__"]
+
+
+def __getattr__(name: str):
+    # transformers is imported only when the HF integration is first used.
+    if name in ("generate", "patch", "unpatch"):
+        from fastdecode import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'fastdecode' has no attribute {name!r}")
 
 from fastdecode.engine import Engine, RequestOutput, SamplingParams  # noqa: E402
 

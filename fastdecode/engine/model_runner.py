@@ -40,17 +40,16 @@ def default_num_blocks(model, block_size: int, kv_dtype: torch.dtype, device: to
     CUDA: 80% of the free GPU memory. CPU: a quarter of the available RAM, at most 8 GiB.
     Never more than ``max_num_seqs`` full-context sequences need.
     """
-    cfg = model.config.get_text_config()
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    block_bytes = (2 * cfg.num_hidden_layers * block_size * kv_heads * head_dim
+    from fastdecode.hf.runner import kv_shape
+
+    layers, kv_heads, head_dim = kv_shape(model)
+    block_bytes = (2 * layers * block_size * kv_heads * head_dim
                    * torch.empty((), dtype=kv_dtype).element_size())
     if device.type == "cuda":
         budget = _GPU_CACHE_FRACTION * torch.cuda.mem_get_info(device)[0]
     else:
         budget = min(_CPU_CACHE_FRACTION * _available_ram(), _CPU_CACHE_CAP)
-    context = getattr(cfg, "max_position_embeddings", None) or 8192
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 8192
     return max(1, min(int(budget // block_bytes), max_num_seqs * cdiv(context, block_size)))
 
 

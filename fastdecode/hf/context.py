@@ -36,3 +36,38 @@ class PagedContext:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], seq_lens: list[int], query_lens: list[int],
+              block_size: int, device, backend: str = "auto") -> "PagedContext":
+        """Context of one step from host-side scheduling data.
+
+        block_tables: B lists of block ids (ragged; padded with 0 to M columns).
+        seq_lens: KV length of each sequence after this step's tokens.
+        query_lens: new tokens of each sequence in this step (packed in order, T = sum).
+        The new tokens of sequence b are its positions ``seq_lens[b] - query_lens[b] ..
+        seq_lens[b] - 1``; their slots come from the block table.
+        """
+        if not len(block_tables) == len(seq_lens) == len(query_lens):
+            raise ValueError("block_tables, seq_lens and query_lens must have one entry per sequence")
+        width = max([len(t) for t in block_tables] + [1])
+        slots, cu = [], [0]
+        for table, kv_len, q_len in zip(block_tables, seq_lens, query_lens):
+            if not 1 <= q_len <= kv_len or kv_len > len(table) * block_size:
+                raise ValueError(f"sequence with {q_len} new tokens, KV length {kv_len} and "
+                                 f"{len(table)} blocks of {block_size} is inconsistent")
+            slots += [table[i // block_size] * block_size + i % block_size
+                      for i in range(kv_len - q_len, kv_len)]
+            cu.append(cu[-1] + q_len)
+        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        return cls(block_tables=tensor(padded, torch.int32).view(len(padded), width),
+                   seq_lens=tensor(seq_lens, torch.int32),
+                   cu_seqlens_q=tensor(cu, torch.int32),
+                   slot_mapping=tensor(slots, torch.int64),
+                   decode_only=all(q == 1 for q in query_lens),
+                   logits_indices=tensor([c - 1 for c in cu[1:]], torch.int64),
+                   backend=backend)

@@ -1,0 +1,139 @@
+"""``PagedRunner``: one forward pass of a transformers decoder over fastdecode's paged KV cache.
+
+Interface shared with the Engine (keep it stable)::
+
+    runner = PagedRunner(model, num_blocks=N, block_size=P, kv_dtype=None, device=None,
+                         backend="auto")
+    runner.k_caches, runner.v_caches   # per layer: [N, P, Hkv, D], zero-initialised
+    logits = runner.forward(input_ids, positions, ctx)
+        # input_ids, positions: [T] int64, the step's new tokens packed sequence after sequence;
+        # ctx: PagedContext (block tables, seq_lens, cu_seqlens_q, slot_mapping, logits_indices);
+        # returns [B, V] float32: the logits of each sequence's last new token.
+
+The model object is left as it was: the ``"fastdecode"`` attention implementation is switched on
+only for the duration of a call (restored on exit, also on error) and the weights are not touched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+
+from fastdecode.hf import attention as _attention
+from fastdecode.hf.context import PagedContext
+
+
+def uses_attention_interface(model: torch.nn.Module) -> bool:
+    """Whether every attention layer of ``model`` dispatches through ``AttentionInterface``.
+
+    transformers marks such classes with ``_supports_attention_backend``; the runner also checks at
+    its first call that each layer reached the paged attention function exactly once.
+    """
+    return bool(getattr(type(model), "_supports_attention_backend", False))
+
+
+def has_unsupported_attention(model: torch.nn.Module) -> Optional[str]:
+    """A reason the paged kernels cannot run ``model`` exactly (sinks, cross-attention), or None."""
+    config = model.config.get_text_config()
+    if getattr(model.config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention",
+                                                                     False):
+        return "cross-attention"
+    for module in model.modules():
+        if isinstance(getattr(module, "sinks", None), torch.Tensor):
+            return "attention sinks (s_aux)"
+    return None
+
+
+def kv_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a decoder, from its text config."""
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    if getattr(cfg, "multi_query", False):
+        kv_heads = 1
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+class PagedRunner:
+    """Runs ``model`` on packed steps whose attention reads and writes a paged KV cache.
+
+    model: a transformers ``*ForCausalLM`` whose attention goes through ``AttentionInterface``.
+    num_blocks N, block_size P: cache geometry; kv_dtype: cache dtype (default: the model's);
+    device: cache device (default: the model's); backend: ops backend for every call.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int = 16,
+                 kv_dtype: Optional[torch.dtype] = None, device=None, backend: str = "auto"):
+        if not uses_attention_interface(model):
+            raise ValueError(f"{type(model).__name__} does not route its attention through "
+                             "transformers' AttentionInterface; it cannot run on a paged cache")
+        reason = has_unsupported_attention(model)
+        if reason:
+            raise ValueError(f"{type(model).__name__} uses {reason}, which the paged kernels do "
+                             "not implement")
+        param = next(model.parameters())
+        self.model = model
+        self.block_size = block_size
+        self.backend = backend
+        self.device = torch.device(device) if device is not None else param.device
+        layers, kv_heads, head_dim = kv_shape(model)
+        self.num_layers = layers
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        dtype = kv_dtype or param.dtype
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        self._kv = _attention.LayerCaches(self.k_caches, self.v_caches)
+        self._configs = _configs(model)
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(
+            model.forward).parameters
+        self._verified = False
+
+    @contextmanager
+    def attention(self) -> Iterator[None]:
+        """Switch the model's attention to ``"fastdecode"`` for the block; always restored."""
+        saved = [c._attn_implementation_internal for c in self._configs]
+        try:
+            for c in self._configs:
+                c._attn_implementation_internal = _attention.ATTN_NAME
+            yield
+        finally:
+            for c, name in zip(self._configs, saved):
+                c._attn_implementation_internal = name
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: PagedContext) -> torch.Tensor:
+        """input_ids, positions: [T] int64 -> [B, V] float32 logits at ``ctx.logits_indices``."""
+        extra = {}
+        keep_all = ctx.decode_only  # one token per sequence: every row is a last token
+        if self._takes_logits_to_keep and not keep_all:
+            extra["logits_to_keep"] = ctx.logits_indices
+        self._kv.calls = 0
+        with self.attention():
+            out = self.model(input_ids=input_ids[None], position_ids=positions[None],
+                             use_cache=False, fastdecode_ctx=ctx, fastdecode_kv=self._kv, **extra)
+        if not self._verified:
+            if self._kv.calls != self.num_layers:
+                raise RuntimeError(
+                    f"{type(self.model).__name__}: {self._kv.calls} attention calls reached the "
+                    f"paged kernel for {self.num_layers} layers; its attention does not go "
+                    "through AttentionInterface")
+            self._verified = True
+        logits = out.logits[0]
+        if not keep_all and "logits_to_keep" not in extra:
+            logits = logits[ctx.logits_indices]
+        return logits.float()
+
+
+def _configs(model: torch.nn.Module) -> list:
+    """Every distinct config object the model's modules read ``_attn_implementation`` from."""
+    seen: dict[int, object] = {}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            seen.setdefault(id(cfg), cfg)
+    return list(seen.values())

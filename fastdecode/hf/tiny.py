@@ -1,0 +1,107 @@
+"""Small random-weight models and offline tokenizers for tests, the CLI and the benchmarks.
+
+Nothing here downloads anything: models are built from transformers config classes with a fixed
+seed, tokenizers from the ``tokenizers`` library.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+import transformers
+
+# Shapes are awkward on purpose (odd head counts, GQA ratios 2 and 3, vocab not a power of two).
+_COMMON = dict(vocab_size=211, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+               pad_token_id=0)
+_FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                                  num_attention_heads=6, num_key_value_heads=2, head_dim=16)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                  num_attention_heads=6, num_key_value_heads=3)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=24)),
+    # A window shorter than the prompts in the tests, so that it changes the result.
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1,
+                                      sliding_window=7)),
+    "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                                    sliding_window=6, attn_logit_softcapping=5.0,
+                                    final_logit_softcapping=30.0, query_pre_attn_scalar=64)),
+    "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, rotary_pct=0.5)),
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                              num_attention_heads=4, word_embed_proj_dim=64)),
+    # Architectures whose attention does not go through AttentionInterface (generic path).
+    "falcon": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    new_decoder_architecture=False, multi_query=True)),
+    "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256)),
+}
+FAMILIES = tuple(_FAMILIES)
+
+
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+               **overrides) -> transformers.PreTrainedModel:
+    """A random-weight ``*ForCausalLM`` of ``family`` (one of :data:`FAMILIES`), in eval mode.
+
+    Weights are drawn with a larger std than the default init so that logits are far from ties.
+    """
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    cls_name, shape = _FAMILIES[family]
+    kwargs = {**_COMMON, **shape, "initializer_range": 0.08, **overrides}
+    config = getattr(transformers, cls_name)(**kwargs)
+    return _build(config, dtype, seed)
+
+
+def default_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> transformers.PreTrainedModel:
+    """The 135M-parameter Llama-shaped model used across the benchmarks (random weights)."""
+    config = transformers.LlamaConfig(
+        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+        max_position_embeddings=2048)
+    return _build(config, dtype, seed)
+
+
+def _build(config, dtype: torch.dtype, seed: int) -> transformers.PreTrainedModel:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII (ids 0..3 special), built offline."""
+    return _wrap(list(string.printable), character_level=True)
+
+
+def word_tokenizer(words: list[str] | None = None) -> transformers.PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over ``words`` (default: a small fixed vocabulary)."""
+    words = words or ("the a of to and in is it you that he was for on are with as his they be "
+                      "at one have this from or had by hot word but what some we can out other "
+                      "were all there when up use your how said an each she stop end").split()
+    return _wrap(words, character_level=False)
+
+
+def _wrap(symbols: list[str], character_level: bool) -> transformers.PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for sym in symbols:
+        vocab.setdefault(sym, len(vocab))
+    if character_level:
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+        tok.decoder = decoders.Fuse()
+    else:
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", padding_side="left")
