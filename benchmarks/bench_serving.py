@@ -119,7 +119,7 @@ def run_ct2(model, prompts, args) -> dict:
         _save_for_ctranslate2(model, hf_dir)
         TransformersConverter(hf_dir).convert(ct_dir, quantization="float32")
         gen = ctranslate2.Generator(ct_dir, device="cpu", compute_type="float32",
-                                    intra_threads=torch.get_num_threads())
+                                    intra_threads=args.threads)
         tokens = [[f"t{i}" for i in p] for p in prompts]
         stamps: list[list[float]] = [[] for _ in prompts]
 
@@ -204,13 +204,17 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, default=2048)
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="CPU threads of every system (torch intra-op, CTranslate2 intra)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     systems = ["engine"] if args.skip_baselines else args.systems.split(",")
     model = build_model(args.seed)
     prompts = workload(args.num_requests, args.seed, model.config.vocab_size)
     key = (f"{args.num_requests} requests, prompts 16-512 (sum {sum(map(len, prompts))}), "
            f"{args.max_new_tokens} new tokens, seed {args.seed}, block {args.block_size}, "
-           f"{args.num_blocks} blocks, {args.max_batch_tokens} batch tokens")
+           f"{args.num_blocks} blocks, {args.max_batch_tokens} batch tokens, "
+           f"{args.threads} threads")
     RESULTS.mkdir(exist_ok=True)
     raw_path = RESULTS / "serving_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
