@@ -6,6 +6,7 @@ import itertools
 from typing import Iterator, Optional, Sequence as Seq, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from fastdecode.engine.block_manager import BlockManager, cdiv
 from fastdecode.engine.model_runner import ModelRunner
@@ -180,7 +181,6 @@ class Engine:
             for rid in ids:  # all or nothing: withdraw what was queued before the bad prompt
                 self.scheduler.finish(self._requests.pop(rid), "abort")
             raise
-        from tqdm.auto import tqdm
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), disable=not progress, desc="requests") as bar:
             pending = set(ids)
