@@ -84,6 +84,8 @@ class Scheduler:
                 break
             while not self.blocks.can_append(seq.block_table, seq.num_computed, n):
                 victim = self.running[-1]
+                # A victim already batched gives its tokens back; a copy-on-write copy queued
+                # for it may stay: its destination block is free, writing it is harmless.
                 budget += batch.pop(victim, 0)
                 self._preempt(victim)
                 preempted = True
