@@ -18,9 +18,9 @@ the table, CSV and plot are rebuilt from every system measured on the same workl
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine_info, markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {"engine": "fastdecode.Engine", "hf": "transformers generate_batch",
@@ -143,53 +144,53 @@ def run_ct2(model, prompts, args) -> dict:
 
 def environment() -> dict:
     import transformers
-    env = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-           "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-           "load_avg_1m_at_end": round(os.getloadavg()[0], 1),
-           "torch": torch.__version__, "transformers": transformers.__version__,
-           "command": "python " + " ".join(sys.argv)}
+    env = machine_info("cpu")
+    env["load average (1 min) at end"] = f"{os.getloadavg()[0]:.2f}"
+    env["transformers"] = transformers.__version__
     try:
         import ctranslate2
         env["ctranslate2"] = ctranslate2.__version__
     except ImportError:
         pass
+    env["command"] = "python " + " ".join(sys.argv)
     return env
 
 
 def report(raw: dict, key: str) -> None:
     runs = raw[key]
-    rows = [(name, runs[name]) for name in ("engine", "hf", "ct2") if name in runs]
-    lines = [f"# Serving benchmark ({key})", "",
-             "| system | tokens/s | total s | TTFT p50 s | TTFT p99 s | ITL ms "
-             "| vs generate_batch | vs CTranslate2 |",
-             "|---|---|---|---|---|---|---|---|"]
-    csv = ["system,tokens_per_s,seconds,ttft_p50_s,ttft_p99_s,itl_mean_ms"]
-    for name, r in rows:
-        ratio = {b: (f"{r['tokens_per_s'] / runs[b]['tokens_per_s']:.2f}x" if b in runs else "-")
-                 for b in ("hf", "ct2")}
-        lines.append(f"| {LABELS[name]} | {r['tokens_per_s']:.1f} | {r['seconds']:.1f} | "
-                     f"{r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | {r['itl_mean_ms']:.1f} | "
-                     f"{ratio['hf']} | {ratio['ct2']} |")
-        csv.append(f"{name},{r['tokens_per_s']:.3f},{r['seconds']:.3f},{r['ttft_p50_s']:.4f},"
-                   f"{r['ttft_p99_s']:.4f},{r['itl_mean_ms']:.3f}")
-    lines += ["", "Environment of each run:", ""]
-    lines += [f"- {LABELS[name]}: " + ", ".join(f"{k}={v}" for k, v in r["env"].items())
-              for name, r in rows]
+    rows = []
+    for name in (n for n in LABELS if n in runs):
+        r = runs[name]
+        rows.append({"system": LABELS[name], "tokens/s": r["tokens_per_s"],
+                     "total s": r["seconds"], "TTFT p50 s": r["ttft_p50_s"],
+                     "TTFT p99 s": r["ttft_p99_s"], "ITL ms": r["itl_mean_ms"],
+                     **{f"vs {LABELS[b]}": (f"{r['tokens_per_s'] / runs[b]['tokens_per_s']:.2f}x"
+                                           if b in runs else "-") for b in ("hf", "ct2")}})
+    table = markdown_table(rows)
+    lines = ["# Serving benchmark", "", f"Workload: {key}.", "", table, "",
+             "Generated tokens only; TTFT from submission (every request is submitted at t=0); "
+             "ITL = mean gap between consecutive tokens of a request. Each system's run:", ""]
+    lines += [f"- {LABELS[name]}: " + "; ".join(f"{k}: {v}" for k, v in runs[name]["env"].items())
+              for name in LABELS if name in runs]
     (RESULTS / "serving.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "serving.csv").write_text("\n".join(csv) + "\n")
+    with (RESULTS / "serving.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    names = [LABELS[n] for n, _ in rows]
-    for ax, (field, title) in zip(axes, [("tokens_per_s", "generated tokens/s (higher is better)"),
-                                         ("ttft_p50_s", "TTFT p50 s (lower is better)"),
-                                         ("itl_mean_ms", "inter-token latency ms")]):
-        ax.barh(names, [r[field] for _, r in rows], color=["C0", "C1", "C2"][:len(rows)])
+    names = [r["system"] for r in rows]
+    for ax, (field, title) in zip(axes, [("tokens/s", "generated tokens/s (higher is better)"),
+                                         ("TTFT p50 s", "TTFT p50 s (lower is better)"),
+                                         ("ITL ms", "inter-token latency ms")]):
+        ax.barh(names, [r[field] for r in rows], color=["C0", "C1", "C2"][:len(rows)])
         ax.set_title(title, fontsize=9)
     fig.suptitle(key, fontsize=9)
     fig.tight_layout()
     fig.savefig(RESULTS / "serving.png", dpi=120)
+    plt.close(fig)
     print("\n".join(lines))
 
 
