@@ -11,8 +11,9 @@ Each system's raw numbers are kept in ``results/serving_raw.json`` keyed by the 
 slow baselines can run once (``--systems hf,ct2``) and the engine later (``--systems engine``);
 the table, CSV and plot are rebuilt from every system measured on the same workload.
 
-    python benchmarks/bench_serving.py                       # everything, full workload
-    python benchmarks/bench_serving.py --systems engine --num-requests 8 --max-new-tokens 16
+    PYTHONPATH=. python benchmarks/bench_serving.py          # everything, full workload
+    PYTHONPATH=. python benchmarks/bench_serving.py --systems engine --num-requests 8 \
+        --max-new-tokens 16
 """
 
 from __future__ import annotations
