@@ -146,7 +146,9 @@ def run_ct2(model, prompts, args) -> dict:
 def environment() -> dict:
     import transformers
     env = machine_info("cpu")
-    env["load average (1 min) at end"] = f"{os.getloadavg()[0]:.2f}"
+    # Called once the run is over: the load it ran beside, not the load before it.
+    env.pop("load average (1 min) at start", None)
+    env["load average (1 min) after the run"] = f"{os.getloadavg()[0]:.2f}"
     env["transformers"] = transformers.__version__
     try:
         import ctranslate2
@@ -170,7 +172,10 @@ def report(raw: dict, key: str) -> None:
     table = markdown_table(rows)
     lines = ["# Serving benchmark", "", f"Workload: {key}.", "", table, "",
              "Generated tokens only; TTFT from submission (every request is submitted at t=0); "
-             "ITL = mean gap between consecutive tokens of a request. Each system's run:", ""]
+             "ITL = mean gap between consecutive tokens of a request. The machine may be shared "
+             "with other jobs: each run records the load average it ran beside; systems measured "
+             "at different times under different load compare only roughly. Each system's run:",
+             ""]
     lines += [f"- {LABELS[name]}: " + "; ".join(f"{k}: {v}" for k, v in runs[name]["env"].items())
               for name in LABELS if name in runs]
     (RESULTS / "serving.md").write_text("\n".join(lines) + "\n")
