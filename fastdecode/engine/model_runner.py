@@ -15,7 +15,6 @@ from fastdecode import ops
 from fastdecode.engine.block_manager import cdiv
 from fastdecode.engine.scheduler import ScheduledBatch
 from fastdecode.engine.sequence import Sequence
-from fastdecode.hf.context import PagedContext
 
 _CPU_CACHE_FRACTION = 0.25   # of the RAM available now
 _CPU_CACHE_CAP = 8 << 30     # bytes: a CPU decodes too slowly to use a larger cache
@@ -69,7 +68,10 @@ class ModelRunner:
             num_blocks = default_num_blocks(model, block_size, kv_dtype or param.dtype,
                                             self.device, max_num_seqs)
         # Imported here so that ``import fastdecode`` does not pull in transformers.
+        from fastdecode.hf.context import PagedContext
         from fastdecode.hf.runner import PagedRunner
+
+        self._build_context = PagedContext.build
 
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -87,7 +89,7 @@ class ModelRunner:
             start = seq.num_computed
             ids += seq.token_ids[start:start + n]
             positions += range(start, start + n)
-        ctx = PagedContext.build([s.block_table for s in batch.seqs],
+        ctx = self._build_context([s.block_table for s in batch.seqs],
                                  [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
                                  batch.num_new, self.block_size, self.device)
         logits = self.paged.forward(torch.tensor(ids, dtype=torch.int64, device=self.device),
