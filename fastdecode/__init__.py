@@ -19,3 +19,7 @@ def __getattr__(name: str):
 
         return getattr(hf, name)
     raise AttributeError(f"module 'fastdecode' has no attribute {name!r}")
+
+from fastdecode.engine import Engine, RequestOutput, SamplingParams  # noqa: E402
+
+__all__ += ["Engine", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,72 @@
+"""State of one request inside the Engine (no torch here: the scheduler reasons on lists)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+from fastdecode.engine.params import RequestOutput, SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """A request's tokens, its place in the KV cache and its progress.
+
+    ``token_ids`` = prompt + generated tokens. The first ``num_computed`` of them have their keys
+    and values in the cache blocks listed in ``block_table``; the rest are fed to the model by
+    the next steps (the whole prompt at first, one token per decode step, everything again after
+    a preemption, which frees the blocks and resets ``num_computed`` to 0).
+    ``arrival`` orders requests for FIFO admission and newest-first preemption. ``stop_ids``:
+    the tokens that end the request (EOS unless ignored, and the request's stop ids).
+    """
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 arrival: int, stop_ids: frozenset[int]) -> None:
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.arrival = arrival
+        self.stop_ids = stop_ids
+        self.token_ids: list[int] = list(prompt_ids)
+        self.num_computed = 0
+        self.block_table: list[int] = []
+        self.status = Status.WAITING
+        self.finish_reason: Optional[str] = None
+        self.num_reported = 0  # generated tokens already handed out in a RequestOutput
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in the cache: the whole prompt at first, then 1 per decode step."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def finish(self, reason: str) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+
+    def take_output(self) -> RequestOutput:
+        """The request's state, with the tokens generated since the last call as ``new_ids``."""
+        out = self.output_ids
+        new, self.num_reported = out[self.num_reported:], len(out)
+        return RequestOutput(self.request_id, self.prompt_ids, out, new, self.is_finished,
+                             self.finish_reason)
