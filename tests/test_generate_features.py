@@ -39,6 +39,7 @@ def test_stop_strings_with_tokenizer():
     out = fd_generate(model, **enc, **kwargs)
     assert torch.equal(out, ref)
     assert stop in tok.decode(out[0, enc.input_ids.shape[1]:])
+    assert out[0, -1] == tok.pad_token_id  # row 0 stopped early and was padded
     with pytest.raises(ValueError, match="tokenizer"):
         fd_generate(model, **enc, max_new_tokens=3, stop_strings=["x"])
 

@@ -17,12 +17,13 @@ only for the duration of a call (restored on exit, also on error) and the weight
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
 import torch
 
 from fastdecode.hf import attention as _attention
+from fastdecode.hf import transform
 from fastdecode.hf.context import PagedContext
 
 
@@ -64,10 +65,13 @@ class PagedRunner:
     model: a transformers ``*ForCausalLM`` whose attention goes through ``AttentionInterface``.
     num_blocks N, block_size P: cache geometry; kv_dtype: cache dtype (default: the model's);
     device: cache device (default: the model's); backend: ops backend for every call.
+    fast_linears: run linear layers on transposed / fused weight copies
+    (:mod:`fastdecode.hf.transform`); default: when :func:`~fastdecode.hf.transform.worth_it`.
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int = 16,
-                 kv_dtype: Optional[torch.dtype] = None, device=None, backend: str = "auto"):
+                 kv_dtype: Optional[torch.dtype] = None, device=None, backend: str = "auto",
+                 fast_linears: Optional[bool] = None):
         if not uses_attention_interface(model):
             raise ValueError(f"{type(model).__name__} does not route its attention through "
                              "transformers' AttentionInterface; it cannot run on a paged cache")
@@ -91,6 +95,9 @@ class PagedRunner:
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(
             model.forward).parameters
         self._verified = False
+        if fast_linears is None:
+            fast_linears = transform.worth_it(model)
+        self._layout = transform.LinearLayout(model) if fast_linears else None
 
     @contextmanager
     def attention(self) -> Iterator[None]:
@@ -113,7 +120,7 @@ class PagedRunner:
         if self._takes_logits_to_keep and not keep_all:
             extra["logits_to_keep"] = ctx.logits_indices
         self._kv.calls = 0
-        with self.attention():
+        with self.attention(), (self._layout.active() if self._layout else nullcontext()):
             out = self.model(input_ids=input_ids[None], position_ids=positions[None],
                              use_cache=False, fastdecode_ctx=ctx, fastdecode_kv=self._kv, **extra)
         if not self._verified:
