@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
@@ -42,14 +41,19 @@ class BackendUnavailableError(RuntimeError):
     """Raised when an explicitly requested backend cannot run the call."""
 
 
-@lru_cache(maxsize=None)
+_LOADED: dict[str, ModuleType | Exception] = {}
+
+
 def _load(name: str) -> ModuleType | Exception:
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except Exception as exc:  # ImportError, or a broken build: reported when requested
-        return exc
-    reason = getattr(module, "unavailable_reason", lambda: None)()
-    return RuntimeError(reason) if reason else module
+    """Import backend ``name`` once; an import failure is kept and reported when requested."""
+    if name not in _LOADED:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            reason = getattr(module, "unavailable_reason", lambda: None)()
+            _LOADED[name] = RuntimeError(reason) if reason else module
+        except Exception as exc:  # ImportError, or a broken build
+            _LOADED[name] = exc
+    return _LOADED[name]
 
 
 def is_available(name: str) -> bool:
@@ -114,10 +118,10 @@ def resolve(backend: str, op: str, device: torch.device,
         raise BackendUnavailableError(
             f"backend={backend!r} does not implement {what}; use backend='triton' or 'auto'"
         )
+    _check_device(backend, device)
     module = _load(backend)
     if isinstance(module, Exception):
         raise BackendUnavailableError(f"backend={backend!r} is not available: {module}")
-    _check_device(backend, device)
     return module
 
 

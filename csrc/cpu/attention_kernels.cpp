@@ -1,0 +1,386 @@
+// CPU paged attention and append_kv: the kernels behind attention.cpp's torch adapters.
+//
+// Paged attention is memory bound, so the work is shaped around reading each KV row once:
+// a work item is (sequence, kv head, chunk of query tokens), and every query row of the item
+// (chunk tokens x the Hq / Hkv query heads of the GQA group) is served from one pass over the
+// group's KV. The pass walks KV positions in tiles of kTile; per tile it computes all rows' scores,
+// applies softcap -> ALiBi -> masks, takes one online-softmax step per row, then streams the V
+// rows once into every row's float32 accumulator.
+#include "vec.h"  // first: it selects at::vec's instruction set
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attention_kernels.h"
+
+namespace fastdecode::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+// KV positions per online-softmax step. Tiles are aligned to absolute KV positions, not to
+// blocks: block size 1 costs no extra softmax steps, and a row's arithmetic never depends on how
+// the batch or its own query tokens were cut into work items (batch invariance).
+constexpr int64_t kTile = 32;
+static_assert(kTile % kVec == 0, "score tiles are processed in whole vectors");
+// Query rows (tokens x heads of one GQA group) per packed-form work item: one pass over the KV
+// serves them all, while their scratch still fits in L2 and long prefills split into many items.
+constexpr int64_t kChunkRows = 64;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// One row of d elements as float32, zero-padded to dp = round_up(d, kVec) so that the dot and
+// axpy loops run whole vectors only. fp32 rows that need no padding are read in place.
+template <typename T>
+inline const float* row_f32(const T* src, float* buf, int64_t d, int64_t dp) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (d == dp) return src;
+  }
+  int64_t i = 0;
+  for (; i + kVec <= d; i += kVec) {
+    Vec v;
+    if constexpr (std::is_same_v<T, float>) {
+      v = Vec::loadu(src + i);
+    } else {
+      at::vec::load_to_float<T>(src + i, v);
+    }
+    v.store(buf + i);
+  }
+  for (; i < d; ++i) buf[i] = static_cast<float>(src[i]);
+  for (; i < dp; ++i) buf[i] = 0.f;
+  return buf;
+}
+
+inline float dot(const float* a, const float* b, int64_t dp) {
+  // Two accumulators halve the FMA dependency chain for the common dp >= 2 * kVec.
+  Vec acc0(0.f), acc1(0.f);
+  int64_t i = 0;
+  for (; i + 2 * kVec <= dp; i += 2 * kVec) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + i + kVec), Vec::loadu(b + i + kVec), acc1);
+  }
+  if (i < dp) acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc0 + acc1);
+}
+
+inline void axpy(float* y, float a, const float* x, int64_t dp) {
+  const Vec av(a);
+  for (int64_t i = 0; i < dp; i += kVec) {
+    at::vec::fmadd(av, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  }
+}
+
+inline void scale_row(float* y, float a, int64_t dp) {
+  const Vec av(a);
+  for (int64_t i = 0; i < dp; i += kVec) (Vec::loadu(y + i) * av).store(y + i);
+}
+
+// tanh x = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|): cannot overflow, and exp_u20 is inline
+// (Vectorized::tanh calls into Sleef, whose symbols a torch build need not export).
+inline Vec tanh_vec(const Vec& x) {
+  const Vec one(1.f);
+  const Vec e = (x.abs() * Vec(-2.f)).exp_u20();
+  const Vec t = (one - e) / (one + e);
+  return Vec::blendv(t, Vec(0.f) - t, x < Vec(0.f));
+}
+
+struct WorkItem {
+  int32_t seq;       // b
+  int32_t q_first;   // row of its first query token in query / out
+  int32_t q_count;   // query tokens in this item
+  int32_t q_index;   // index of its first token among the sequence's query tokens
+  int32_t kv_head;   // first kv head of the item
+};
+
+// Per-thread scratch and the computation of one work item: q_count query tokens x heads kv heads
+// x group query heads. Rows are ordered (kv head, token, query head of the group) so that each
+// kv head's rows are contiguous.
+template <typename T>
+class AttentionWorker {
+ public:
+  AttentionWorker(const PagedAttentionParams& p, int64_t heads, int64_t max_rows)
+      : p_(p),
+        group_(p.num_qo_heads / p.num_kv_heads),
+        heads_(heads),
+        dp_(round_up(p.head_dim, kVec)),
+        q_(max_rows * dp_),
+        o_(max_rows * dp_),
+        s_(max_rows * kTile),
+        m_(max_rows),
+        l_(max_rows),
+        active_(max_rows),
+        kbuf_(dp_),
+        vbuf_(dp_) {}
+
+  void run(const WorkItem& item) {
+    const int64_t rows = item.q_count * group_ * heads_;
+    const int64_t n = p_.seq_lens[item.seq];
+    const int64_t q_len =
+        p_.cu_seqlens_q ? p_.cu_seqlens_q[item.seq + 1] - p_.cu_seqlens_q[item.seq] : 1;
+    // Bottom-right alignment: the sequence's query tokens are its last q_len KV positions.
+    const int64_t first_pos = n - q_len + item.q_index;
+    const int64_t last_pos = first_pos + item.q_count - 1;
+    const int64_t w = p_.sliding_window;
+    const int64_t lo = w > 0 ? std::max<int64_t>(0, first_pos - w + 1) : 0;
+    const int64_t hi = p_.causal ? std::min(n, last_pos + 1) : n;
+
+    load_queries(item);
+    std::fill_n(m_.begin(), rows, kNegInf);
+    std::fill_n(l_.begin(), rows, 0.f);
+    std::fill_n(o_.begin(), rows * dp_, 0.f);
+    // A tile's rows are scattered over blocks: the next tile's rows are located and prefetched
+    // while the current one is computed, or every block jump's latency would be exposed.
+    int64_t t0 = lo / kTile * kTile;
+    int cur = 0;
+    locate(item, std::max(t0, lo), std::min(t0 + kTile, hi), t0, cur);
+    for (; t0 < hi; t0 += kTile, cur ^= 1) {
+      const int64_t next = t0 + kTile;
+      locate(item, next, std::min(next + kTile, hi), next, cur ^ 1);
+      tile(item, first_pos, t0, std::max(t0, lo) - t0, std::min(t0 + kTile, hi) - t0,
+           offsets_[cur], offsets_[cur ^ 1]);
+    }
+    store_outputs(item);
+  }
+
+ private:
+  void load_queries(const WorkItem& item) {
+    const auto* query = static_cast<const T*>(p_.query);
+    const Vec scale(p_.scale);
+    for (int64_t r = 0; r < item.q_count * group_ * heads_; ++r) {
+      const T* src = query + (item.q_first + token_of(r, item)) * p_.q_stride_t +
+                     head_of(r, item) * p_.q_stride_h;
+      float* dst = q_.data() + r * dp_;
+      const float* row = row_f32(src, dst, p_.head_dim, dp_);
+      for (int64_t i = 0; i < dp_; i += kVec) (Vec::loadu(row + i) * scale).store(dst + i);
+    }
+  }
+
+  int64_t token_of(int64_t r, const WorkItem& item) const { return r / group_ % item.q_count; }
+  int64_t head_of(int64_t r, const WorkItem& item) const {
+    return (item.kv_head + r / (group_ * item.q_count)) * group_ + r % group_;
+  }
+
+  // Fills offsets_[buf][j - t0] with the element offset of KV position j's row (at the item's
+  // first kv head) for j in [jb, je); positions outside stay -1.
+  void locate(const WorkItem& item, int64_t jb, int64_t je, int64_t t0, int buf) {
+    const int32_t* table = p_.block_tables + item.seq * p_.max_blocks_per_seq;
+    const int64_t token_stride = p_.num_kv_heads * p_.head_dim;
+    const int64_t block_stride = p_.block_size * token_stride;  // int64: block * stride > 2^31
+    std::fill_n(offsets_[buf], kTile, int64_t{-1});
+    for (int64_t j = jb; j < je; ++j) {
+      offsets_[buf][j - t0] = static_cast<int64_t>(table[j / p_.block_size]) * block_stride +
+                              (j % p_.block_size) * token_stride + item.kv_head * p_.head_dim;
+    }
+  }
+
+  // Prefetches the item's rows (all its heads: adjacent in the cache) at element offset off.
+  // Issued one position at a time between computations: a burst of a whole tile's lines
+  // would fill the miss queues and stall.
+  void prefetch(const T* cache, int64_t off) const {
+    if (off < 0) return;
+    const char* row = reinterpret_cast<const char*>(cache + off);
+    const int64_t bytes = heads_ * p_.head_dim * static_cast<int64_t>(sizeof(T));
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+  }
+
+  // One tile: KV positions t0 + [t_begin, t_end) (row offsets from locate). Lanes of the score
+  // tile are absolute positions t0 + t, so a row's arithmetic is the same however the work
+  // was cut. Scores, one online-softmax step per row, then P @ V.
+  void tile(const WorkItem& item, int64_t first_pos, int64_t t0, int64_t t_begin, int64_t t_end,
+            const int64_t* offsets, const int64_t* next_offsets) {
+    const auto* k_cache = static_cast<const T*>(p_.k_cache);
+    const auto* v_cache = static_cast<const T*>(p_.v_cache);
+    const int64_t d = p_.head_dim, head_rows = item.q_count * group_;
+    for (int64_t t = 0; t < kTile; ++t) {
+      prefetch(k_cache, next_offsets[t]);
+      if (t < t_begin || t >= t_end) continue;
+      for (int64_t h = 0; h < heads_; ++h) {
+        const float* k = row_f32(k_cache + offsets[t] + h * d, kbuf_.data(), d, dp_);
+        const float* q = q_.data() + h * head_rows * dp_;
+        float* s = s_.data() + h * head_rows * kTile + t;
+        for (int64_t r = 0; r < head_rows; ++r) s[r * kTile] = dot(q + r * dp_, k, dp_);
+      }
+    }
+    for (int64_t r = 0; r < head_rows * heads_; ++r) {
+      active_[r] = softmax_step(r, first_pos + token_of(r, item) - t0, head_of(r, item),
+                                t0, t_begin, t_end);
+    }
+    for (int64_t t = 0; t < kTile; ++t) {
+      prefetch(v_cache, next_offsets[t]);
+      if (t < t_begin || t >= t_end) continue;
+      for (int64_t h = 0; h < heads_; ++h) {
+        const float* v = row_f32(v_cache + offsets[t] + h * d, vbuf_.data(), d, dp_);
+        float* o = o_.data() + h * head_rows * dp_;
+        const float* p = s_.data() + h * head_rows * kTile + t;
+        const char* active = active_.data() + h * head_rows;
+        for (int64_t r = 0; r < head_rows; ++r) {
+          if (active[r]) axpy(o + r * dp_, p[r * kTile], v, dp_);
+        }
+      }
+    }
+  }
+
+  // Turns row r's scores of the tile into probabilities (in place) and rescales its running
+  // max / sum / output. pos: the row's query position relative to t0. Returns false when the
+  // row sees no key of the tile.
+  bool softmax_step(int64_t r, int64_t pos, int64_t head, int64_t t0, int64_t t_begin,
+                    int64_t t_end) {
+    const int64_t w = p_.sliding_window;
+    const int64_t t_lo = w > 0 ? std::clamp<int64_t>(pos - w + 1, t_begin, t_end) : t_begin;
+    const int64_t t_hi = p_.causal ? std::clamp<int64_t>(pos + 1, t_begin, t_end) : t_end;
+    if (t_lo >= t_hi) return false;
+    float* s = s_.data() + r * kTile;
+    if (p_.softcap > 0.f) {  // before ALiBi and masking, as in the reference
+      const Vec cap(p_.softcap), inv_cap(1.f / p_.softcap);
+      for (int64_t i = 0; i < kTile; i += kVec) {
+        (cap * tanh_vec(Vec::loadu(s + i) * inv_cap)).store(s + i);
+      }
+    }
+    if (p_.alibi_slopes) {
+      const Vec slope(p_.alibi_slopes[head]);
+      const Vec dist = Vec::arange(static_cast<float>(-pos), 1.f);  // j - i at lane 0
+      for (int64_t i = 0; i < kTile; i += kVec) {
+        at::vec::fmadd(slope, dist + Vec(static_cast<float>(i)), Vec::loadu(s + i)).store(s + i);
+      }
+    }
+    std::fill(s, s + t_lo, kNegInf);
+    std::fill(s + t_hi, s + kTile, kNegInf);
+    Vec vmax(kNegInf);
+    for (int64_t i = 0; i < kTile; i += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(s + i));
+    const float m_new = std::max(m_[r], at::vec::vec_reduce_all<float>(
+        [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax));
+    const Vec vm(m_new);
+    Vec vsum(0.f);
+    for (int64_t i = 0; i < kTile; i += kVec) {
+      const Vec e = (Vec::loadu(s + i) - vm).exp_u20();  // exp(-inf) = 0 for masked keys
+      e.store(s + i);
+      vsum = vsum + e;
+    }
+    const float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
+    if (m_new != m_[r]) {
+      const float alpha = std::exp(m_[r] - m_new);  // 0 on the row's first visible tile
+      l_[r] *= alpha;
+      scale_row(o_.data() + r * dp_, alpha, dp_);
+      m_[r] = m_new;
+    }
+    l_[r] += sum;
+    return true;
+  }
+
+  void store_outputs(const WorkItem& item) {
+    auto* out = static_cast<T*>(p_.out);
+    for (int64_t r = 0; r < item.q_count * group_ * heads_; ++r) {
+      // l == 0: the row saw no key (seq_lens 0, or everything masked): zeros, never NaN.
+      const float inv = l_[r] > 0.f ? 1.f / l_[r] : 0.f;
+      const float* o = o_.data() + r * dp_;
+      T* dst = out + (item.q_first + token_of(r, item)) * p_.o_stride_t +
+               head_of(r, item) * p_.o_stride_h;
+      for (int64_t i = 0; i < p_.head_dim; ++i) dst[i] = static_cast<T>(o[i] * inv);
+    }
+  }
+
+  const PagedAttentionParams& p_;
+  const int64_t group_, heads_, dp_;
+  std::vector<float> q_, o_;  // [rows, dp]: scaled queries, unnormalised outputs
+  std::vector<float> s_;      // [rows, kTile]: scores, then probabilities
+  std::vector<float> m_, l_;  // [rows]: running max and sum of exp
+  std::vector<char> active_;  // [rows]: the row sees a key of the current tile
+  std::vector<float> kbuf_, vbuf_;
+  int64_t offsets_[2][kTile];  // row offsets of the current / next tile's positions
+};
+
+// Kv heads per work item: all of them (each tile then reads whole contiguous token rows: fewer
+// pages, DRAM rows and prefetch streams than one head's strided slices) unless that leaves too
+// few items to keep every thread busy. Only the loop order changes, never a row's arithmetic.
+int64_t heads_per_item(int64_t num_kv_heads, int64_t chunks, int64_t threads) {
+  int64_t heads = num_kv_heads;
+  for (int64_t h = num_kv_heads; h >= 1; --h) {
+    if (num_kv_heads % h == 0) {
+      heads = h;
+      if (chunks * (num_kv_heads / h) >= 4 * threads) break;
+    }
+  }
+  return heads;
+}
+
+}  // namespace
+
+template <typename T>
+void paged_attention_kernel(const PagedAttentionParams& p) {
+  const int64_t group = p.num_qo_heads / p.num_kv_heads;
+  const int64_t threads = at::get_num_threads();
+  auto q_len = [&](int64_t b) -> int64_t {
+    return p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : 1;
+  };
+  // Cut first with single-head items to count chunks, then widen items to more heads.
+  int64_t chunks = 0;
+  const int64_t tokens_1 = std::max<int64_t>(1, kChunkRows / group);
+  for (int64_t b = 0; b < p.num_seqs; ++b) chunks += (q_len(b) + tokens_1 - 1) / tokens_1;
+  const int64_t heads = heads_per_item(p.num_kv_heads, chunks, threads);
+  const int64_t chunk = std::max<int64_t>(1, kChunkRows / (group * heads));
+  std::vector<WorkItem> items;
+  int64_t max_tokens = 1;
+  for (int64_t b = 0; b < p.num_seqs; ++b) {
+    const int64_t q0 = p.cu_seqlens_q ? p.cu_seqlens_q[b] : b;
+    for (int64_t i = 0; i < q_len(b); i += chunk) {
+      const int64_t count = std::min(chunk, q_len(b) - i);
+      max_tokens = std::max(max_tokens, count);
+      for (int64_t h = 0; h < p.num_kv_heads; h += heads) {
+        items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(q0 + i),
+                         static_cast<int32_t>(count), static_cast<int32_t>(i),
+                         static_cast<int32_t>(h)});
+      }
+    }
+  }
+  const int64_t total = static_cast<int64_t>(items.size());
+  if (total == 0) return;
+  // Items differ in cost (a prefill chunk vs a decode row), so threads pull them from a shared
+  // counter instead of taking fixed ranges. at::parallel_for sizes the team from
+  // torch.get_num_threads(); each member allocates its scratch once.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, total), 1, [&](int64_t, int64_t) {
+    AttentionWorker<T> worker(p, heads, max_tokens * group * heads);
+    for (int64_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) worker.run(items[i]);
+  });
+}
+
+template <typename T>
+void append_kv_kernel(const AppendKvParams& p) {
+  const int64_t d = p.head_dim, token_stride = p.num_kv_heads * d;
+  const auto* key = static_cast<const T*>(p.key);
+  const auto* value = static_cast<const T*>(p.value);
+  auto* k_cache = static_cast<T*>(p.k_cache);
+  auto* v_cache = static_cast<T*>(p.v_cache);
+  // A token is a few hundred bytes: only large appends (prefill) are worth a thread team.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (token_stride * sizeof(T)));
+  at::parallel_for(0, p.num_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = p.slot_mapping[t];
+      if (slot < 0) continue;  // padding token
+      for (int64_t h = 0; h < p.num_kv_heads; ++h) {
+        // slot * token_stride in int64: large pools pass 2^31 elements.
+        std::memcpy(k_cache + slot * token_stride + h * d,
+                    key + t * p.key_stride_t + h * p.key_stride_h, d * sizeof(T));
+        std::memcpy(v_cache + slot * token_stride + h * d,
+                    value + t * p.value_stride_t + h * p.value_stride_h, d * sizeof(T));
+      }
+    }
+  });
+}
+
+template void paged_attention_kernel<float>(const PagedAttentionParams&);
+template void paged_attention_kernel<c10::BFloat16>(const PagedAttentionParams&);
+template void paged_attention_kernel<c10::Half>(const PagedAttentionParams&);
+template void append_kv_kernel<float>(const AppendKvParams&);
+template void append_kv_kernel<c10::BFloat16>(const AppendKvParams&);
+template void append_kv_kernel<c10::Half>(const AppendKvParams&);
+
+}  // namespace fastdecode::cpu
