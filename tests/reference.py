@@ -76,10 +76,14 @@ def process_row(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, mi
         kth = torch.sort(s, descending=True).values[top_k - 1]
         s[s < kth] = -math.inf
     if top_p < 1:
-        probs = torch.softmax(s, 0)
-        keep = torch.zeros(v, dtype=torch.bool)
-        for tok in range(v):
-            keep[tok] = probs[probs > probs[tok]].sum() < top_p
+        # Keep a token iff the mass of the tokens strictly above it is < top_p: sorted
+        # descending, that is the exclusive cumulative sum at the start of its tie group.
+        probs, order = torch.sort(torch.softmax(s, 0), descending=True)
+        _, group, counts = torch.unique_consecutive(probs, return_inverse=True,
+                                                    return_counts=True)
+        above = (torch.cumsum(probs, 0) - probs)[torch.cumsum(counts, 0) - counts][group]
+        keep = torch.empty(v, dtype=torch.bool)
+        keep[order] = above < top_p
         s[~keep] = -math.inf
     if min_p > 0:
         probs = torch.softmax(s, 0)

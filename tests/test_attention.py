@@ -53,7 +53,7 @@ def packed_rows(block_size: int, shrink: bool) -> tuple[list[int], list[int]]:
     a sequence without query tokens, and a prefill longer than one work chunk."""
     p = block_size
     edge = max(p - 1, 1)  # a chunk ending just before a block boundary
-    rows = [(23, 23), (2 * p + 1, 1), (p + 9, 9), (0, 0), (5, 1), (edge, min(edge, 7))]
+    rows = [(13, 13), (p + 1, 1), (p + 9, 3), (0, 0), (5, 1), (edge, min(edge, 3))]
     if shrink:
         rows = [(n // 2 or n, (q // 2 or q) if q < n else (n // 2 or n)) for n, q in rows]
     return [n for n, _ in rows], [q for _, q in rows]

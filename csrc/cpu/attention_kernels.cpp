@@ -59,22 +59,72 @@ inline const float* row_f32(const T* src, float* buf, int64_t d, int64_t dp) {
   return buf;
 }
 
-inline float dot(const float* a, const float* b, int64_t dp) {
-  // Two accumulators halve the FMA dependency chain for the common dp >= 2 * kVec.
-  Vec acc0(0.f), acc1(0.f);
-  int64_t i = 0;
-  for (; i + 2 * kVec <= dp; i += 2 * kVec) {
-    acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
-    acc1 = at::vec::fmadd(Vec::loadu(a + i + kVec), Vec::loadu(b + i + kVec), acc1);
+// Lane t of the result = the sum of acc[t]'s lanes. On AVX-512 the 16 horizontal sums share
+// one transpose folded into the additions (45 shuffles / adds instead of ~9 per sum).
+inline Vec hsum_lanes(const Vec* acc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i) {  // 128-bit lane: [x02, y02, x13, y13] for tokens 2i, 2i+1
+    const __m512 x = acc[2 * i], y = acc[2 * i + 1];
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
   }
-  if (i < dp) acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
-  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc0 + acc1);
+  for (int i = 0; i < 4; ++i) {  // 128-bit lane: partial sums of tokens 4i .. 4i+3
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                                  _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88),
+                                  _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
+#else
+  __at_align__ float sums[kVec];
+  for (int64_t t = 0; t < kVec; ++t) {
+    sums[t] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc[t]);
+  }
+  return Vec::loadu(sums);
+#endif
 }
 
-inline void axpy(float* y, float a, const float* x, int64_t dp) {
-  const Vec av(a);
+// s[t] = q . k[t] for kVec rows k[t] of dp floats: one accumulator per key (they fit in the
+// register file), reduced together at the end.
+inline void scores(const float* q, const float* const* k, int64_t dp, float* s) {
+  Vec acc[kVec];
+  for (int64_t t = 0; t < kVec; ++t) acc[t] = Vec(0.f);
   for (int64_t i = 0; i < dp; i += kVec) {
-    at::vec::fmadd(av, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+    const Vec qi = Vec::loadu(q + i);
+#pragma GCC unroll 16
+    for (int64_t t = 0; t < kVec; ++t) acc[t] = at::vec::fmadd(qi, Vec::loadu(k[t] + i), acc[t]);
+  }
+  hsum_lanes(acc).store(s);
+}
+
+// o += sum over t in [t_begin, t_end) of p[t] * v[t]: o is held in registers, four vectors at a
+// time, while the (L1-resident) value rows stream past.
+inline void accumulate(float* o, const float* p, const float* const* v, int64_t t_begin,
+                       int64_t t_end, int64_t dp) {
+  int64_t i = 0;
+  for (; i + 4 * kVec <= dp; i += 4 * kVec) {
+    Vec a0 = Vec::loadu(o + i), a1 = Vec::loadu(o + i + kVec);
+    Vec a2 = Vec::loadu(o + i + 2 * kVec), a3 = Vec::loadu(o + i + 3 * kVec);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const Vec pt(p[t]);
+      const float* x = v[t] + i;
+      a0 = at::vec::fmadd(pt, Vec::loadu(x), a0);
+      a1 = at::vec::fmadd(pt, Vec::loadu(x + kVec), a1);
+      a2 = at::vec::fmadd(pt, Vec::loadu(x + 2 * kVec), a2);
+      a3 = at::vec::fmadd(pt, Vec::loadu(x + 3 * kVec), a3);
+    }
+    a0.store(o + i);
+    a1.store(o + i + kVec);
+    a2.store(o + i + 2 * kVec);
+    a3.store(o + i + 3 * kVec);
+  }
+  for (; i < dp; i += kVec) {
+    Vec a = Vec::loadu(o + i);
+    for (int64_t t = t_begin; t < t_end; ++t) a = at::vec::fmadd(Vec(p[t]), Vec::loadu(v[t] + i), a);
+    a.store(o + i);
   }
 }
 
@@ -117,8 +167,9 @@ class AttentionWorker {
         m_(max_rows),
         l_(max_rows),
         active_(max_rows),
-        kbuf_(dp_),
-        vbuf_(dp_) {}
+        ktile_(kTile * dp_),
+        vtile_(kTile * dp_),
+        zeros_(dp_, 0.f) {}
 
   void run(const WorkItem& item) {
     const int64_t rows = item.q_count * group_ * heads_;
@@ -181,14 +232,36 @@ class AttentionWorker {
     }
   }
 
-  // Prefetches the item's rows (all its heads: adjacent in the cache) at element offset off.
-  // Issued one position at a time between computations: a burst of a whole tile's lines
-  // would fill the miss queues and stall.
-  void prefetch(const T* cache, int64_t off) const {
-    if (off < 0) return;
-    const char* row = reinterpret_cast<const char*>(cache + off);
+  // Prefetch of the next tile's K then V rows (all the item's heads: adjacent in the cache),
+  // spread over the current tile's computation in steps: a burst of a whole tile's lines fills
+  // the miss queues and stalls the core.
+  void prefetch_start(const int64_t* next, int64_t calls) {
+    pf_next_ = next;
+    pf_lane_ = pf_byte_ = 0;
+    const int64_t lines = 2 * kTile * ((heads_ * p_.head_dim * sizeof(T) + 63) / 64);
+    pf_step_ = (lines + calls - 1) / std::max<int64_t>(calls, 1);
+  }
+
+  // Prefetches the next `lines` cache lines of the cursor (K lanes, then V lanes).
+  void prefetch_step(int64_t lines) {
     const int64_t bytes = heads_ * p_.head_dim * static_cast<int64_t>(sizeof(T));
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+    int64_t lane = pf_lane_, byte = pf_byte_;
+    while (lines > 0 && lane < 2 * kTile) {
+      const int64_t off = pf_next_[lane % kTile];
+      if (off >= 0) {
+        const char* row = static_cast<const char*>(lane < kTile ? p_.k_cache : p_.v_cache) +
+                          off * static_cast<int64_t>(sizeof(T));
+        const int64_t stop = std::min(bytes, byte + lines * 64);
+        lines -= (stop - byte + 63) / 64;
+        for (; byte < stop; byte += 64) __builtin_prefetch(row + byte);
+      }
+      if (off < 0 || byte >= bytes) {
+        byte = 0;
+        ++lane;
+      }
+    }
+    pf_lane_ = lane;
+    pf_byte_ = byte;
   }
 
   // One tile: KV positions t0 + [t_begin, t_end) (row offsets from locate). Lanes of the score
@@ -199,33 +272,39 @@ class AttentionWorker {
     const auto* k_cache = static_cast<const T*>(p_.k_cache);
     const auto* v_cache = static_cast<const T*>(p_.v_cache);
     const int64_t d = p_.head_dim, head_rows = item.q_count * group_;
-    for (int64_t t = 0; t < kTile; ++t) {
-      prefetch(k_cache, next_offsets[t]);
-      if (t < t_begin || t >= t_end) continue;
-      for (int64_t h = 0; h < heads_; ++h) {
-        const float* k = row_f32(k_cache + offsets[t] + h * d, kbuf_.data(), d, dp_);
-        const float* q = q_.data() + h * head_rows * dp_;
-        float* s = s_.data() + h * head_rows * kTile + t;
-        for (int64_t r = 0; r < head_rows; ++r) s[r * kTile] = dot(q + r * dp_, k, dp_);
+    const int64_t g_begin = t_begin / kVec * kVec;
+    const int64_t groups = (t_end - g_begin + kVec - 1) / kVec;
+    prefetch_start(next_offsets, heads_ * head_rows * (groups + 1));
+    for (int64_t h = 0; h < heads_; ++h) {
+      const float* q = q_.data() + h * head_rows * dp_;
+      float* s = s_.data() + h * head_rows * kTile;
+      for (int64_t t = 0; t < kTile; ++t) {
+        krows_[t] = t < t_begin || t >= t_end ? zeros_.data()  // lane masked later
+                    : row_f32(k_cache + offsets[t] + h * d, ktile_.data() + t * dp_, d, dp_);
+      }
+      for (int64_t g = g_begin; g < t_end; g += kVec) {
+        for (int64_t r = 0; r < head_rows; ++r) {
+          scores(q + r * dp_, krows_ + g, dp_, s + r * kTile + g);
+          prefetch_step(pf_step_);
+        }
       }
     }
     for (int64_t r = 0; r < head_rows * heads_; ++r) {
       active_[r] = softmax_step(r, first_pos + token_of(r, item) - t0, head_of(r, item),
                                 t0, t_begin, t_end);
     }
-    for (int64_t t = 0; t < kTile; ++t) {
-      prefetch(v_cache, next_offsets[t]);
-      if (t < t_begin || t >= t_end) continue;
-      for (int64_t h = 0; h < heads_; ++h) {
-        const float* v = row_f32(v_cache + offsets[t] + h * d, vbuf_.data(), d, dp_);
-        float* o = o_.data() + h * head_rows * dp_;
-        const float* p = s_.data() + h * head_rows * kTile + t;
-        const char* active = active_.data() + h * head_rows;
-        for (int64_t r = 0; r < head_rows; ++r) {
-          if (active[r]) axpy(o + r * dp_, p[r * kTile], v, dp_);
+    for (int64_t h = 0; h < heads_; ++h) {
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        vrows_[t] = row_f32(v_cache + offsets[t] + h * d, vtile_.data() + t * dp_, d, dp_);
+      }
+      for (int64_t r = h * head_rows; r < (h + 1) * head_rows; ++r) {
+        if (active_[r]) {
+          accumulate(o_.data() + r * dp_, s_.data() + r * kTile, vrows_, t_begin, t_end, dp_);
         }
+        prefetch_step(pf_step_);
       }
     }
+    prefetch_step(std::numeric_limits<int64_t>::max());
   }
 
   // Turns row r's scores of the tile into probabilities (in place) and rescales its running
@@ -293,7 +372,14 @@ class AttentionWorker {
   std::vector<float> s_;      // [rows, kTile]: scores, then probabilities
   std::vector<float> m_, l_;  // [rows]: running max and sum of exp
   std::vector<char> active_;  // [rows]: the row sees a key of the current tile
-  std::vector<float> kbuf_, vbuf_;
+  std::vector<float> ktile_, vtile_;  // [kTile, dp]: K / V rows converted to float32
+  std::vector<float> zeros_;          // [dp]: stands in for the keys of masked lanes
+  const float* krows_[kTile];         // the tile's K / V rows as float32
+  const float* vrows_[kTile];
+  // Prefetch cursor: the next tile's row offsets, the next lane (K lanes, then V lanes) and
+  // byte within its row, and the lines to prefetch per step.
+  const int64_t* pf_next_ = nullptr;
+  int64_t pf_lane_ = 0, pf_byte_ = 0, pf_step_ = 0;
   int64_t offsets_[2][kTile];  // row offsets of the current / next tile's positions
 };
 

@@ -1,0 +1,214 @@
+"""Paged decode attention: fastdecode backends against torch SDPA, as a fraction of memory
+bandwidth.
+
+    PYTHONPATH=. python benchmarks/bench_attention.py --device cpu
+    PYTHONPATH=. python benchmarks/bench_attention.py --device cuda --backends triton,cuda
+
+Decode attention is memory bound: each step reads every sequence's K and V once. Reported per
+method: median ms, achieved GB/s (K + V bytes a decode step must read / time) and that as a
+fraction of the read bandwidth measured in the same run (a large tensor sum).
+
+Baselines, measured in the same run on the same keys and values:
+- ``sdpa contiguous``: torch SDPA with the KV stored contiguously ([B, Hkv, L, D], no paging),
+  the layout a paged kernel gives up. Two GQA formulations are timed and the faster is the
+  baseline: ``enable_gqa=True``, and the G query heads of a group passed as G query rows over
+  the group's KV (exact for decode, where no mask applies). Repeating the KV per query head
+  would read G times the bytes, so it is not a fair baseline.
+- ``gather + sdpa``: gather the pages into contiguous tensors, then SDPA: what transformers does
+  with a paged cache on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+import fastdecode.ops as ops
+from common import Report, measure_read_bandwidth, time_ms
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Config:
+    batch: int
+    kv_len: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    device: str
+
+    def kv_bytes(self) -> int:
+        """Bytes of K and V one decode step reads."""
+        elem = torch.finfo(self.dtype).bits // 8
+        return 2 * self.batch * self.kv_len * self.num_kv_heads * self.head_dim * elem
+
+
+class Problem:
+    """A decode step: query [B, Hq, D] over a paged cache [N, P, Hkv, D] whose blocks are
+    handed out in shuffled order, plus the same KV contiguous [B, Hkv, L, D]."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        b, n, p = cfg.batch, cfg.kv_len, cfg.block_size
+        m = -(-n // p)
+        shape = (b * m, p, cfg.num_kv_heads, cfg.head_dim)
+        kw = dict(dtype=cfg.dtype, device=cfg.device)
+        self.k_cache, self.v_cache = torch.randn(shape, **kw), torch.randn(shape, **kw)
+        self.block_tables = torch.randperm(b * m, device=cfg.device).view(b, m).int()
+        self.seq_lens = torch.full((b,), n, dtype=torch.int32, device=cfg.device)
+        self.query = torch.randn(b, cfg.num_qo_heads, cfg.head_dim, **kw)
+        self.out = torch.empty_like(self.query)
+        self.k, self.v = self.gather()
+
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequences' KV as contiguous [B, Hkv, L, D] tensors."""
+        c = self.cfg
+        idx = self.block_tables.long()
+        return tuple(cache[idx].view(c.batch, -1, c.num_kv_heads, c.head_dim)[:, : c.kv_len]
+                     .transpose(1, 2).contiguous() for cache in (self.k_cache, self.v_cache))
+
+    def fastdecode(self, backend: str):
+        return lambda: ops.paged_attention(self.query, self.k_cache, self.v_cache,
+                                           self.block_tables, self.seq_lens, out=self.out,
+                                           backend=backend)
+
+    def sdpa_gqa(self):
+        q = self.query.unsqueeze(2)  # [B, Hq, 1, D]
+        return lambda: F.scaled_dot_product_attention(q, self.k, self.v, enable_gqa=True)
+
+    def sdpa_grouped(self):
+        c = self.cfg
+        q = self.query.view(c.batch, c.num_kv_heads, -1, c.head_dim)  # [B, Hkv, G, D]
+        return lambda: F.scaled_dot_product_attention(q, self.k, self.v)
+
+    def gather_sdpa(self):
+        q = self.query.unsqueeze(2)
+        def run():
+            k, v = self.gather()
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return run
+
+    def check(self, backend: str) -> None:
+        """The benchmarked kernel must agree with SDPA before its time means anything."""
+        got = self.fastdecode(backend)().float()
+        want = self.sdpa_gqa()().squeeze(2).float()
+        tol = 1e-4 if self.cfg.dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def measure(problem: Problem, backends: list[str], repeat: int) -> dict[str, float]:
+    """Median ms per method."""
+    dev = problem.cfg.device
+    ms = {}
+    for name in backends:
+        problem.check(name)
+        ms[f"fastdecode {name}"] = time_ms(problem.fastdecode(name), device=dev, repeat=repeat)
+    gqa = time_ms(problem.sdpa_gqa(), device=dev, repeat=repeat)
+    grouped = time_ms(problem.sdpa_grouped(), device=dev, repeat=repeat)
+    ms["sdpa contiguous (enable_gqa)"] = gqa
+    ms["sdpa contiguous (grouped q)"] = grouped
+    ms["gather + sdpa"] = time_ms(problem.gather_sdpa(), device=dev, repeat=repeat)
+    return ms
+
+
+def rows_for(cfg: Config, ms: dict[str, float], bandwidth: float) -> list[dict]:
+    baseline = min(v for k, v in ms.items() if k.startswith("sdpa contiguous"))
+    rows = []
+    for method, t in ms.items():
+        gbps = cfg.kv_bytes() / (t * 1e-3) / 1e9
+        rows.append({"kv_len": cfg.kv_len, "method": method, "ms": t, "GB/s": gbps,
+                     "% of read BW": 100 * gbps / bandwidth, "speedup vs sdpa": baseline / t})
+    return rows
+
+
+def default_config(args) -> Config:
+    cpu = args.device == "cpu"
+    pick = lambda value, cpu_default, cuda_default: value or (cpu_default if cpu else cuda_default)
+    return Config(batch=pick(args.batch, 64, 64), kv_len=pick(args.kv_len, 2048, 4096),
+                  num_qo_heads=pick(args.num_qo_heads, 9, 32),
+                  num_kv_heads=pick(args.num_kv_heads, 3, 8),
+                  head_dim=pick(args.head_dim, 64, 128), block_size=args.block_size,
+                  dtype=DTYPES[pick(args.dtype, "fp32", "bf16")], device=args.device)
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="default fp32 (cpu) / bf16 (cuda)")
+    ap.add_argument("--backends", help="comma-separated fastdecode backends "
+                    "(default: cpu on cpu; cuda and triton, where available, on cuda)")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--kv-len", type=int)
+    ap.add_argument("--num-qo-heads", type=int)
+    ap.add_argument("--num-kv-heads", type=int)
+    ap.add_argument("--head-dim", type=int)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--sweep", default="256,512,1024,2048,4096",
+                    help="KV lengths for the sweep table and plot ('' to skip)")
+    ap.add_argument("--threads", default=None,
+                    help="cpu: comma-separated thread counts for the scaling table "
+                         "(default: 1 and torch's current count)")
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = default_config(args)
+    if args.backends:
+        backends = args.backends.split(",")
+    elif args.device == "cpu":
+        backends = ["cpu"]
+    else:
+        backends = [b for b in ("cuda", "triton") if ops.is_available(b)]
+    report = Report("attention", args.device)
+    bandwidth = measure_read_bandwidth(args.device)
+    report.add_note(
+        f"Config: batch {cfg.batch}, KV length {cfg.kv_len}, Hq {cfg.num_qo_heads}, "
+        f"Hkv {cfg.num_kv_heads}, head_dim {cfg.head_dim}, block {cfg.block_size}, "
+        f"{cfg.dtype}; K + V read per step: {cfg.kv_bytes() / 1e6:.1f} MB. Measured read "
+        f"bandwidth (sum of a 512 MiB float32 tensor): {bandwidth:.1f} GB/s.")
+    report.add_note(__doc__.split("\n\n", 3)[3])
+
+    problem = Problem(cfg)
+    rows = rows_for(cfg, measure(problem, backends, args.repeat), bandwidth)
+    report.add_table("Default config", rows,
+                     ["method", "ms", "GB/s", "% of read BW", "speedup vs sdpa"])
+
+    if args.device == "cpu" and "cpu" in backends:
+        counts = ([int(t) for t in args.threads.split(",")] if args.threads
+                  else sorted({1, torch.get_num_threads()}))
+        full = torch.get_num_threads()
+        scaling = []
+        for n in counts:
+            torch.set_num_threads(n)
+            t = time_ms(problem.fastdecode("cpu"), repeat=args.repeat)
+            scaling.append({"threads": n, "ms": t,
+                            "GB/s": cfg.kv_bytes() / (t * 1e-3) / 1e9})
+        torch.set_num_threads(full)
+        report.add_table("CPU kernel thread scaling (torch.set_num_threads)", scaling)
+    del problem
+
+    if args.sweep:
+        sweep = []
+        for n in (int(x) for x in args.sweep.split(",")):
+            c = replace(cfg, kv_len=n)
+            sweep += rows_for(c, measure(Problem(c), backends, args.repeat), bandwidth)
+        report.add_table("KV length sweep", sweep,
+                         ["kv_len", "method", "ms", "GB/s", "% of read BW", "speedup vs sdpa"])
+        report.add_plot("time per decode step", sweep, x="kv_len", y="ms", series="method")
+        report.add_plot("achieved bandwidth", sweep, x="kv_len", y="GB/s", series="method")
+    if not args.no_write:
+        for path in report.write():
+            print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

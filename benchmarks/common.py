@@ -1,0 +1,193 @@
+"""Shared benchmark helpers: timing, memory bandwidth, and result files.
+
+Typical use::
+
+    from common import Report, measure_read_bandwidth, time_ms
+
+    ms = time_ms(lambda: op(x), device="cpu")             # median of timed runs, after warmup
+    bw = measure_read_bandwidth("cpu")                    # GB/s of a large streaming read
+    report = Report("attention", device="cpu")            # -> benchmarks/results/attention_cpu.*
+    report.add_table("Default config", rows)               # rows: list of dicts, one per line
+    report.add_plot("KV sweep", rows, x="kv_len", y="ms", series="method")
+    report.add_note("what the baseline is, and why")
+    report.write()                                         # .md (+ machine, versions, command),
+                                                           # one .csv per table, one .png
+
+Machines are shared and noisy: compare against baselines measured in the same run, and prefer
+the median (``time_ms``) over the mean.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 3,
+            repeat: int = 15, min_time_s: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` calls; runs ``repeat``
+    times, or more until ``min_time_s`` has passed. CUDA work is synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure_read_bandwidth(device: str = "cpu", nbytes: int = 1 << 29) -> float:
+    """Achievable memory read bandwidth in GB/s: the median time of ``sum()`` over a float32
+    tensor of ``nbytes`` (far larger than the caches), with torch's current thread count."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    ms = time_ms(lambda: x.sum(), device=device, warmup=2, repeat=10)
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def _cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        match = re.search(r"model name\s*:\s*(.+)", text)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict[str, str]:
+    """The machine and library versions a result was measured with."""
+    info = {
+        "cpu": f"{_cpu_name()}, {os.cpu_count()} logical cores, "
+               f"torch threads {torch.get_num_threads()}",
+        "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = str(torch.version.cuda)
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def markdown_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
+    """Rows (dicts) as a GitHub markdown table; floats get 4 significant digits."""
+    columns = columns or list(rows[0])
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class _Plot:
+    title: str
+    rows: list[dict]
+    x: str
+    y: str
+    series: str
+    logx: bool
+
+
+@dataclass
+class Report:
+    """Collects tables, plots and notes; ``write`` saves them under benchmarks/results/ as
+    ``{name}_{device}.md``, ``{name}_{device}[_{table}].csv`` and ``{name}_{device}.png``."""
+
+    name: str
+    device: str
+    _sections: list[tuple[str, object]] = field(default_factory=list)
+    _plots: list[_Plot] = field(default_factory=list)
+
+    def add_table(self, title: str, rows: list[dict], columns: Optional[list[str]] = None):
+        self._sections.append(("table", (title, rows, columns or list(rows[0]))))
+        print(f"\n## {title}\n{markdown_table(rows, columns)}", flush=True)
+
+    def add_note(self, text: str) -> None:
+        self._sections.append(("note", text))
+
+    def add_plot(self, title: str, rows: list[dict], *, x: str, y: str, series: str,
+                 logx: bool = True) -> None:
+        """One line per distinct ``row[series]``: ``row[y]`` against ``row[x]``."""
+        self._plots.append(_Plot(title, rows, x, y, series, logx))
+
+    def write(self, out_dir: Path = RESULTS_DIR) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{self.name}_{self.device.split(':')[0]}"
+        command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)
+        md = [f"# {self.name} benchmark ({self.device})", "",
+              f"Command: `{command}`", "",
+              *[f"- {k}: {v}" for k, v in machine_info(self.device).items()], ""]
+        paths = []
+        tables = [s for s in self._sections if s[0] == "table"]
+        for kind, body in self._sections:
+            if kind == "note":
+                md += [body, ""]
+                continue
+            title, rows, columns = body
+            md += [f"## {title}", "", markdown_table(rows, columns), ""]
+            slug = "" if len(tables) == 1 else "_" + re.sub(r"\W+", "_", title.lower()).strip("_")
+            path = out_dir / f"{stem}{slug}.csv"
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+            paths.append(path)
+        if self._plots:
+            paths.append(self._write_plot(out_dir / f"{stem}.png"))
+            md += [f"![{self.name}]({stem}.png)", ""]
+        md_path = out_dir / f"{stem}.md"
+        md_path.write_text("\n".join(md))
+        return [md_path] + paths
+
+    def _write_plot(self, path: Path) -> Path:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(self._plots), figsize=(6 * len(self._plots), 4.2),
+                                 squeeze=False)
+        for ax, plot in zip(axes[0], self._plots):
+            for label in dict.fromkeys(r[plot.series] for r in plot.rows):
+                pts = [(r[plot.x], r[plot.y]) for r in plot.rows if r[plot.series] == label]
+                ax.plot(*zip(*pts), marker="o", label=str(label))
+            ax.set_title(plot.title)
+            ax.set_xlabel(plot.x)
+            ax.set_ylabel(plot.y)
+            if plot.logx:
+                ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{self.name} ({self.device})")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
