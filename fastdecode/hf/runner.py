@@ -11,7 +11,8 @@ Interface shared with the Engine (keep it stable)::
         # returns [B, V] float32: the logits of each sequence's last new token.
 
 The model object is left as it was: the ``"fastdecode"`` attention implementation is switched on
-only for the duration of a call (restored on exit, also on error) and the weights are not touched.
+only for the duration of a call or of a ``with runner.session():`` block (restored on exit, also
+on error) and the weights are not touched.
 """
 
 from __future__ import annotations
@@ -95,19 +96,30 @@ class PagedRunner:
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(
             model.forward).parameters
         self._verified = False
+        self._active = False
         if fast_linears is None:
             fast_linears = transform.worth_it(model)
         self._layout = transform.LinearLayout(model) if fast_linears else None
 
     @contextmanager
-    def attention(self) -> Iterator[None]:
-        """Switch the model's attention to ``"fastdecode"`` for the block; always restored."""
+    def session(self) -> Iterator[None]:
+        """Switch the model to the ``"fastdecode"`` attention (and the fast linears) for the block.
+
+        ``forward`` enters it per call; a decoding loop enters it once around all its steps so
+        that the switch is not paid per step. Always restored on exit, also on error.
+        """
+        if self._active:
+            yield
+            return
         saved = [c._attn_implementation_internal for c in self._configs]
         try:
             for c in self._configs:
                 c._attn_implementation_internal = _attention.ATTN_NAME
-            yield
+            with self._layout.active() if self._layout else nullcontext():
+                self._active = True
+                yield
         finally:
+            self._active = False
             for c, name in zip(self._configs, saved):
                 c._attn_implementation_internal = name
 
@@ -120,7 +132,7 @@ class PagedRunner:
         if self._takes_logits_to_keep and not keep_all:
             extra["logits_to_keep"] = ctx.logits_indices
         self._kv.calls = 0
-        with self.attention(), (self._layout.active() if self._layout else nullcontext()):
+        with self.session():
             out = self.model(input_ids=input_ids[None], position_ids=positions[None],
                              use_cache=False, fastdecode_ctx=ctx, fastdecode_kv=self._kv, **extra)
         if not self._verified:
