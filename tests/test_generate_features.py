@@ -164,7 +164,7 @@ def test_fallback_warns_once_naming_the_option(llama, batch):
 BAD = [dict(do_sample=True, temperature=0.0), dict(do_sample=True, temperature=-1.0),
        dict(do_sample=True, top_k=-3), dict(num_return_sequences=2),
        dict(repetition_penalty=0.0), dict(do_sample=True, min_p=2.0), dict(max_length=3),
-       dict(foo_bar=3)]
+       dict(foo_bar=3), dict(do_sample=True, temperature=2), dict(repetition_penalty=2)]
 
 
 @pytest.mark.parametrize("kwargs", BAD, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))

@@ -137,9 +137,10 @@ def _loop(stepper, selector, criteria, opts, streamer, input_ids, attention_mask
                       opts.pad if opts.pad is not None else 0, dtype=torch.long, device=device)
     seqs[:, :cur] = input_ids
     seen = None
-    if opts.repetition_penalty != 1.0:  # the penalty's id set: prompt without padding + new
-        seen = torch.full_like(seqs, -1)
-        seen[:, :cur] = torch.where(attention_mask.bool(), input_ids, -1)
+    if opts.repetition_penalty != 1.0:  # the penalty's id set: prompt (+ padding?) + new tokens
+        seen = seqs.clone()
+        if _options.penalty_skips_padding():
+            seen[:, :cur] = torch.where(attention_mask.bool(), input_ids, -1)
     eos = torch.tensor(opts.eos, device=device) if opts.eos else None
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     scores_out, logits_out = [], []
