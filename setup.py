@@ -38,7 +38,7 @@ def _extension():
     archs = os.environ.get("FASTDECODE_CUDA_ARCHS", "80;90a").split(";")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.c[up]*"))
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode]
+    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", *gencode]
     return CUDAExtension("fastdecode._C", sources + cuda_sources,
                          extra_compile_args={"cxx": cxx + ["-DFASTDECODE_WITH_CUDA"],
                                              "nvcc": nvcc + ["-DFASTDECODE_WITH_CUDA"]},

@@ -68,6 +68,9 @@ def load(args: argparse.Namespace):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda"
                                                    else torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the terminal for the generated text
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,7 +98,7 @@ def _complete(model, tokenizer, text: str, args: argparse.Namespace) -> str:
     from transformers import TextStreamer
 
     enc = tokenizer(text, return_tensors="pt").to(model.device)
-    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True)
+    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = fastdecode.generate(model, **enc, streamer=streamer, **_gen_kwargs(args, tokenizer))
     reply = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     if args.no_stream:

@@ -1,0 +1,365 @@
+// Paged decode attention (one query token per sequence) with split-KV.
+//
+// Work split: one CTA per (sequence, KV head, group chunk, partition). The query heads that share
+// a KV head (up to kMaxGroupHeads of them) sit in one CTA, so each KV byte is read from HBM once
+// per group (GQA packing). A partition is a fixed kPartitionTokens of KV positions, never sized
+// from the batch, so a sequence's result does not depend on its batchmates. Sequences longer than
+// one partition write (normalised partial output, log-sum-exp) pairs to the workspace and a merge
+// kernel combines them; a one-partition sequence writes `out` directly.
+//
+// Inside a CTA, KV tiles of kTile tokens stream through shared memory with cp.async double
+// buffering (16-byte copies); scores, online softmax and P.V run on the tile in float32.
+#pragma once
+
+#include <cuda_pipeline.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common.cuh"
+#include "dispatch.cuh"
+
+namespace fastdecode::kernels {
+
+struct PagedDecodeParams {
+  void* out;                    // [B, Hq, D] query dtype, strides below, 16-byte aligned rows
+  const void* query;            // [B, Hq, D] query dtype, strides below, innermost stride 1
+  const void* k_cache;          // [N, P, Hkv, D], kv strides below, innermost stride 1
+  const void* v_cache;          // [N, P, Hkv, D], same strides as k_cache
+  const int32_t* block_tables;  // [B, M], row stride block_tables_stride
+  const int32_t* seq_lens;      // [B] KV length including the query token; 0 -> zeros
+  const float* alibi_slopes;    // [Hq] or nullptr; bias slope * (j - i)
+  float* partial_out;           // [B, Hq, max_partitions, D] workspace; unused if 1 partition
+  float* partial_lse;           // [B, Hq, max_partitions] workspace; unused if 1 partition
+  int64_t q_stride_seq;         // elements between sequences of `query`
+  int64_t q_stride_head;        // elements between heads of `query`
+  int64_t o_stride_seq;         // elements between sequences of `out`
+  int64_t o_stride_head;        // elements between heads of `out`
+  int64_t kv_stride_block;      // elements between blocks of k_cache / v_cache
+  int64_t kv_stride_token;      // elements between tokens of a block
+  int64_t kv_stride_head;       // elements between heads of a token
+  int64_t block_tables_stride;  // elements between rows of block_tables
+  int num_seqs;                 // B
+  int num_qo_heads;             // Hq
+  int num_kv_heads;             // Hkv (Hq % Hkv == 0)
+  int head_dim;                 // D, one of FASTDECODE_CUDA_HEAD_DIMS
+  int block_size;               // P
+  int max_blocks_per_seq;       // M; KV lengths are clamped to M * P so reads stay in the table
+  float scale;                  // logits multiplier (usually D ** -0.5)
+  float softcap;                // logits = softcap * tanh(logits / softcap); 0 = off
+  int sliding_window;           // w: the query at position i sees i - w < j <= i; 0 = off
+  DType dtype;                  // dtype of query / out / caches
+};
+
+// KV tokens per split-KV partition. Fixed, so partitions never depend on the batch.
+constexpr int kPartitionTokens = 256;
+// Query heads of one KV group handled by one CTA; larger groups use several CTAs.
+constexpr int kMaxGroupHeads = 8;
+
+// Partitions the longest possible sequence (M * P tokens) needs: the grid's x extent and the
+// workspace's partition dimension.
+inline int paged_decode_max_partitions(int64_t max_blocks_per_seq, int64_t block_size) {
+  const int64_t tokens = max_blocks_per_seq * block_size;
+  return static_cast<int>((tokens + kPartitionTokens - 1) / kPartitionTokens);
+}
+
+// float32 elements of workspace a call needs: partial_out then partial_lse. 0 when every
+// sequence fits in one partition (then the kernel writes `out` directly and no merge runs).
+inline int64_t paged_decode_workspace_floats(int64_t num_seqs, int64_t num_qo_heads,
+                                             int64_t head_dim, int max_partitions) {
+  if (max_partitions <= 1) return 0;
+  return num_seqs * num_qo_heads * max_partitions * (head_dim + 1);
+}
+
+namespace detail {
+
+constexpr int kAttnThreads = 128;
+constexpr int kAttnWarps = kAttnThreads / kWarpSize;
+constexpr int kDotLanes = 4;  // lanes sharing one q.k dot product (shuffle-reduced)
+constexpr int kMergeThreads = 128;
+
+// Tokens per KV tile: a power of two in [8, 32] with ~8 KiB per tile of K (and of V).
+template <typename T, int D>
+constexpr int kv_tile_tokens() {
+  int tile = 32;
+  while (tile > 8 && tile * D * static_cast<int>(sizeof(T)) > 8192) tile /= 2;
+  return tile;
+}
+
+__device__ __forceinline__ int clamped_seq_len(const PagedDecodeParams& p, int seq) {
+  const int64_t limit = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
+  const int64_t len = p.seq_lens[seq];
+  return static_cast<int>(len < 0 ? 0 : (len > limit ? limit : len));
+}
+
+template <typename T, int D>
+struct DecodeTraits {
+  static constexpr int kVec = kVecElems<T>;
+  static constexpr int kChunks = D / kVec;        // 16-byte vectors per head row
+  static constexpr int kRowStride = kChunks + 1;  // +1 vector: conflict-free column reads
+  static constexpr int kTile = kv_tile_tokens<T, D>();
+  static constexpr int kQStride = D + 4;          // floats; padded like the KV rows
+  static constexpr int kAccPerThread = ceil_div(kMaxGroupHeads * kChunks, kAttnThreads);
+  static_assert(D % kVec == 0, "head_dim must be a multiple of the 16-byte vector");
+  static_assert(kTile <= kWarpSize, "softmax maps one tile position per lane");
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeParams p) {
+  using Tr = DecodeTraits<T, D>;
+  constexpr int kVec = Tr::kVec, kChunks = Tr::kChunks, kTile = Tr::kTile;
+  __shared__ uint4 kv_smem[2][2][kTile][Tr::kRowStride];  // [stage][K / V][token][vector]
+  __shared__ __align__(16) float q_smem[kMaxGroupHeads][Tr::kQStride];
+  __shared__ float s_smem[kMaxGroupHeads][kTile];  // scores, then probabilities
+  __shared__ float m_smem[kMaxGroupHeads], l_smem[kMaxGroupHeads], alpha_smem[kMaxGroupHeads];
+
+  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int seq = blockIdx.z, part = blockIdx.x;
+  const int group = p.num_qo_heads / p.num_kv_heads;
+  const int chunks_per_kv = ceil_div(group, kMaxGroupHeads);
+  const int kv_head = blockIdx.y / chunks_per_kv;
+  const int first = (blockIdx.y % chunks_per_kv) * kMaxGroupHeads;  // within the group
+  const int nh = min(kMaxGroupHeads, group - first);
+  const int h0 = kv_head * group + first;  // first query head of this CTA
+
+  const int seq_len = clamped_seq_len(p, seq);
+  const int num_parts = ceil_div(seq_len, kPartitionTokens);
+  if (part >= max(num_parts, 1)) return;
+  T* out = static_cast<T*>(p.out) + seq * p.o_stride_seq;
+  if (seq_len == 0) {  // CUDA-graph padding rows: zeros, never NaN
+    for (int i = tid; i < nh * D; i += kAttnThreads) {
+      out[(h0 + i / D) * p.o_stride_head + i % D] = from_float<T>(0.f);
+    }
+    return;
+  }
+  const bool direct = num_parts == 1;
+  int lo = part * kPartitionTokens;
+  const int hi = min(lo + kPartitionTokens, seq_len);
+  if (p.sliding_window > 0) lo = max(lo, seq_len - p.sliding_window);
+  const int num_tiles = lo < hi ? ceil_div(hi - lo, kTile) : 0;
+
+  const T* query = static_cast<const T*>(p.query) + seq * p.q_stride_seq;
+  for (int i = tid; i < nh * D; i += kAttnThreads) {
+    q_smem[i / D][i % D] = to_float(query[(h0 + i / D) * p.q_stride_head + i % D]);
+  }
+  if (tid < kMaxGroupHeads) {
+    m_smem[tid] = -INFINITY;
+    l_smem[tid] = 0.f;
+  }
+
+  const int32_t* block_table = p.block_tables + seq * p.block_tables_stride;
+  const T* k_base = static_cast<const T*>(p.k_cache) + kv_head * p.kv_stride_head;
+  const T* v_base = static_cast<const T*>(p.v_cache) + kv_head * p.kv_stride_head;
+  auto load_tile = [&](int tile, int stage) {
+    const int t0 = lo + tile * kTile;
+    for (int c = tid; c < kTile * kChunks; c += kAttnThreads) {
+      const int t = c / kChunks, v = c % kChunks, j = t0 + t;
+      if (j < hi) {  // 16-byte cp.async, completed by __pipeline_wait_prior
+        const int64_t block = block_table[j / p.block_size];
+        const int64_t at = block * p.kv_stride_block + (j % p.block_size) * p.kv_stride_token +
+                           v * kVec;
+        __pipeline_memcpy_async(&kv_smem[stage][0][t][v], k_base + at, sizeof(uint4));
+        __pipeline_memcpy_async(&kv_smem[stage][1][t][v], v_base + at, sizeof(uint4));
+      } else {  // past the end: zeros, so that 0 * V never meets stale non-finite values
+        kv_smem[stage][0][t][v] = make_uint4(0, 0, 0, 0);
+        kv_smem[stage][1][t][v] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+
+  // P.V work split: (head, vector) pairs; when there are fewer pairs than threads (small groups),
+  // `slices` threads share a pair, each taking every slices-th token of a tile.
+  const int npairs = nh * kChunks;
+  const int slices = max(1, kAttnThreads / npairs);
+  int acc_head[Tr::kAccPerThread], acc_vec[Tr::kAccPerThread], acc_slice[Tr::kAccPerThread];
+  float acc[Tr::kAccPerThread][kVec];
+#pragma unroll
+  for (int k = 0; k < Tr::kAccPerThread; ++k) {
+    const int u = tid + k * kAttnThreads;
+    acc_slice[k] = u / npairs;  // >= slices: this accumulator is idle
+    acc_head[k] = (u % npairs) / kChunks;
+    acc_vec[k] = (u % npairs) % kChunks;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) acc[k][i] = 0.f;
+  }
+
+  const unsigned dot_mask = 0xfu << (lane & ~(kDotLanes - 1));
+  const float slope_pos = static_cast<float>(seq_len - 1);  // the query's position i
+
+  if (num_tiles > 0) load_tile(0, 0);
+  __pipeline_commit();
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = tile & 1, t0 = lo + tile * kTile;
+    if (tile + 1 < num_tiles) load_tile(tile + 1, stage ^ 1);
+    __pipeline_commit();
+    __pipeline_wait_prior(1);  // this tile's copies are done; the next tile's may be in flight
+    __syncthreads();
+
+    // Scores: kDotLanes lanes per (head, token) dot product.
+    for (int dot = tid / kDotLanes; dot < nh * kTile; dot += kAttnThreads / kDotLanes) {
+      const int h = dot / kTile, t = dot % kTile;
+      float s = 0.f;
+      for (int v = tid % kDotLanes; v < kChunks; v += kDotLanes) {
+        float k[kVec];
+        unpack16<T>(kv_smem[stage][0][t][v], k);
+        const float* q = &q_smem[h][v * kVec];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) s = fmaf(q[i], k[i], s);
+      }
+      s += __shfl_xor_sync(dot_mask, s, 1);
+      s += __shfl_xor_sync(dot_mask, s, 2);
+      if (tid % kDotLanes == 0) {
+        s *= p.scale;
+        if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);  // before any masking
+        if (p.alibi_slopes != nullptr) {
+          s += p.alibi_slopes[h0 + h] * (static_cast<float>(t0 + t) - slope_pos);
+        }
+        s_smem[h][t] = t0 + t < hi ? s : -INFINITY;
+      }
+    }
+    __syncthreads();
+
+    // Online softmax, one warp per head, one lane per tile position.
+    for (int h = warp; h < nh; h += kAttnWarps) {
+      const float s = lane < kTile ? s_smem[h][lane] : -INFINITY;
+      const float m_old = m_smem[h];
+      const float m_new = fmaxf(m_old, warp_max(s));
+      // Every position masked so far: keep the state (avoids exp(-inf - -inf) = NaN).
+      const float prob = m_new == -INFINITY ? 0.f : expf(s - m_new);
+      const float alpha = m_new == -INFINITY ? 1.f : expf(m_old - m_new);
+      const float tile_sum = warp_sum(prob);
+      if (lane < kTile) s_smem[h][lane] = prob;
+      if (lane == 0) {
+        m_smem[h] = m_new;
+        l_smem[h] = l_smem[h] * alpha + tile_sum;
+        alpha_smem[h] = alpha;
+      }
+    }
+    __syncthreads();
+
+    // acc = acc * alpha + P.V
+#pragma unroll
+    for (int k = 0; k < Tr::kAccPerThread; ++k) {
+      if (acc_slice[k] >= slices) continue;
+      const float alpha = alpha_smem[acc_head[k]];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[k][i] *= alpha;
+      for (int t = acc_slice[k]; t < kTile; t += slices) {
+        const float prob = s_smem[acc_head[k]][t];
+        float v[kVec];
+        unpack16<T>(kv_smem[stage][1][t][acc_vec[k]], v);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[k][i] = fmaf(prob, v[i], acc[k][i]);
+      }
+    }
+    __syncthreads();  // the next iteration's copies overwrite this stage
+  }
+  __syncthreads();  // m / l are read across threads below, also when there was no tile
+
+  // Sum the token slices (fixed order: deterministic). The KV tiles are free now.
+  float* reduce = reinterpret_cast<float*>(&kv_smem[0][0][0][0]);  // [kAttnThreads][kVec]
+  if (slices > 1) {
+    if (acc_slice[0] < slices) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) reduce[tid * kVec + i] = acc[0][i];
+    }
+    __syncthreads();
+    if (acc_slice[0] == 0) {
+      for (int s = 1; s < slices; ++s) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[0][i] += reduce[(tid + s * npairs) * kVec + i];
+      }
+    }
+  }
+
+#pragma unroll
+  for (int k = 0; k < Tr::kAccPerThread; ++k) {
+    if (acc_slice[k] != 0) continue;
+    const int h = acc_head[k], v = acc_vec[k];
+    const float l = l_smem[h];
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float o[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) o[i] = acc[k][i] * inv;
+    if (direct) {
+      *reinterpret_cast<uint4*>(out + (h0 + h) * p.o_stride_head + v * kVec) = pack16<T>(o);
+    } else {
+      float* po = p.partial_out +
+                  ((static_cast<int64_t>(seq) * p.num_qo_heads + h0 + h) * gridDim.x + part) * D +
+                  v * kVec;
+#pragma unroll
+      for (int i = 0; i < kVec; i += 4) {
+        *reinterpret_cast<float4*>(po + i) = make_float4(o[i], o[i + 1], o[i + 2], o[i + 3]);
+      }
+    }
+  }
+  if (!direct && tid < nh) {
+    const float l = l_smem[tid];
+    p.partial_lse[(static_cast<int64_t>(seq) * p.num_qo_heads + h0 + tid) * gridDim.x + part] =
+        l > 0.f ? m_smem[tid] + logf(l) : -INFINITY;
+  }
+}
+
+// One CTA per (head, sequence) of a multi-partition sequence: out = sum_i w_i o_i / sum_i w_i
+// with w_i = exp(lse_i - max lse), in a fixed partition order.
+template <typename T>
+__global__ void __launch_bounds__(kMergeThreads)
+    paged_decode_merge_kernel(PagedDecodeParams p, int max_partitions) {
+  const int head = blockIdx.x, seq = blockIdx.y;
+  const int num_parts = ceil_div(clamped_seq_len(p, seq), kPartitionTokens);
+  if (num_parts <= 1) return;  // written directly by the main kernel
+  const int64_t row = static_cast<int64_t>(seq) * p.num_qo_heads + head;
+  const float* lse = p.partial_lse + row * max_partitions;
+  const float* po = p.partial_out + row * max_partitions * p.head_dim;
+  T* out = static_cast<T*>(p.out) + seq * p.o_stride_seq + head * p.o_stride_head;
+  float m = -INFINITY;
+  for (int i = 0; i < num_parts; ++i) m = fmaxf(m, lse[i]);
+  for (int d = threadIdx.x; d < p.head_dim; d += kMergeThreads) {
+    float num = 0.f, den = 0.f;
+    if (m != -INFINITY) {
+      for (int i = 0; i < num_parts; ++i) {
+        const float w = expf(lse[i] - m);
+        num = fmaf(w, po[static_cast<int64_t>(i) * p.head_dim + d], num);
+        den += w;
+      }
+    }
+    out[d] = from_float<T>(den > 0.f ? num / den : 0.f);
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_paged_decode(const PagedDecodeParams& p, cudaStream_t stream) {
+  const int max_parts = paged_decode_max_partitions(p.max_blocks_per_seq, p.block_size);
+  const int group = p.num_qo_heads / p.num_kv_heads;
+  const dim3 grid(static_cast<unsigned>(std::max(max_parts, 1)),
+                  static_cast<unsigned>(p.num_kv_heads * ceil_div(group, kMaxGroupHeads)),
+                  static_cast<unsigned>(p.num_seqs));
+  const cudaError_t err = launch(paged_decode_kernel<T, D>, grid, dim3(kAttnThreads), stream, p);
+  if (err != cudaSuccess || max_parts <= 1) return err;
+  const dim3 merge_grid(static_cast<unsigned>(p.num_qo_heads), static_cast<unsigned>(p.num_seqs));
+  return launch(paged_decode_merge_kernel<T>, merge_grid, dim3(kMergeThreads), stream, p,
+                max_parts);
+}
+
+}  // namespace detail
+
+// Launches decode attention on `stream`. The caller provides the workspace when
+// paged_decode_workspace_floats(...) > 0 (partial_out first, partial_lse right after it).
+inline cudaError_t paged_decode_attention(const PagedDecodeParams& p, cudaStream_t stream) {
+  if (p.num_seqs == 0) return cudaSuccess;
+  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.block_size <= 0 ||
+      !is_supported_head_dim(p.head_dim)) {
+    return cudaErrorInvalidValue;
+  }
+  if (paged_decode_max_partitions(p.max_blocks_per_seq, p.block_size) > 1 &&
+      (p.partial_out == nullptr || p.partial_lse == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  return DISPATCH_DTYPE(p.dtype, T, [&] {
+    return DISPATCH_HEAD_DIM(p.head_dim, D,
+                             [&] { return detail::launch_paged_decode<T, D>(p, stream); });
+  });
+}
+
+}  // namespace fastdecode::kernels
