@@ -7,17 +7,13 @@ reported. Fraction of the weights-read bound = (weight bytes / measured read ban
 
     python benchmarks/bench_generate.py [--device cuda] [--new-tokens 128] [--repeats 3]
 
-Writes benchmarks/results/generate_<device>.{md,csv,png}.
+Writes benchmarks/results/generate_<device>.{md,csv,png} (helpers from benchmarks/common.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +21,9 @@ import torch
 import transformers
 
 import fastdecode
+from common import Report, measure_read_bandwidth
 from fastdecode.hf.tiny import default_model
+from fastdecode.ops import _backends
 
 SCENARIOS = {
     "batch1-greedy": dict(batch=1, kwargs=dict(do_sample=False)),
@@ -34,75 +32,17 @@ SCENARIOS = {
 }
 
 
-# ---- local helpers; candidates for benchmarks/common.py (bandwidth, timing, report writing) ----
-def sync(device: torch.device) -> None:
+def timed(fn, device: torch.device) -> float:
+    """Wall time of one call in seconds (a whole generate call: no warm-up/median inside)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def read_bandwidth(device: torch.device, mib: int = 512, repeats: int = 5) -> float:
-    """Sustained read bandwidth in bytes/s: best of ``repeats`` full reductions of ``mib`` MiB."""
-    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        x.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
     t = time.perf_counter()
     fn()
-    sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t
 
 
-def machine_line(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    load = ", load avg %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads{load}")
-
-
-def write_report(rows: list[dict], header: list[str], out: Path, title: str, notes: list[str]):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [f"# {title}", "", *[f"- {n}" for n in notes], "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-
-def plot(rows: list[dict], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["scenario"] for r in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([x - 0.2 for x in xs], [r["hf_tok_s"] for r in rows], 0.4, label="model.generate")
-    ax.bar([x + 0.2 for x in xs], [r["fd_tok_s"] for r in rows], 0.4, label="fastdecode")
-    for x, r in zip(xs, rows):
-        ax.text(x + 0.2, r["fd_tok_s"], f"{r['speedup']}x", ha="center", va="bottom")
-    ax.set_xticks(list(xs), names)
-    ax.set_ylabel("tokens / s")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-
-
-# ------------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -120,7 +60,7 @@ def main() -> None:
     device = torch.device(args.device)
     model = default_model(getattr(torch, args.dtype)).to(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bandwidth = read_bandwidth(device)
+    bandwidth = measure_read_bandwidth(str(device)) * 1e9  # bytes/s
     bound_step = weight_bytes / bandwidth
     rows = []
     for name in args.scenarios.split(","):
@@ -149,22 +89,25 @@ def main() -> None:
             fd_bound_fraction=round(bound_step / (fd_t / args.new_tokens), 2),
             hf_bound_fraction=round(bound_step / (hf_t / args.new_tokens), 2)))
         print(rows[-1], flush=True)
-    header = list(rows[0])
-    from fastdecode.ops import _backends
-    resolved = _backends.resolve(args.backend, "paged_attention", device).__name__.split(".")[-1]
-    notes = [f"machine: {machine_line(device)}",
-             f"versions: torch {torch.__version__}, transformers {transformers.__version__}, "
-             f"fastdecode {fastdecode.__version__} (ops backend {args.backend} -> {resolved})",
-             f"model: 135M Llama-shaped (random weights), {args.dtype}, "
-             f"{weight_bytes / 2**20:.0f} MiB of weights; prompt {args.prompt_len} tokens",
-             f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s -> weights-read bound "
-             f"{bound_step * 1e3:.1f} ms per step",
-             f"median of {args.repeats} alternating runs; command: `python "
-             f"{' '.join(sys.argv)}`"]
-    out = Path(args.out) / f"generate_{device.type}"
-    write_report(rows, header, out, "fastdecode.generate vs model.generate", notes)
-    plot(rows, out, f"135M Llama {args.dtype}, {machine_line(device)}")
-    print(out.with_suffix(".md").read_text())
+    resolved = _backends.resolve(args.backend, "paged_attention", device).__name__
+    report = Report("generate", device=str(device))
+    report.add_note(
+        f"fastdecode.generate vs model.generate on the 135M Llama-shaped model (random weights), "
+        f"{args.dtype}, {weight_bytes / 2**20:.0f} MiB of weights, {args.prompt_len}-token "
+        f"prompts. transformers {transformers.__version__}, fastdecode {fastdecode.__version__} "
+        f"(ops backend {args.backend} -> {resolved.split('.')[-1]}). Median of {args.repeats} "
+        "alternating runs per system (the machine is shared; both systems see the same noise).")
+    report.add_note(
+        f"Weights-read bound: {weight_bytes / 2**20:.0f} MiB / {bandwidth / 1e9:.1f} GB/s "
+        f"(measured read bandwidth) = {bound_step * 1e3:.1f} ms per decode step; "
+        "*_bound_fraction = bound / measured time per generated token step.")
+    report.add_table("Tokens per second", rows)
+    report.add_plot("tokens/s", [dict(batch=r["batch"], tok_s=r[k], system=name)
+                                 for name, k in (("model.generate", "hf_tok_s"),
+                                                 ("fastdecode", "fd_tok_s")) for r in rows],
+                    x="batch", y="tok_s", series="system")
+    for path in report.write(Path(args.out)):
+        print("wrote", path)
 
 
 if __name__ == "__main__":

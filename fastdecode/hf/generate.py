@@ -48,7 +48,7 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
                 stopping_criteria=stopping_criteria, **kwargs)
     if tokenizer is not None:
         call["tokenizer"] = tokenizer
-    other = {k: kwargs.pop(k) for k in _options._OTHER_METHODS if k in kwargs}
+    other = {k: kwargs.pop(k) for k in _options.OTHER_METHODS if k in kwargs}
     reasons = _structural_reasons(model, input_ids, attention_mask)
     if not reasons:
         opts, config, model_kwargs = _options.resolve(model, input_ids.shape[-1],

@@ -32,7 +32,7 @@ _NEUTRAL = {
     "token_healing": (None, False), "low_memory": (None, False), "use_cache": (None, True),
 }
 # Arguments of model.generate that select another decoding method.
-_OTHER_METHODS = ("prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
+OTHER_METHODS = ("prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
                   "negative_prompt_attention_mask", "custom_generate", "synced_gpus",
                   "assistant_tokenizer", "past_key_values", "inputs_embeds", "position_ids",
                   "token_type_ids", "cache_position")

@@ -25,6 +25,10 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+# RMSNorm classes that are verbatim copies of Llama's (``weight * (x * rsqrt(mean(x^2) + eps))``
+# in float32): one fused ``F.rms_norm`` replaces their six elementwise ops. Gemma's (1 + weight)
+# variant and anything unknown keep their own forward.
+RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm"}
 # Sibling projections that read the same input, fused into one product (first name runs first).
 FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -110,12 +114,23 @@ class _FusedGroup:
         self._input, self._outputs = None, None
 
 
+def _rms_norm(norm: nn.Module):
+    weight, eps = norm.weight, norm.variance_epsilon
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+        return weight * (y if y.dtype == x.dtype else y.to(x.dtype))
+
+    return forward
+
+
 def _signature(model: nn.Module) -> tuple:
     return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
 
 
 class LinearLayout:
-    """Transposed / fused copies of ``model``'s plain ``nn.Linear`` weights (see module doc)."""
+    """Packed / fused copies of ``model``'s plain float32 ``nn.Linear`` weights, plus fused
+    RMSNorms (see module doc)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -138,6 +153,10 @@ class LinearLayout:
             for m in model.modules():
                 if _plain(m) and id(m) not in fused:
                     self.forwards.append((m, _Product(m.weight, m.bias)))
+                elif (type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon")
+                      and not m._forward_hooks and not m._forward_pre_hooks
+                      and "forward" not in m.__dict__):
+                    self.forwards.append((m, _rms_norm(m)))
         _CACHE[model] = (signature, self.forwards, self.groups)
 
     @contextmanager
