@@ -9,6 +9,8 @@ Interface shared with the Engine (keep it stable)::
         # input_ids, positions: [T] int64, the step's new tokens packed sequence after sequence;
         # ctx: PagedContext (block tables, seq_lens, cu_seqlens_q, slot_mapping, logits_indices);
         # returns [B, V] float32: the logits of each sequence's last new token.
+    with runner.session():             # optional: switch the model once around many steps
+        ...
 
 The model object is left as it was: the ``"fastdecode"`` attention implementation is switched on
 only for the duration of a call or of a ``with runner.session():`` block (restored on exit, also
@@ -66,8 +68,9 @@ class PagedRunner:
     model: a transformers ``*ForCausalLM`` whose attention goes through ``AttentionInterface``.
     num_blocks N, block_size P: cache geometry; kv_dtype: cache dtype (default: the model's);
     device: cache device (default: the model's); backend: ops backend for every call.
-    fast_linears: run linear layers on transposed / fused weight copies
-    (:mod:`fastdecode.hf.transform`); default: when :func:`~fastdecode.hf.transform.worth_it`.
+    fast_linears: run float32 linear layers on packed / fused weight copies and Llama-style
+    RMSNorms fused (:mod:`fastdecode.hf.transform`); default: when
+    :func:`~fastdecode.hf.transform.worth_it` (CPU models whose weights fit RAM comfortably).
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int = 16,
