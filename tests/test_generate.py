@@ -110,8 +110,10 @@ def test_no_attention_mask_infers_padding():
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("family", ["falcon", "gptj"])
+@pytest.mark.parametrize("family", ["falcon", "gptj", "gpt_oss"])
 def test_generic_path_matches_hf(family, monkeypatch):
+    """Attention outside AttentionInterface (Falcon, GPT-J) or with sinks (gpt-oss): the model's
+    own cache and attention, fastdecode's loop and sampling."""
     model = tiny_model(family)
     ids, mask = padded_batch([9, 4], model.config.vocab_size, seed=5)
     ref = _hf(model, ids, mask, max_new_tokens=NEW, do_sample=False)
@@ -130,3 +132,13 @@ def test_bfloat16_matches_hf_up_to_near_ties(family):
     out = fd_generate(model, ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
     # bf16 keeps 8 significant bits: logits carry ~2**-8 relative rounding on both sides.
     assert_greedy_match(ref, out, ids.shape[1], tie=2 * 2.0**-8, relative=True)
+
+
+def test_custom_4d_mask_goes_to_hf():
+    model = tiny_model("llama")
+    ids, mask = padded_batch([5, 3], model.config.vocab_size)
+    mask4d = mask[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+    with pytest.raises(ValueError) as hf_exc:
+        model.generate(ids, attention_mask=mask4d, max_new_tokens=2)
+    with pytest.warns(UserWarning, match="custom mask"), pytest.raises(type(hf_exc.value)):
+        fd_generate(model, ids, attention_mask=mask4d, max_new_tokens=2)

@@ -39,6 +39,7 @@ def test_stop_strings_with_tokenizer():
     out = fd_generate(model, **enc, **kwargs)
     assert torch.equal(out, ref)
     assert stop in tok.decode(out[0, enc.input_ids.shape[1]:])
+    assert out[0, -1] == tok.pad_token_id  # row 0 stopped early and was padded
     with pytest.raises(ValueError, match="tokenizer"):
         fd_generate(model, **enc, max_new_tokens=3, stop_strings=["x"])
 
@@ -163,7 +164,7 @@ def test_fallback_warns_once_naming_the_option(llama, batch):
 BAD = [dict(do_sample=True, temperature=0.0), dict(do_sample=True, temperature=-1.0),
        dict(do_sample=True, top_k=-3), dict(num_return_sequences=2),
        dict(repetition_penalty=0.0), dict(do_sample=True, min_p=2.0), dict(max_length=3),
-       dict(foo_bar=3)]
+       dict(foo_bar=3), dict(do_sample=True, temperature=2), dict(repetition_penalty=2)]
 
 
 @pytest.mark.parametrize("kwargs", BAD, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))

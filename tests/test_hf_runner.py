@@ -52,3 +52,21 @@ def test_mixed_prefill_and_decode_step(family):
     out = step([(0, 7, 13), (1, 0, 9), (2, 5, 6)])
     torch.testing.assert_close(out, _hf_last_logits(model, seqs), atol=2e-5, rtol=1e-4)
     assert out.shape == (3, model.config.vocab_size) and out.dtype == torch.float32
+
+
+def test_fast_linears_leave_the_model_untouched_and_track_weight_updates():
+    from _hf_helpers import fd_generate, padded_batch
+
+    model = tiny_model("qwen2")  # q/k/v with bias: the fused product carries the bias
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    ids, mask = padded_batch([7, 4], model.config.vocab_size, seed=8)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(fd_generate(model, ids, attention_mask=mask, max_new_tokens=6), ref)
+    for name, p in model.named_parameters():
+        assert p.data_ptr() == before[name][0] and torch.equal(p, before[name][1]), name
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():  # an in-place update must reach the cached weight copies
+        model.lm_head.weight[ref[0, -1]] -= 50.0
+    ref2 = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert not torch.equal(ref2, ref)
+    assert torch.equal(fd_generate(model, ids, attention_mask=mask, max_new_tokens=6), ref2)

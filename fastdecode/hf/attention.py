@@ -58,18 +58,18 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     kv.calls += 1
     dtype = query.dtype
     # [1, H, T, D] -> [T, H, D]: views, no copy for the keys/values (append_kv takes strides).
-    ops.append_kv(key[0].transpose(0, 1).to(k_cache.dtype), value[0].transpose(0, 1).to(k_cache.dtype),
-                  k_cache, v_cache, ctx.slot_mapping, backend=ctx.backend)
-    q = query[0].transpose(0, 1).to(k_cache.dtype).contiguous()
+    key, value, query = key[0].transpose(0, 1), value[0].transpose(0, 1), query[0].transpose(0, 1)
+    if dtype != k_cache.dtype:  # a cache in another dtype than the model (kv_dtype)
+        key, value, query = (t.to(k_cache.dtype) for t in (key, value, query))
+    ops.append_kv(key, value, k_cache, v_cache, ctx.slot_mapping, backend=ctx.backend)
     softcap = kwargs.get("softcap")
-    window = kwargs.get("sliding_window")
     out = ops.paged_attention(
-        q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens,
+        query.contiguous(), k_cache, v_cache, ctx.block_tables, ctx.seq_lens,
         cu_seqlens_q=None if ctx.decode_only else ctx.cu_seqlens_q,
         scale=scaling if scaling is not None else getattr(module, "scaling", None),
-        softcap=softcap if softcap else None, sliding_window=window or None,
+        softcap=softcap if softcap else None, sliding_window=kwargs.get("sliding_window") or None,
         workspace=ctx.workspace, backend=ctx.backend)
-    return out.to(dtype).unsqueeze(0), None
+    return (out if out.dtype == dtype else out.to(dtype)).unsqueeze(0), None
 
 
 AttentionInterface.register(ATTN_NAME, paged_attention_forward)

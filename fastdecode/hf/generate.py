@@ -48,7 +48,7 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
                 stopping_criteria=stopping_criteria, **kwargs)
     if tokenizer is not None:
         call["tokenizer"] = tokenizer
-    other = {k: kwargs.pop(k) for k in _options._OTHER_METHODS if k in kwargs}
+    other = {k: kwargs.pop(k) for k in _options.OTHER_METHODS if k in kwargs}
     reasons = _structural_reasons(model, input_ids, attention_mask)
     if not reasons:
         opts, config, model_kwargs = _options.resolve(model, input_ids.shape[-1],
@@ -109,34 +109,48 @@ def _decode(model, input_ids, attention_mask, opts, streamer, logits_processor,
     want_scores = opts.return_dict and opts.output_scores
     selector = TokenSelector(opts, logits_processor, want_scores or bool(stopping_criteria),
                              backend)
-    batch, prompt_len = input_ids.shape
-    total = prompt_len + opts.max_new_tokens
+    total = input_ids.shape[1] + opts.max_new_tokens
+    if uses_attention_interface(model) and has_unsupported_attention(model) is None:
+        stepper = PagedStepper(model, input_ids.shape[0], total, backend=backend)
+    else:
+        stepper = CacheStepper(model)
+    with stepper.session():
+        sequences, scores, logits = _loop(stepper, selector, criteria, opts, streamer, input_ids,
+                                          attention_mask)
+    if streamer is not None:
+        streamer.end()
+    if not opts.return_dict:
+        return sequences
+    return GenerateDecoderOnlyOutput(
+        sequences=sequences, scores=tuple(scores) if opts.output_scores else None,
+        logits=tuple(logits) if opts.output_logits else None)
+
+
+def _loop(stepper, selector, criteria, opts, streamer, input_ids, attention_mask):
+    """Prefill, then one token per step until every row finished or the length limit.
+
+    Returns (sequences [B, L + new], per-step processed scores, per-step raw logits).
+    """
+    batch, cur = input_ids.shape
     device = input_ids.device
-    seqs = torch.full((batch, total), opts.pad if opts.pad is not None else 0, dtype=torch.long,
-                      device=device)
-    seqs[:, :prompt_len] = input_ids
+    seqs = torch.full((batch, cur + opts.max_new_tokens),
+                      opts.pad if opts.pad is not None else 0, dtype=torch.long, device=device)
+    seqs[:, :cur] = input_ids
     seen = None
-    if opts.repetition_penalty != 1.0:  # the penalty's id set: prompt (without padding) + new
-        seen = torch.where(attention_mask.bool(), input_ids, -1)
-        seen = torch.cat([seen, seen.new_full((batch, opts.max_new_tokens), -1)], dim=1)
+    if opts.repetition_penalty != 1.0:  # the penalty's id set: prompt (+ padding?) + new tokens
+        seen = seqs.clone()
+        if _options.penalty_skips_padding():
+            seen[:, :cur] = torch.where(attention_mask.bool(), input_ids, -1)
     eos = torch.tensor(opts.eos, device=device) if opts.eos else None
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     scores_out, logits_out = [], []
-
-    if uses_attention_interface(model) and has_unsupported_attention(model) is None:
-        stepper = PagedStepper(model, batch, total, backend=backend)
-    else:
-        stepper = CacheStepper(model)
     logits = stepper.prefill(input_ids, attention_mask)
-    cur = prompt_len
     while True:
         tokens, scores = selector(logits, seqs[:, :cur], seen[:, :cur] if seen is not None else None,
                                   ban_eos=eos is not None and cur < opts.min_length)
         if opts.return_dict:
-            if opts.output_scores:
-                scores_out.append(scores)
-            if opts.output_logits:
-                logits_out.append(logits)
+            scores_out.append(scores)
+            logits_out.append(logits)
         invalid = (tokens < 0).any()
         if eos is not None:  # finished rows get padding, as in HF
             tokens = torch.where(unfinished, tokens, opts.pad)
@@ -154,17 +168,9 @@ def _decode(model, input_ids, attention_mask, opts, streamer, logits_processor,
         if bad:
             raise ValueError("sampling found no valid token (NaN logits, or every token "
                              "filtered out) in at least one row")
-        if not running or cur == total:
-            break
+        if not running or cur == seqs.shape[1]:
+            return seqs[:, :cur], scores_out, logits_out
         logits = stepper.decode(tokens)
-    if streamer is not None:
-        streamer.end()
-    sequences = seqs[:, :cur]
-    if not opts.return_dict:
-        return sequences
-    return GenerateDecoderOnlyOutput(
-        sequences=sequences, scores=tuple(scores_out) if opts.output_scores else None,
-        logits=tuple(logits_out) if opts.output_logits else None)
 
 
 def original_generate(model):

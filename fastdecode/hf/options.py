@@ -8,6 +8,8 @@ fastdecode does not implement (the caller then falls back to the original ``mode
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,7 +32,7 @@ _NEUTRAL = {
     "token_healing": (None, False), "low_memory": (None, False), "use_cache": (None, True),
 }
 # Arguments of model.generate that select another decoding method.
-_OTHER_METHODS = ("prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
+OTHER_METHODS = ("prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
                   "negative_prompt_attention_mask", "custom_generate", "synced_gpus",
                   "assistant_tokenizer", "past_key_values", "inputs_embeds", "position_ids",
                   "token_type_ids", "cache_position")
@@ -115,19 +117,31 @@ def _float(value, default: float) -> float:
 
 
 def _validate(opts: Options, config) -> None:
-    """Raise exactly where HF raises: its processors validate their arguments when built."""
-    if opts.repetition_penalty != 1.0:
-        hfgen.RepetitionPenaltyLogitsProcessor(opts.repetition_penalty)
+    """Raise exactly where HF raises: its processors validate the raw config values when built
+    (e.g. an int temperature or penalty is rejected), under the conditions HF builds them."""
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        hfgen.RepetitionPenaltyLogitsProcessor(config.repetition_penalty)
     if opts.do_sample:
-        if opts.temperature != 1.0:
-            hfgen.TemperatureLogitsWarper(opts.temperature)
+        if config.temperature is not None and config.temperature != 1.0:
+            hfgen.TemperatureLogitsWarper(config.temperature)
         if config.top_k is not None and config.top_k != 0:
             hfgen.TopKLogitsWarper(top_k=config.top_k)
-        if opts.top_p < 1.0:
-            hfgen.TopPLogitsWarper(top_p=opts.top_p)
+        if config.top_p is not None and config.top_p < 1.0:
+            hfgen.TopPLogitsWarper(top_p=config.top_p)
         if config.min_p is not None:
-            hfgen.MinPLogitsWarper(min_p=opts.min_p)
+            hfgen.MinPLogitsWarper(min_p=config.min_p)
     elif opts.num_return_sequences > 1:
         raise ValueError("Greedy methods (do_sample != True) without beam search do not support "
                          f"`num_return_sequences` different than 1 (got "
                          f"{opts.num_return_sequences}).")
+
+
+@functools.lru_cache(maxsize=None)
+def penalty_skips_padding() -> bool:
+    """Whether this transformers' repetition penalty ignores left padding.
+
+    Newer releases pass ``prompt_ignore_length`` (the padding length) to the processor, older ones
+    (e.g. 5.17) penalise the pad id like any prompt token; fastdecode follows the installed one.
+    """
+    source = inspect.getsource(hfgen.GenerationMixin._get_logits_processor)
+    return "prompt_ignore_length" in source

@@ -9,20 +9,24 @@ Interface shared with the Engine (keep it stable)::
         # input_ids, positions: [T] int64, the step's new tokens packed sequence after sequence;
         # ctx: PagedContext (block tables, seq_lens, cu_seqlens_q, slot_mapping, logits_indices);
         # returns [B, V] float32: the logits of each sequence's last new token.
+    with runner.session():             # optional: switch the model once around many steps
+        ...
 
 The model object is left as it was: the ``"fastdecode"`` attention implementation is switched on
-only for the duration of a call (restored on exit, also on error) and the weights are not touched.
+only for the duration of a call or of a ``with runner.session():`` block (restored on exit, also
+on error) and the weights are not touched.
 """
 
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
 import torch
 
 from fastdecode.hf import attention as _attention
+from fastdecode.hf import transform
 from fastdecode.hf.context import PagedContext
 
 
@@ -64,10 +68,14 @@ class PagedRunner:
     model: a transformers ``*ForCausalLM`` whose attention goes through ``AttentionInterface``.
     num_blocks N, block_size P: cache geometry; kv_dtype: cache dtype (default: the model's);
     device: cache device (default: the model's); backend: ops backend for every call.
+    fast_linears: run float32 linear layers on packed / fused weight copies and Llama-style
+    RMSNorms fused (:mod:`fastdecode.hf.transform`); default: when
+    :func:`~fastdecode.hf.transform.worth_it` (CPU models whose weights fit RAM comfortably).
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int = 16,
-                 kv_dtype: Optional[torch.dtype] = None, device=None, backend: str = "auto"):
+                 kv_dtype: Optional[torch.dtype] = None, device=None, backend: str = "auto",
+                 fast_linears: Optional[bool] = None):
         if not uses_attention_interface(model):
             raise ValueError(f"{type(model).__name__} does not route its attention through "
                              "transformers' AttentionInterface; it cannot run on a paged cache")
@@ -91,16 +99,30 @@ class PagedRunner:
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(
             model.forward).parameters
         self._verified = False
+        self._active = False
+        if fast_linears is None:
+            fast_linears = transform.worth_it(model)
+        self._layout = transform.LinearLayout(model) if fast_linears else None
 
     @contextmanager
-    def attention(self) -> Iterator[None]:
-        """Switch the model's attention to ``"fastdecode"`` for the block; always restored."""
+    def session(self) -> Iterator[None]:
+        """Switch the model to the ``"fastdecode"`` attention (and the fast linears) for the block.
+
+        ``forward`` enters it per call; a decoding loop enters it once around all its steps so
+        that the switch is not paid per step. Always restored on exit, also on error.
+        """
+        if self._active:
+            yield
+            return
         saved = [c._attn_implementation_internal for c in self._configs]
         try:
             for c in self._configs:
                 c._attn_implementation_internal = _attention.ATTN_NAME
-            yield
+            with self._layout.active() if self._layout else nullcontext():
+                self._active = True
+                yield
         finally:
+            self._active = False
             for c, name in zip(self._configs, saved):
                 c._attn_implementation_internal = name
 
@@ -113,7 +135,7 @@ class PagedRunner:
         if self._takes_logits_to_keep and not keep_all:
             extra["logits_to_keep"] = ctx.logits_indices
         self._kv.calls = 0
-        with self.attention():
+        with self.session():
             out = self.model(input_ids=input_ids[None], position_ids=positions[None],
                              use_cache=False, fastdecode_ctx=ctx, fastdecode_kv=self._kv, **extra)
         if not self._verified:

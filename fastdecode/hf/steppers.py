@@ -13,6 +13,7 @@ Both return [B, V] float32 logits of each row's last token.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 
 import torch
 
@@ -31,6 +32,7 @@ class PagedStepper:
                                   block_size=block_size, backend=backend)
         self.backend = backend
         self.device = self.runner.device
+        self.session = self.runner.session
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: [B, L] (left padding) -> [B, V] float32."""
@@ -73,6 +75,7 @@ class CacheStepper:
         params = inspect.signature(model.forward).parameters
         self._positions = "position_ids" in params
         self._keep = "logits_to_keep" in params
+        self.session = nullcontext
 
     def _forward(self, ids, **kwargs) -> torch.Tensor:
         if self._positions:

@@ -36,10 +36,15 @@ _FAMILIES: dict[str, tuple[str, dict]] = {
                                        num_attention_heads=4, rotary_pct=0.5)),
     "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                               num_attention_heads=4, word_embed_proj_dim=64)),
-    # Architectures whose attention does not go through AttentionInterface (generic path).
+    # Attention outside AttentionInterface (generic path).
     "falcon": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                     new_decoder_architecture=False, multi_query=True)),
     "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256)),
+    # Attention sinks (s_aux), which the paged kernels do not implement: generic path too.
+    "gpt_oss": ("GptOssConfig", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                                     max_position_embeddings=4096)),
 }
 FAMILIES = tuple(_FAMILIES)
 
