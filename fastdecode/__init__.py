@@ -6,10 +6,12 @@
 """
 
 from fastdecode import ops
+from fastdecode.engine import Engine, RequestOutput, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "generate", "patch", "unpatch", "__version__"]
+__all__ = ["ops", "generate", "patch", "unpatch", "Engine", "RequestOutput", "SamplingParams",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -19,7 +21,3 @@ def __getattr__(name: str):
 
         return getattr(hf, name)
     raise AttributeError(f"module 'fastdecode' has no attribute {name!r}")
-
-from fastdecode.engine import Engine, RequestOutput, SamplingParams  # noqa: E402
-
-__all__ += ["Engine", "RequestOutput", "SamplingParams"]
