@@ -1,4 +1,4 @@
-#include "vec_isa.h"  // first: selects ATen's SIMD implementation
+#include "vec.h"  // first: it selects at::vec's instruction set
 
 #include "sampling_kernel.h"
 
