@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU validation run (H100 / H200, no network): build the extension with the CUDA
 # kernels in place, run the CUDA backend's tests, the whole suite on every backend, and the
-# attention / sampling benchmarks. Writes logs and results into $OUT (default
+# attention / sampling benchmarks. Writes logs and results into $FASTDECODE_GPU_OUT (default
 # benchmarks/results/gpu_run/), and fastdecode/cuda_validated.json -- which lets
 # backend="auto" pick the CUDA kernels -- only when the CUDA tests passed on this GPU.
 #
@@ -11,10 +11,10 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
-OUT_DIR=${OUT:-$ROOT/benchmarks/results/gpu_run}
+OUT_DIR=${FASTDECODE_GPU_OUT:-$ROOT/benchmarks/results/gpu_run}
 mkdir -p "$OUT_DIR"
 LOG=$OUT_DIR/gpu_run.log
-SCRATCH=$(mktemp -d)  # start stamp and junit report (at most 8 files may come back from $OUT)
+SCRATCH=$(mktemp -d)  # start stamp and junit report (kept out of the results folder)
 trap 'rm -rf "$SCRATCH"' EXIT
 touch "$SCRATCH/start"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
