@@ -112,6 +112,20 @@ __device__ __forceinline__ uint64_t mass(float x, float row_max) {
   return __float2ull_rn(expf(x - row_max) * kMassScale);
 }
 
+// Fixed-point mass of the tokens with order_key >= keep_key, summed over the block (every thread
+// gets the total). scores: [num_vecs * 4] float32 in shared/global scratch.
+__device__ uint64_t kept_mass(const float* scores, int num_vecs, float row_max, uint32_t keep_key,
+                              SampleSmem& sm) {
+  uint64_t part = 0;
+  for (int v = threadIdx.x; v < num_vecs; v += kSampleThreads) {
+    const float4 x4 = reinterpret_cast<const float4*>(scores)[v];
+    const float xs[4] = {x4.x, x4.y, x4.z, x4.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) part += order_key(xs[i]) >= keep_key ? mass(xs[i], row_max) : 0;
+  }
+  return block_sum(part, sm);
+}
+
 // The largest key K such that the weight of {x : key(x) >= K, key(x) >= floor_key} reaches
 // `target`; weight is 1 per element (by_mass false) or mass(x). Returns false when even the
 // whole candidate set weighs less than `target` (rounding), leaving *key untouched.
@@ -326,14 +340,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(SamplingParams p
   if (top_k > 0) radix_select(scores, num_vecs, row_max, 0u, false, top_k, sm, &keep_key);
   const float top_p = p.top_p[row];
   if (top_p < 1.f) {
-    uint64_t part = 0;
-    for (int v = threadIdx.x; v < num_vecs; v += kSampleThreads) {
-      const float4 x4 = reinterpret_cast<const float4*>(scores)[v];
-      const float xs[4] = {x4.x, x4.y, x4.z, x4.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) part += order_key(xs[i]) >= keep_key ? mass(xs[i], row_max) : 0;
-    }
-    const uint64_t total = block_sum(part, sm);
+    const uint64_t total = kept_mass(scores, num_vecs, row_max, keep_key, sm);
     const auto target = static_cast<uint64_t>(ceil(static_cast<double>(top_p) * total));
     uint32_t key_p;
     if (radix_select(scores, num_vecs, row_max, keep_key, true, target, sm, &key_p)) {
@@ -343,14 +350,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(SamplingParams p
   const float min_p = p.min_p[row];
   if (min_p > 0.f) keep_key = max(keep_key, order_key(row_max + logf(min_p)));
 
-  uint64_t part = 0;
-  for (int v = threadIdx.x; v < num_vecs; v += kSampleThreads) {
-    const float4 x4 = reinterpret_cast<const float4*>(scores)[v];
-    const float xs[4] = {x4.x, x4.y, x4.z, x4.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) part += order_key(xs[i]) >= keep_key ? mass(xs[i], row_max) : 0;
-  }
-  const uint64_t total = block_sum(part, sm);  // >= 2^40: the max is always kept
+  const uint64_t total = kept_mass(scores, num_vecs, row_max, keep_key, sm);  // max always kept
   const float u = philox_uniform(static_cast<uint64_t>(p.seeds[row]),
                                  static_cast<uint64_t>(p.offsets[row]));
   const auto threshold = static_cast<uint64_t>(static_cast<double>(u) * total);
