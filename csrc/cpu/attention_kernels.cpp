@@ -189,15 +189,16 @@ class AttentionWorker {
     std::fill_n(l_.begin(), rows, 0.f);
     std::fill_n(o_.begin(), rows * dp_, 0.f);
     // A tile's rows are scattered over blocks: the next tile's rows are located and prefetched
-    // while the current one is computed, or every block jump's latency would be exposed.
+    // while the current one is computed, or every block jump's latency would be exposed; the
+    // tile after that is located too, for its pages' translations (touch_pages).
     int64_t t0 = lo / kTile * kTile;
-    int cur = 0;
-    locate(item, std::max(t0, lo), std::min(t0 + kTile, hi), t0, cur);
-    for (; t0 < hi; t0 += kTile, cur ^= 1) {
-      const int64_t next = t0 + kTile;
-      locate(item, next, std::min(next + kTile, hi), next, cur ^ 1);
+    locate(item, std::max(t0, lo), std::min(t0 + kTile, hi), t0, 0);
+    locate(item, t0 + kTile, std::min(t0 + 2 * kTile, hi), t0 + kTile, 1);
+    for (int cur = 0; t0 < hi; t0 += kTile, cur = (cur + 1) % 3) {
+      const int64_t ahead = t0 + 2 * kTile;
+      locate(item, ahead, std::min(ahead + kTile, hi), ahead, (cur + 2) % 3);
       tile(item, first_pos, t0, std::max(t0, lo) - t0, std::min(t0 + kTile, hi) - t0,
-           offsets_[cur], offsets_[cur ^ 1]);
+           offsets_[cur], offsets_[(cur + 1) % 3], offsets_[(cur + 2) % 3]);
     }
     store_outputs(item);
   }
@@ -243,6 +244,26 @@ class AttentionWorker {
     pf_step_ = (lines + calls - 1) / std::max<int64_t>(calls, 1);
   }
 
+  // One prefetch per 4 KiB page of the K and V rows two tiles ahead (offsets from locate): a
+  // prefetch that misses the TLB waits for its page walk while holding a miss buffer, so the
+  // walks are started a tile early and the next tile's prefetches find their translations.
+  void touch_pages(const int64_t* ahead) {
+    const int64_t bytes = heads_ * p_.head_dim * static_cast<int64_t>(sizeof(T));
+    for (const void* cache : {p_.k_cache, p_.v_cache}) {
+      uintptr_t last = 0;  // the page touched last: rows of a block share pages
+      for (int64_t t = 0; t < kTile; ++t) {
+        if (ahead[t] < 0) continue;
+        const auto row = reinterpret_cast<uintptr_t>(cache) + ahead[t] * sizeof(T);
+        for (uintptr_t page = row >> 12; page <= (row + bytes - 1) >> 12; ++page) {
+          if (page != last) {
+            __builtin_prefetch(reinterpret_cast<const char*>(std::max(page << 12, row)), 0, 2);
+          }
+          last = page;
+        }
+      }
+    }
+  }
+
   // Prefetches the next `lines` cache lines of the cursor (K lanes, then V lanes).
   void prefetch_step(int64_t lines) {
     const int64_t bytes = heads_ * p_.head_dim * static_cast<int64_t>(sizeof(T));
@@ -252,8 +273,9 @@ class AttentionWorker {
       if (off >= 0) {
         const char* row = static_cast<const char*>(lane < kTile ? p_.k_cache : p_.v_cache) +
                           off * static_cast<int64_t>(sizeof(T));
-        const int64_t stop = std::min(bytes, byte + lines * 64);
-        lines -= (stop - byte + 63) / 64;
+        const int64_t n = std::min(lines, (bytes - byte + 63) / 64);  // no overflow: lines may
+        const int64_t stop = std::min(bytes, byte + n * 64);           // be INT64_MAX
+        lines -= n;
         // Into L2 (locality 2): a tile's K and V rows outgrow L1 before they are used.
         for (; byte < stop; byte += 64) __builtin_prefetch(row + byte, 0, 2);
       }
@@ -270,12 +292,13 @@ class AttentionWorker {
   // tile are absolute positions t0 + t, so a row's arithmetic is the same however the work
   // was cut. Scores, one online-softmax step per row, then P @ V.
   void tile(const WorkItem& item, int64_t first_pos, int64_t t0, int64_t t_begin, int64_t t_end,
-            const int64_t* offsets, const int64_t* next_offsets) {
+            const int64_t* offsets, const int64_t* next_offsets, const int64_t* ahead_offsets) {
     const auto* k_cache = static_cast<const T*>(p_.k_cache);
     const auto* v_cache = static_cast<const T*>(p_.v_cache);
     const int64_t d = p_.head_dim, head_rows = item.q_count * group_;
     const int64_t g_begin = t_begin / kVec * kVec;
     const int64_t groups = (t_end - g_begin + kVec - 1) / kVec;
+    touch_pages(ahead_offsets);
     prefetch_start(next_offsets, heads_ * head_rows * (groups + 1));
     for (int64_t h = 0; h < heads_; ++h) {
       const float* q = q_.data() + h * head_rows * dp_;
@@ -382,7 +405,7 @@ class AttentionWorker {
   // byte within its row, and the lines to prefetch per step.
   const int64_t* pf_next_ = nullptr;
   int64_t pf_lane_ = 0, pf_byte_ = 0, pf_step_ = 0;
-  int64_t offsets_[2][kTile];  // row offsets of the current / next tile's positions
+  int64_t offsets_[3][kTile];  // row offsets of the current, next and next-but-one tile
 };
 
 // Kv heads per work item: all of them (each tile then reads whole contiguous token rows: fewer
