@@ -6,7 +6,14 @@ bandwidth.
 
 Decode attention is memory bound: each step reads every sequence's K and V once. Reported per
 method: median ms, achieved GB/s (K + V bytes a decode step must read / time) and that as a
-fraction of the read bandwidth measured in the same run (a large tensor sum).
+fraction of the read bandwidth measured in the same round-robin as the methods (the ``read
+bandwidth probe`` row: the sum of a 512 MiB float32 tensor), so that drift on a shared machine
+hits both sides of the ratio alike.
+
+All large tensors (paged pools, contiguous baselines, the probe) are allocated the way
+``fastdecode.ops.allocate_kv_cache`` allocates KV pools: in huge pages where the machine allows.
+On CPU one more row times the kernel on a plain torch allocation (4 KiB pages unless the
+machine puts every allocation in huge pages), to show what the pool allocation is worth.
 
 Baselines, measured in the same run on the same keys and values:
 - ``sdpa contiguous``: torch SDPA with the KV stored contiguously ([B, Hkv, L, D], no paging),
@@ -22,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 import fastdecode.ops as ops
-from common import Report, cpu_ms, measure_read_bandwidth, time_interleaved, time_ms
+from common import ReadProbe, Report, cpu_ms, time_interleaved, time_ms
+from fastdecode.ops.memory import zeros
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,24 +68,37 @@ class Problem:
         m = -(-n // p)
         shape = (b * m, p, cfg.num_kv_heads, cfg.head_dim)
         kw = dict(dtype=cfg.dtype, device=cfg.device)
-        self.k_cache, self.v_cache = torch.randn(shape, **kw), torch.randn(shape, **kw)
+        self.k_cache, self.v_cache = ops.allocate_kv_cache(*shape, **kw)
+        self.k_cache.copy_(torch.randn(shape, **kw))
+        self.v_cache.copy_(torch.randn(shape, **kw))
         self.block_tables = torch.randperm(b * m, device=cfg.device).view(b, m).int()
         self.seq_lens = torch.full((b,), n, dtype=torch.int32, device=cfg.device)
         self.query = torch.randn(b, cfg.num_qo_heads, cfg.head_dim, **kw)
         self.out = torch.empty_like(self.query)
-        self.k, self.v = self.gather()
+        self.k, self.v = self.contiguous_kv()
 
-    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sequences' KV as contiguous [B, Hkv, L, D] tensors."""
+    def gather(self, dest: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """The sequences' KV as contiguous [B, Hkv, L, D] tensors (written into ``dest`` if
+        given)."""
         c = self.cfg
         idx = self.block_tables.long()
-        return tuple(cache[idx].view(c.batch, -1, c.num_kv_heads, c.head_dim)[:, : c.kv_len]
-                     .transpose(1, 2).contiguous() for cache in (self.k_cache, self.v_cache))
+        kv = tuple(cache[idx].view(c.batch, -1, c.num_kv_heads, c.head_dim)[:, : c.kv_len]
+                   .transpose(1, 2) for cache in (self.k_cache, self.v_cache))
+        if dest is None:
+            return tuple(t.contiguous() for t in kv)
+        for d, t in zip(dest, kv):
+            d.copy_(t)
+        return dest
 
-    def fastdecode(self, backend: str):
-        return lambda: ops.paged_attention(self.query, self.k_cache, self.v_cache,
-                                           self.block_tables, self.seq_lens, out=self.out,
-                                           backend=backend)
+    def contiguous_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        shape = (c.batch, c.num_kv_heads, c.kv_len, c.head_dim)
+        return self.gather(tuple(zeros(shape, dtype=c.dtype, device=c.device) for _ in "kv"))
+
+    def fastdecode(self, backend: str, caches: Optional[tuple] = None):
+        k, v = caches or (self.k_cache, self.v_cache)
+        return lambda: ops.paged_attention(self.query, k, v, self.block_tables, self.seq_lens,
+                                           out=self.out, backend=backend)
 
     def sdpa_gqa(self):
         q = self.query.unsqueeze(2)  # [B, Hq, 1, D]
@@ -102,13 +124,22 @@ class Problem:
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
-def measure(problem: Problem, backends: list[str], repeat: int) -> dict[str, tuple]:
-    """Per method: (median wall ms, median process CPU ms or None on cuda), timed round-robin."""
+PROBE = "read bandwidth probe"
+
+
+def measure(problem: Problem, backends: list[str], repeat: int, probe: ReadProbe,
+            plain_pages: bool = False) -> dict[str, tuple]:
+    """Per method (and the probe): (median wall ms, median process CPU ms or None on cuda),
+    timed round-robin. plain_pages: also time the cpu kernel on a plain torch copy of the
+    pools."""
     dev = problem.cfg.device
-    fns = {}
+    fns = {PROBE: probe}
     for name in backends:
         problem.check(name)
         fns[f"fastdecode {name}"] = problem.fastdecode(name)
+    if plain_pages and "cpu" in backends:
+        plain = (problem.k_cache.clone(), problem.v_cache.clone())
+        fns["fastdecode cpu, plain torch allocation"] = problem.fastdecode("cpu", plain)
     fns["sdpa contiguous (enable_gqa)"] = problem.sdpa_gqa()
     fns["sdpa contiguous (grouped q)"] = problem.sdpa_grouped()
     fns["gather + sdpa"] = problem.gather_sdpa()
@@ -116,13 +147,16 @@ def measure(problem: Problem, backends: list[str], repeat: int) -> dict[str, tup
     return {k: (wall, cpu if dev == "cpu" else None) for k, (wall, cpu) in times.items()}
 
 
-def rows_for(cfg: Config, times: dict[str, tuple], bandwidth: float) -> list[dict]:
+def rows_for(cfg: Config, times: dict[str, tuple], probe: ReadProbe) -> list[dict]:
     baseline = min(t for k, (t, _) in times.items() if k.startswith("sdpa contiguous"))
+    bandwidth = probe.gbps(times[PROBE][0])
     rows = []
     for method, (t, cpu) in times.items():
-        gbps = cfg.kv_bytes() / (t * 1e-3) / 1e9
+        gbps = bandwidth if method == PROBE else cfg.kv_bytes() / (t * 1e-3) / 1e9
         row = {"kv_len": cfg.kv_len, "batch": cfg.batch, "method": method, "ms": t, "GB/s": gbps,
-               "% of read BW": 100 * gbps / bandwidth, "speedup vs sdpa": baseline / t}
+               "% of read BW": 100 * gbps / bandwidth}
+        if method != PROBE:
+            row["speedup vs sdpa"] = baseline / t
         if cpu is not None:
             row["process CPU ms"] = cpu
         rows.append(row)
@@ -172,16 +206,16 @@ def main() -> None:
     else:
         backends = [b for b in ("cuda", "triton") if ops.is_available(b)]
     report = Report("attention", args.device)
-    bandwidth = measure_read_bandwidth(args.device)
+    probe = ReadProbe(args.device)
     report.add_note(
         f"Config: batch {cfg.batch}, KV length {cfg.kv_len}, Hq {cfg.num_qo_heads}, "
         f"Hkv {cfg.num_kv_heads}, head_dim {cfg.head_dim}, block {cfg.block_size}, "
-        f"{cfg.dtype}; K + V read per step: {cfg.kv_bytes() / 1e6:.1f} MB. Measured read "
-        f"bandwidth (sum of a 512 MiB float32 tensor): {bandwidth:.1f} GB/s.")
-    report.add_note(__doc__.split("\n\n", 3)[3])
+        f"{cfg.dtype}; K + V read per step: {cfg.kv_bytes() / 1e6:.1f} MB.")
+    report.add_note(__doc__.split("\n\n", 1)[1].split("\n\n", 1)[1])
 
     problem = Problem(cfg)
-    rows = rows_for(cfg, measure(problem, backends, args.repeat), bandwidth)
+    rows = rows_for(cfg, measure(problem, backends, args.repeat, probe,
+                                 plain_pages=args.device == "cpu"), probe)
     columns = ["method", "ms", "GB/s", "% of read BW", "speedup vs sdpa"]
     if args.device == "cpu":
         columns.append("process CPU ms")
@@ -211,11 +245,11 @@ def main() -> None:
         # batch would be served from cache and overstate the kernel).
         for n in (int(x) for x in args.sweep.split(",")):
             c = replace(cfg, kv_len=n, batch=max(1, cfg.batch * cfg.kv_len // n))
-            sweep += rows_for(c, measure(Problem(c), backends, args.repeat), bandwidth)
+            sweep += rows_for(c, measure(Problem(c), backends, args.repeat, probe), probe)
         report.add_table("KV length sweep (batch x KV length fixed)", sweep,
                          ["kv_len", "batch"] + columns, csv_name="sweep")
-        report.add_plot("time per decode step", sweep, x="kv_len", y="ms", series="method",
-                        logy=True)
+        report.add_plot("time per decode step", [r for r in sweep if r["method"] != PROBE],
+                        x="kv_len", y="ms", series="method", logy=True)
         report.add_plot("achieved bandwidth", sweep, x="kv_len", y="GB/s", series="method")
     if not args.no_write:
         for path in report.write():

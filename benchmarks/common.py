@@ -2,11 +2,12 @@
 
 Typical use::
 
-    from common import Report, measure_read_bandwidth, time_interleaved, time_ms
+    from common import Report, ReadProbe, measure_read_bandwidth, time_interleaved, time_ms
 
     ms = time_ms(lambda: op(x), device="cpu")             # median of timed runs, after warmup
     both = time_interleaved({"mine": f, "baseline": g})   # {name: (wall ms, CPU ms)}, round-robin
     bw = measure_read_bandwidth("cpu")                    # GB/s of a large streaming read
+    probe = ReadProbe("cpu")                              # the same read, to time among others
     report = Report("attention", device="cpu")            # -> benchmarks/results/attention_cpu.*
     report.add_table("Default config", rows)               # rows: list of dicts, one per line
     report.add_plot("KV sweep", rows, x="kv_len", y="ms", series="method")
@@ -97,12 +98,29 @@ def cpu_ms(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 15) -> fl
     return statistics.median(times) * 1e3
 
 
+class ReadProbe:
+    """A streaming read of ``nbytes`` (``sum()`` of a float32 tensor far larger than the caches,
+    allocated like the KV pools, in huge pages where the machine allows): time ``probe()``
+    among the measured methods, in the same round-robin, to get the read bandwidth the machine
+    offered while they ran (shared machines drift)."""
+
+    def __init__(self, device: str = "cpu", nbytes: int = 1 << 29):
+        from fastdecode.ops.memory import zeros
+        self.nbytes = nbytes
+        self.x = zeros((nbytes // 4,), dtype=torch.float32, device=device).fill_(1.0)
+
+    def __call__(self) -> torch.Tensor:
+        return self.x.sum()
+
+    def gbps(self, ms: float) -> float:
+        return self.nbytes / (ms * 1e-3) / 1e9
+
+
 def measure_read_bandwidth(device: str = "cpu", nbytes: int = 1 << 29) -> float:
-    """Achievable memory read bandwidth in GB/s: the median time of ``sum()`` over a float32
-    tensor of ``nbytes`` (far larger than the caches), with torch's current thread count."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    ms = time_ms(lambda: x.sum(), device=device, warmup=2, repeat=10)
-    return nbytes / (ms * 1e-3) / 1e9
+    """Achievable memory read bandwidth in GB/s: the median time of a :class:`ReadProbe`, with
+    torch's current thread count."""
+    probe = ReadProbe(device, nbytes)
+    return probe.gbps(time_ms(probe, device=device, warmup=2, repeat=10))
 
 
 def _cpu_name() -> str:

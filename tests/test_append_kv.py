@@ -59,18 +59,23 @@ def test_all_padding(backend):
     assert torch.equal(k_cache, before)
 
 
-@pytest.mark.parametrize("block_size", [1, 16])
-def test_append_then_attend(backend, block_size):
+@pytest.mark.parametrize("block_size,pool", [(1, "full"), (16, "full"), (16, "allocated")])
+def test_append_then_attend(backend, block_size, pool):
     """Prefill three prompts into shuffled blocks with append_kv, then decode one token each:
-    attention over the cache equals the reference on the same cache."""
+    attention over the cache equals the reference on the same cache. pool: a cache filled with
+    7.0 (never read: all overwritten), or an 8 MB one from allocate_kv_cache (on a Linux CPU,
+    a view into a huge-page mapping)."""
     hq, hkv, d = 8, 2, 64
     lens = [5, 33, 18]
     m = max(lens) // block_size + 2
-    num_blocks = len(lens) * m
-    tables = torch.randperm(num_blocks).view(len(lens), m).to(torch.int32)
+    num_blocks = len(lens) * m if pool == "full" else 1030
+    tables = torch.randperm(num_blocks)[: len(lens) * m].view(len(lens), m).to(torch.int32)
     shape = (num_blocks, block_size, hkv, d)
-    k_cache = torch.full(shape, 7.0).to(backend.device)  # never read: all overwritten
-    v_cache = torch.full(shape, 7.0).to(backend.device)
+    if pool == "full":
+        k_cache = torch.full(shape, 7.0).to(backend.device)
+        v_cache = torch.full(shape, 7.0).to(backend.device)
+    else:
+        k_cache, v_cache = ops.allocate_kv_cache(*shape, device=backend.device)
     pos = torch.cat([torch.arange(n) for n in lens])
     seq = torch.cat([torch.full((n,), b) for b, n in enumerate(lens)])
     slots = tables[seq, pos // block_size].long() * block_size + pos % block_size

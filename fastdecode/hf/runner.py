@@ -28,6 +28,7 @@ import torch
 from fastdecode.hf import attention as _attention
 from fastdecode.hf import transform
 from fastdecode.hf.context import PagedContext
+from fastdecode.ops.memory import allocate_kv_cache
 
 
 def uses_attention_interface(model: torch.nn.Module) -> bool:
@@ -92,8 +93,9 @@ class PagedRunner:
         self.num_layers = layers
         shape = (num_blocks, block_size, kv_heads, head_dim)
         dtype = kv_dtype or param.dtype
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        pools = [allocate_kv_cache(*shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        self.k_caches = [k for k, _ in pools]
+        self.v_caches = [v for _, v in pools]
         self._kv = _attention.LayerCaches(self.k_caches, self.v_caches)
         self._configs = _configs(model)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(

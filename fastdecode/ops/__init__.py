@@ -6,6 +6,7 @@ Every op takes ``backend="auto" | "cuda" | "triton" | "cpu" | "torch"`` (see
 
 from fastdecode.ops._backends import BackendUnavailableError, available_backends, is_available
 from fastdecode.ops.attention import append_kv, paged_attention
+from fastdecode.ops.memory import allocate_kv_cache
 from fastdecode.ops.sampling import apply_repetition_penalty, process_logits, sample
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "sample",
     "process_logits",
     "apply_repetition_penalty",
+    "allocate_kv_cache",
     "available_backends",
     "is_available",
     "BackendUnavailableError",
