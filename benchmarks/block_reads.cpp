@@ -8,16 +8,19 @@
 // 16 tokens x 3 kv heads x 64 fp32 = 12 KiB, the blocks of all sequences shuffled over the pool.
 // Each sequence is read in tiles of two blocks, K then V, with a few dependent FMAs per 64-byte
 // line (about the attention kernel's arithmetic per line), either with no software prefetch or
-// with the next tile prefetched line by line as the current one is read (the kernel's scheme).
+// with the next tile prefetched line by line as the current one is read (the kernel's scheme),
+// and on pools of 4 KiB pages or advised for huge pages.
 // Each figure is the ratio of its read bandwidth to that of a sequential read of 512 MiB timed
 // just before and after it (same threads), the median over rounds: drift on a shared machine
 // hits both sides alike.
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <random>
 #include <string>
@@ -38,19 +41,32 @@ inline __m512 work(__m512 x, __m512 acc) {
   return acc;
 }
 
+// K and V pools, on 4 KiB pages or advised for 2 MiB pages before their first touch (as
+// fastdecode.ops.allocate_kv_cache does), and the shuffled block tables.
 struct Pool {
-  std::vector<float> k, v;
+  static constexpr size_t kBytes = kBlocks * kBlockBytes, kHuge = 2 << 20;
+  char* k;
+  char* v;
   std::vector<int> table;  // [kSeqs, kBlocksPerSeq] -> block
-  Pool() : k(kBlocks * kBlockBytes / 4, 1e-3f), v(k), table(kBlocks) {
+  explicit Pool(bool huge) : k(alloc(huge)), v(alloc(huge)), table(kBlocks) {
     for (long i = 0; i < kBlocks; ++i) table[i] = static_cast<int>(i);
     std::shuffle(table.begin(), table.end(), std::mt19937(1));
+  }
+  ~Pool() {
+    std::free(k);
+    std::free(v);
+  }
+  static char* alloc(bool huge) {
+    auto* p = static_cast<char*>(std::aligned_alloc(kHuge, kBytes));
+    if (huge) madvise(p, kBytes, MADV_HUGEPAGE);  // refused: 4 KiB pages
+    std::fill_n(reinterpret_cast<float*>(p), kBytes / 4, 1e-3f);
+    return p;
   }
   const char* line(const int* blocks, long tile, long n) const {  // n-th line of a tile
     const bool is_v = n >= kTileBlocks * kLinesPerBlock;
     n %= kTileBlocks * kLinesPerBlock;
-    const float* base = is_v ? v.data() : k.data();
-    return reinterpret_cast<const char*>(base) +
-           blocks[tile * kTileBlocks + n / kLinesPerBlock] * kBlockBytes + n % kLinesPerBlock * 64;
+    return (is_v ? v : k) + blocks[tile * kTileBlocks + n / kLinesPerBlock] * kBlockBytes +
+           n % kLinesPerBlock * 64;
   }
 };
 
@@ -112,7 +128,7 @@ std::string cpu_name() {
 }  // namespace
 
 int main() {
-  const Pool pool;
+  const Pool plain(false), huge(true);
   const std::vector<float> seq(1L << 27, 1.f);  // 512 MiB
   const double block_bytes = 2.0 * kBlocks * kBlockBytes, seq_bytes = 4.0 * seq.size();
   std::printf("# scattered block reads vs a sequential read (cpu)\n\n"
@@ -121,24 +137,24 @@ int main() {
               "%ld blocks of K and of V, 12 KiB each, shuffled; tiles of %ld blocks; %d FMAs per "
               "line. Ratio = block-read bandwidth / sequential-read bandwidth, median of 15 "
               "rounds (min, max).\n\n"
-              "| threads | software prefetch | block reads GB/s | sequential GB/s | ratio | min | max |\n"
-              "|---|---|---|---|---|---|---|\n",
+              "| threads | pages | software prefetch | block reads GB/s | sequential GB/s | ratio | min "
+              "| max |\n|---|---|---|---|---|---|---|---|\n",
               cpu_name().c_str(), omp_get_max_threads(), kBlocks, kTileBlocks, kFmasPerLine);
   for (int threads : {1, omp_get_max_threads()}) {
-    for (bool prefetch : {false, true}) {
+    for (auto [pool, prefetch] : {std::pair{&plain, false}, {&plain, true}, {&huge, true}}) {
       std::vector<double> ratio, gbps, seq_gbps;
       for (int round = 0; round < 15; ++round) {
         const double s0 = read_sequential(seq, threads);
-        const double t = read_blocks(pool, threads, prefetch);
+        const double t = read_blocks(*pool, threads, prefetch);
         const double s1 = read_sequential(seq, threads);
         gbps.push_back(block_bytes / t / 1e9);
         seq_gbps.push_back(seq_bytes / ((s0 + s1) / 2) / 1e9);
         ratio.push_back(gbps.back() / seq_gbps.back());
       }
       for (auto* v : {&ratio, &gbps, &seq_gbps}) std::sort(v->begin(), v->end());
-      std::printf("| %d | %s | %.1f | %.1f | %.2f | %.2f | %.2f |\n", threads,
-                  prefetch ? "next tile" : "none", gbps[7], seq_gbps[7], ratio[7], ratio.front(),
-                  ratio.back());
+      std::printf("| %d | %s | %s | %.1f | %.1f | %.2f | %.2f | %.2f |\n", threads,
+                  pool == &huge ? "2 MiB advised" : "4 KiB", prefetch ? "next tile" : "none",
+                  gbps[7], seq_gbps[7], ratio[7], ratio.front(), ratio.back());
     }
   }
 }
