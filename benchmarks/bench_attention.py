@@ -12,8 +12,10 @@ hits both sides of the ratio alike.
 
 All large tensors (paged pools, contiguous baselines, the probe) are allocated the way
 ``fastdecode.ops.allocate_kv_cache`` allocates KV pools: in huge pages where the machine allows.
-On CPU one more row times the kernel on a plain torch allocation (4 KiB pages unless the
-machine puts every allocation in huge pages), to show what the pool allocation is worth.
+On CPU two more rows time the kernel on a plain torch allocation (4 KiB pages unless the
+machine puts every allocation in huge pages), to show what the pool allocation is worth, and on
+block tables handed out in pool order (each sequence's KV one contiguous run), to show what the
+scattered blocks cost.
 
 Baselines, measured in the same run on the same keys and values:
 - ``sdpa contiguous``: torch SDPA with the KV stored contiguously ([B, Hkv, L, D], no paging),
@@ -95,10 +97,18 @@ class Problem:
         shape = (c.batch, c.num_kv_heads, c.kv_len, c.head_dim)
         return self.gather(tuple(zeros(shape, dtype=c.dtype, device=c.device) for _ in "kv"))
 
-    def fastdecode(self, backend: str, caches: Optional[tuple] = None):
+    def fastdecode(self, backend: str, caches: Optional[tuple] = None,
+                   block_tables: Optional[torch.Tensor] = None):
         k, v = caches or (self.k_cache, self.v_cache)
-        return lambda: ops.paged_attention(self.query, k, v, self.block_tables, self.seq_lens,
+        tables = self.block_tables if block_tables is None else block_tables
+        return lambda: ops.paged_attention(self.query, k, v, tables, self.seq_lens,
                                            out=self.out, backend=backend)
+
+    def in_order_tables(self) -> torch.Tensor:
+        """Block tables [B, M] handing out the pool in order: sequence b owns blocks
+        b * M .. b * M + M - 1."""
+        t = self.block_tables
+        return torch.arange(t.numel(), device=t.device, dtype=t.dtype).view_as(t)
 
     def sdpa_gqa(self):
         q = self.query.unsqueeze(2)  # [B, Hq, 1, D]
@@ -128,18 +138,20 @@ PROBE = "read bandwidth probe"
 
 
 def measure(problem: Problem, backends: list[str], repeat: int, probe: ReadProbe,
-            plain_pages: bool = False) -> dict[str, tuple]:
+            cpu_variants: bool = False) -> dict[str, tuple]:
     """Per method (and the probe): (median wall ms, median process CPU ms or None on cuda),
-    timed round-robin. plain_pages: also time the cpu kernel on a plain torch copy of the
-    pools."""
+    timed round-robin. cpu_variants: also time the cpu kernel on a plain torch copy of the
+    pools, and on block tables in pool order."""
     dev = problem.cfg.device
     fns = {}
     for name in backends:
         problem.check(name)
         fns[f"fastdecode {name}"] = problem.fastdecode(name)
-    if plain_pages and "cpu" in backends:
+    if cpu_variants and "cpu" in backends:
         plain = (problem.k_cache.clone(), problem.v_cache.clone())
         fns["fastdecode cpu, plain torch allocation"] = problem.fastdecode("cpu", plain)
+        fns["fastdecode cpu, blocks in pool order"] = problem.fastdecode(
+            "cpu", block_tables=problem.in_order_tables())
     fns["sdpa contiguous (enable_gqa)"] = problem.sdpa_gqa()
     fns["sdpa contiguous (grouped q)"] = problem.sdpa_grouped()
     fns["gather + sdpa"] = problem.gather_sdpa()
@@ -216,7 +228,7 @@ def main() -> None:
 
     problem = Problem(cfg)
     rows = rows_for(cfg, measure(problem, backends, args.repeat, probe,
-                                 plain_pages=args.device == "cpu"), probe)
+                                 cpu_variants=args.device == "cpu"), probe)
     columns = ["method", "ms", "GB/s", "% of read BW", "speedup vs sdpa"]
     if args.device == "cpu":
         columns.append("process CPU ms")

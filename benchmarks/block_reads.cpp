@@ -8,8 +8,8 @@
 // 16 tokens x 3 kv heads x 64 fp32 = 12 KiB, the blocks of all sequences shuffled over the pool.
 // Each sequence is read in tiles of two blocks, K then V, with a few dependent FMAs per 64-byte
 // line (about the attention kernel's arithmetic per line), either with no software prefetch or
-// with the next tile prefetched line by line as the current one is read (the kernel's scheme),
-// and on pools of 4 KiB pages or advised for huge pages.
+// with the next tile prefetched into L1 line by line as the current one is read (the kernel's
+// scheme), and on pools of 4 KiB pages or advised for huge pages.
 // Each figure is the ratio of its read bandwidth to that of a sequential read of 512 MiB timed
 // just before and after it (same threads), the median over rounds: drift on a shared machine
 // hits both sides alike.
@@ -82,7 +82,7 @@ double read_blocks(const Pool& pool, int threads, bool prefetch) {
     for (long tile = 0; tile < tiles; ++tile) {
       for (long n = 0; n < lines; n += 4) {
         if (prefetch && tile + 1 < tiles) {
-          for (long u = 0; u < 4; ++u) __builtin_prefetch(pool.line(blocks, tile + 1, n + u), 0, 2);
+          for (long u = 0; u < 4; ++u) __builtin_prefetch(pool.line(blocks, tile + 1, n + u), 0, 3);
         }
         const auto* x = reinterpret_cast<const float*>(pool.line(blocks, tile, n));
         a0 = work(_mm512_loadu_ps(x), a0);

