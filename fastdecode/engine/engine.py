@@ -137,18 +137,21 @@ class Engine:
         was last reported."""
         with self._exclusive():
             self._advance()
-        return self._report(None)
+            return self._report(None)
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
         if not self._stepping.acquire(blocking=False):
-            raise RuntimeError("Engine.step() is already running (in another thread, or in "
-                               "generate() / stream()): one thread steps at a time; "
-                               "add_request() and abort() may be called from any thread")
+            self._refuse()
         try:
             yield
         finally:
             self._stepping.release()
+
+    def _refuse(self) -> None:
+        raise RuntimeError("Engine.step() is already running (in another thread, or in "
+                           "generate() / stream()): one thread steps at a time; add_request() "
+                           "and abort() may be called from any thread")
 
     def _advance(self) -> None:
         with self._lock:
@@ -190,6 +193,8 @@ class Engine:
             params = [params] * len(prompts)
         elif len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        if self._stepping.locked():
+            self._refuse()  # before queueing anything (a race past this check aborts them)
         seqs: list[Sequence] = []
         try:
             for prompt, p in zip(prompts, params):
@@ -214,6 +219,8 @@ class Engine:
                ) -> Iterator[RequestOutput]:
         """Yield the request's output each step it gets tokens, until it finishes. Closing the
         iterator early aborts the request (``step()`` then reports the abort)."""
+        if self._stepping.locked():
+            self._refuse()
         seq = self._add(prompt_ids, params, None, claim=True)
         done = False
         try:
@@ -227,7 +234,7 @@ class Engine:
     def _drive(self, request_ids: list[str]) -> list[RequestOutput]:
         with self._exclusive():
             self._advance()
-        return self._report(request_ids)
+            return self._report(request_ids)
 
     def _release(self, seqs: list[Sequence], delivered: bool) -> None:
         """A driver is done with ``seqs``: ``step()`` reports them from now on. Unfinished ones

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from fastdecode import ops
-from fastdecode.ops import _rules
 from fastdecode.engine.block_manager import cdiv
 from fastdecode.engine.scheduler import ScheduledBatch
 from fastdecode.engine.sequence import Sequence
@@ -175,7 +174,8 @@ class ModelRunner:
         return ops.sample(
             logits,
             temperature=_per_row([float(p.temperature) for p in params], torch.float32, dev),
-            top_k=_per_row([_rules.top_k_value(p.top_k) for p in params], torch.int64, dev),
+            # float64 holds any top_k (beyond int64 too: off) for the op to check and map.
+            top_k=_per_row([p.top_k for p in params], torch.float64, dev),
             top_p=_per_row([float(p.top_p) for p in params], torch.float32, dev),
             min_p=_per_row([float(p.min_p) for p in params], torch.float32, dev),
             repetition_penalty=_per_row([float(p.repetition_penalty) for p in params],

@@ -62,12 +62,13 @@ def _onednn() -> bool:
 # Row count the packed layout is tuned for: 8 was fastest at 1, 8 and 32 rows alike.
 _PACK_ROWS = 8
 # oneDNN builds (and keeps, in its primitive cache) one kernel per distinct row count, about
-# 0.6 MiB each: fed every batch size a server sees, that grew by hundreds of MiB. So the packed
-# path only sees a bounded set of row counts: exact up to _EXACT_ROWS (decode batches, what the
-# layout is for), then padded to a multiple of _ROW_STEP up to _PACKED_MAX_ROWS (22 shapes per
-# weight); beyond that, nn.Linear's own product on the original weight, which was within 5% of
-# the packed one from 64 rows on (and padding to coarser buckets cost 10-30% there).
-_EXACT_ROWS = 16
+# 0.6 MiB each: fed every batch size a server sees, a process grew by hundreds of MiB. So the
+# packed path sees a bounded set of row counts (15 per weight shape): exact up to _EXACT_ROWS,
+# where a product costs about the same at any row count (the weight read dominates), then
+# padded to a multiple of _ROW_STEP up to _PACKED_MAX_ROWS (at most 1.3x the exact cost, ~1.15x
+# on average); beyond that nn.Linear's own product on the original weight, within 5% of the
+# packed one from 64 rows on, where padding to coarser buckets cost 10-30%.
+_EXACT_ROWS = 8
 _ROW_STEP = 8
 _PACKED_MAX_ROWS = 64
 

@@ -7,7 +7,7 @@ the same message (the parameter, the allowed range, the value).
 The ranges are the ops' contract, narrowed only where a value would not survive the float32 the
 kernels compute in: a temperature or repetition penalty outside float32's normal range would
 become 0 or inf inside the kernel (then ``1 / 0`` or ``0 * inf``: NaN rows), so it is rejected.
-A top_k beyond int64 keeps its documented meaning (>= vocab_size: off), see :func:`top_k_value`.
+A top_k beyond int64 keeps its documented meaning (>= vocab_size: off).
 """
 
 from __future__ import annotations
@@ -107,8 +107,3 @@ def check_rows(name: str, values: torch.Tensor, *, label: Optional[str] = None) 
         raise ValueError(f"{label or name} must be {rule.allowed}; got {values[row].item()} "
                          f"at row {row}")
 
-
-def top_k_value(k: int) -> int:
-    """The int64 a kernel gets for a valid top_k: ``k``, or 0 (off) outside int64, where the
-    documented meaning (<= 0 or >= vocab_size: off) is off either way."""
-    return k if -_INT64_END <= k < _INT64_END else 0
