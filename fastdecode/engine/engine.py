@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, Optional, Sequence as Seq, Union
+import threading
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional, Sequence as Seq, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from fastdecode.engine.block_manager import BlockManager, cdiv
+from fastdecode.engine.block_manager import BlockManager
 from fastdecode.engine.model_runner import ModelRunner
 from fastdecode.engine.params import RequestOutput, SamplingParams
+from fastdecode.engine.requests import RequestChecks, eos_ids
 from fastdecode.engine.scheduler import Scheduler
 from fastdecode.engine.sequence import Sequence
 
 # Free blocks kept back when admitting new requests, so that running ones can grow a while
 # before anything is preempted (vLLM's default).
 _WATERMARK = 0.01
-
-
-def _eos_ids(model) -> frozenset[int]:
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config.get_text_config(), "eos_token_id", None)
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)
 
 
 class Engine:
@@ -38,6 +31,24 @@ class Engine:
     cache from the memory free now (see :func:`fastdecode.engine.model_runner.default_num_blocks`:
     80% of free GPU memory; on CPU a quarter of the available RAM, at most 8 GiB).
     ``kv_dtype`` defaults to the model's dtype, ``device`` to the model's device.
+
+    Threads. ``add_request``, ``abort``, ``has_unfinished`` and ``stats`` may be called from any
+    thread, also while another thread is inside ``step()``: a request added then joins the next
+    step; one aborted then has its blocks freed at once and its tokens of that step dropped. The
+    forward pass runs outside the engine's lock, so they never wait for the model. One thread
+    steps at a time: ``step()``, ``generate()`` or ``stream()`` called while a step runs raises
+    RuntimeError at once rather than waiting.
+
+    Outputs. Every request ends with exactly one final output (``finished=True``). ``step()``
+    returns one output per request that got tokens or ended since it was last reported (its
+    ``new_ids``: the tokens since then), including requests aborted meanwhile and requests that
+    ended while ``generate()`` / ``stream()`` stepped for other requests. ``generate()`` and
+    ``stream()`` report their own requests; if they exit early (an error, Ctrl-C, a stream
+    closed) their unfinished requests are aborted and ``step()`` reports them. When ``step()``
+    raises (e.g. the model's forward failed), nothing is lost: pending outputs come with the
+    next call, and stepping again retries the same work. A request whose sampling or
+    bookkeeping fails ends alone with finish_reason "error" and ``RequestOutput.error`` naming
+    it; the others go on.
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
@@ -48,171 +59,213 @@ class Engine:
                              f"{num_blocks}")
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_blocks,
                                   max_num_seqs=max_num_seqs, kv_dtype=kv_dtype, device=device)
-        self.blocks = BlockManager(self.runner.num_blocks, block_size, watermark=_WATERMARK)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
-                                   max_batch_tokens=max_batch_tokens)
         cfg = model.config.get_text_config()
         self.vocab_size: int = cfg.vocab_size
         self.max_model_len: Optional[int] = getattr(cfg, "max_position_embeddings", None)
-        self.eos_ids = _eos_ids(model)
+        self.eos_ids = eos_ids(model, self.vocab_size)
+        self.blocks = BlockManager(self.runner.num_blocks, block_size, watermark=_WATERMARK)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
+                                   max_batch_tokens=max_batch_tokens,
+                                   max_model_len=self.max_model_len)
+        self._check = RequestChecks(self.vocab_size, self.max_model_len, self.runner.num_blocks,
+                                    block_size)
+        # _lock guards every structure below and the scheduler's; _stepping admits one stepper.
+        self._lock = threading.RLock()
+        self._stepping = threading.Lock()
         self._requests: dict[str, Sequence] = {}  # every unfinished request
-        self._aborted: list[Sequence] = []         # reported by the next step()
+        self._pending: dict[str, Sequence] = {}   # progress not reported yet (finished ones too)
+        self._claimed: set[str] = set()  # reported by the generate() / stream() running them
         self._arrivals = itertools.count()
         self._ids = itertools.count()
         self._last_batch = (0, 0)
-        self._generated = 0
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None) -> str:
-        """Queue a request; returns its id. Raises ValueError for a request that cannot run."""
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        prompt = self._check_prompt(prompt_ids, params)
-        if request_id is None:
-            # Generated ids are never reused, so outputs of a finished request stay unambiguous.
-            request_id = next(r for r in (f"req-{n}" for n in self._ids)
-                              if r not in self._requests)
-        elif not isinstance(request_id, str):
+        """Queue a request; returns its id. Raises ValueError for a request that cannot run
+        (bad ids, stop ids outside the vocabulary, too long for the context or the cache)."""
+        return self._add(prompt_ids, params, request_id, claim=False).request_id
+
+    def _add(self, prompt_ids, params: Optional[SamplingParams], request_id: Optional[str],
+             claim: bool) -> Sequence:
+        prompt, params = self._check(prompt_ids, params)
+        if request_id is not None and not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
-        elif request_id in self._requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
         stop = frozenset(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop |= self.eos_ids
-        seq = Sequence(request_id, prompt, params, next(self._arrivals), stop)
-        self._requests[request_id] = seq
-        self.scheduler.add(seq)
-        return request_id
+        with self._lock:
+            if request_id is None:
+                # Generated ids are never reused, so outputs of a finished request stay
+                # unambiguous.
+                request_id = next(r for r in (f"req-{n}" for n in self._ids)
+                                  if not self._in_use(r))
+            elif self._in_use(request_id):
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            seq = Sequence(request_id, prompt, params, next(self._arrivals), stop)
+            self._requests[request_id] = seq
+            if claim:
+                self._claimed.add(request_id)
+            self.scheduler.add(seq)
+        return seq
 
-    def _check_prompt(self, prompt_ids, params: SamplingParams) -> list[int]:
-        if isinstance(prompt_ids, torch.Tensor):
-            if prompt_ids.dim() != 1 or prompt_ids.is_floating_point():
-                raise ValueError(f"prompt_ids must be a 1-D integer tensor, got "
-                                 f"{prompt_ids.dtype} {tuple(prompt_ids.shape)}")
-            prompt_ids = prompt_ids.tolist()
-        prompt = list(prompt_ids)
-        if not prompt:
-            raise ValueError("prompt_ids is empty")
-        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int)
-               or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_ids must be token ids in [0, {self.vocab_size}); got "
-                             f"{bad[0]!r}")
-        if self.max_model_len is not None and len(prompt) > self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt)} tokens, more than the model's context "
-                             f"(max_position_embeddings={self.max_model_len})")
-        # Every token but the last generated one is fed to the model and cached.
-        cached = len(prompt) + params.max_new_tokens - 1
-        if self.max_model_len is not None:
-            cached = min(cached, self.max_model_len)
-        need = cdiv(cached, self.blocks.block_size)
-        if need > self.blocks.num_blocks:
-            raise ValueError(f"prompt + max_new_tokens need {need} KV blocks, the cache has "
-                             f"{self.blocks.num_blocks}")
-        return prompt
+    def _in_use(self, request_id: str) -> bool:
+        """Running, or finished with its final output not yet handed out."""
+        return request_id in self._requests or request_id in self._pending
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks now; the next ``step()`` reports it as "abort".
         Unknown or already finished ids are ignored (the request may have just completed)."""
-        seq = self._requests.pop(request_id, None)
-        if seq is not None:
-            self.scheduler.finish(seq, "abort")
-            self._aborted.append(seq)
+        with self._lock:
+            seq = self._requests.get(request_id)
+            if seq is not None:
+                self._end(seq, "abort")
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        del self._requests[seq.request_id]
+        self._pending[seq.request_id] = seq
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests or self._aborted)
+        """Whether a request is running or waiting, or an output is waiting for ``step()``."""
+        with self._lock:
+            return bool(self._requests) or any(r not in self._claimed for r in self._pending)
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
-        """One scheduling step; an output for each request that got tokens or finished."""
-        outputs = [seq.take_output() for seq in self._aborted]
-        self._aborted.clear()
-        batch = self.scheduler.schedule()
-        self._last_batch = (batch.num_prefill_tokens, batch.num_decode_tokens)
-        if not batch.seqs:
-            return outputs
-        tokens = self.runner.execute(batch)
-        for seq, n, tok in zip(batch.seqs, batch.num_new, tokens):
-            seq.num_computed += n
-            if tok is None:
-                continue
-            if tok < 0:
-                self.scheduler.finish(seq, "error")
-            else:
-                seq.token_ids.append(tok)
-                self._generated += 1
-                reason = self._finish_reason(seq, tok)
-                if reason is not None:
-                    self.scheduler.finish(seq, reason)
-            if seq.is_finished:
-                del self._requests[seq.request_id]
-            outputs.append(seq.take_output())
-        return outputs
+        """One scheduling step; an output for each request that got tokens or ended since it
+        was last reported."""
+        with self._exclusive():
+            self._advance()
+            return self._report(None)
 
-    def _finish_reason(self, seq: Sequence, tok: int) -> Optional[str]:
-        if tok in seq.stop_ids:  # masked by the sampler before min_new_tokens
-            return "stop"
-        if seq.num_generated >= seq.params.max_new_tokens:
-            return "length"
-        if self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        if not self._stepping.acquire(blocking=False):
+            self._refuse()
+        try:
+            yield
+        finally:
+            self._stepping.release()
+
+    def _refuse(self) -> None:
+        raise RuntimeError("Engine.step() is already running (in another thread, or in "
+                           "generate() / stream()): one thread steps at a time; add_request() "
+                           "and abort() may be called from any thread")
+
+    def _advance(self) -> None:
+        with self._lock:
+            batch = self.scheduler.schedule()
+            self._last_batch = (batch.num_prefill_tokens, batch.num_decode_tokens)
+            if not batch.seqs:
+                return
+            inputs = self.runner.prepare(batch)
+        tokens, errors = self.runner.run(inputs)  # unlocked: add_request / abort go on
+        with self._lock:
+            for seq in self.scheduler.postprocess(batch, tokens, errors):
+                if seq.is_finished:
+                    del self._requests[seq.request_id]
+                self._pending[seq.request_id] = seq
+
+    def _report(self, request_ids: Optional[Iterable[str]]) -> list[RequestOutput]:
+        """Hand out pending outputs: of ``request_ids``, or of every unclaimed request."""
+        with self._lock:
+            if request_ids is None:
+                picked = [s for r, s in self._pending.items() if r not in self._claimed]
+            else:
+                picked = [self._pending[r] for r in request_ids if r in self._pending]
+            for seq in picked:
+                del self._pending[seq.request_id]
+            return [seq.take_output() for seq in picked]
 
     # ------------------------------------------------------------------ drivers
     def generate(self, prompts, params: Union[None, SamplingParams, Seq[SamplingParams]] = None,
                  *, progress: bool = False) -> list[RequestOutput]:
         """Run ``prompts`` to completion; their final outputs in input order.
 
-        params: one SamplingParams for all, or a list with one per prompt. Requests queued
-        before keep running alongside, their outputs are not returned here.
+        params: one SamplingParams for all, or a list with one per prompt. All or nothing: a
+        bad prompt raises before any runs. Requests queued before keep running alongside; their
+        outputs are left for ``step()``. On an exception (Ctrl-C included) the prompts' unfinished
+        requests are aborted, and ``step()`` reports every one of them.
         """
         prompts = prompts.tolist() if isinstance(prompts, torch.Tensor) else list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         elif len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        ids: list[str] = []
+        if self._stepping.locked():
+            self._refuse()  # before queueing anything (a race past this check aborts them)
+        seqs: list[Sequence] = []
         try:
             for prompt, p in zip(prompts, params):
-                ids.append(self.add_request(prompt, p))
+                seqs.append(self._add(prompt, p, None, claim=True))
         except Exception:
-            for rid in ids:  # all or nothing: withdraw what was queued before the bad prompt
-                self.scheduler.finish(self._requests.pop(rid), "abort")
+            self._withdraw(seqs)
             raise
-        finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), disable=not progress, desc="requests") as bar:
-            pending = set(ids)
-            while pending:
-                for out in self.step():
-                    if out.finished and out.request_id in pending:
-                        pending.discard(out.request_id)
-                        finished[out.request_id] = out
-                        bar.update(1)
-        return [finished[rid] for rid in ids]
+        ids = [s.request_id for s in seqs]
+        finals: dict[str, RequestOutput] = {}
+        try:
+            with tqdm(total=len(ids), disable=not progress, desc="requests") as bar:
+                while len(finals) < len(ids):
+                    for out in self._drive(ids):
+                        if out.finished:
+                            finals[out.request_id] = out
+                            bar.update(1)
+        finally:
+            self._release(seqs, delivered=len(finals) == len(ids))
+        return [finals[rid] for rid in ids]
 
     def stream(self, prompt_ids, params: Optional[SamplingParams] = None
                ) -> Iterator[RequestOutput]:
         """Yield the request's output each step it gets tokens, until it finishes. Closing the
-        iterator early aborts the request."""
-        rid = self.add_request(prompt_ids, params)
+        iterator early aborts the request (``step()`` then reports the abort)."""
+        if self._stepping.locked():
+            self._refuse()
+        seq = self._add(prompt_ids, params, None, claim=True)
+        done = False
         try:
-            while True:
-                for out in self.step():
-                    if out.request_id == rid:
-                        yield out
-                        if out.finished:
-                            return
+            while not done:
+                for out in self._drive([seq.request_id]):
+                    done = out.finished
+                    yield out
         finally:
-            self.abort(rid)
+            self._release([seq], delivered=done)
+
+    def _drive(self, request_ids: list[str]) -> list[RequestOutput]:
+        with self._exclusive():
+            self._advance()
+            return self._report(request_ids)
+
+    def _release(self, seqs: list[Sequence], delivered: bool) -> None:
+        """A driver is done with ``seqs``: ``step()`` reports them from now on. Unfinished ones
+        are aborted; unless the driver ``delivered`` their final outputs, finished ones are
+        reported again (with their full output) so that none is lost."""
+        with self._lock:
+            for seq in seqs:
+                self._claimed.discard(seq.request_id)
+                if seq.request_id in self._requests:
+                    self._end(seq, "abort")
+                elif not delivered:
+                    self._pending[seq.request_id] = seq
+
+    def _withdraw(self, seqs: list[Sequence]) -> None:
+        """Take back requests whose ids the caller never saw: no output at all."""
+        with self._lock:
+            for seq in seqs:
+                self._claimed.discard(seq.request_id)
+                self._pending.pop(seq.request_id, None)  # aborted by a thread that guessed its id
+                if self._requests.pop(seq.request_id, None) is not None:
+                    self.scheduler.finish(seq, "abort")
 
     @property
     def stats(self) -> dict[str, int]:
         """Requests running / waiting, KV blocks free, preemptions so far, the last step's
         prefill / decode token counts and the tokens generated so far."""
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "free_blocks": self.blocks.num_free_blocks, "num_blocks": self.blocks.num_blocks,
-                "preemptions": self.scheduler.num_preemptions,
-                "prefill_tokens": self._last_batch[0], "decode_tokens": self._last_batch[1],
-                "generated_tokens": self._generated}
+        with self._lock:
+            return {"running": len(self.scheduler.running),
+                    "waiting": len(self.scheduler.waiting),
+                    "free_blocks": self.blocks.num_free_blocks,
+                    "num_blocks": self.blocks.num_blocks,
+                    "preemptions": self.scheduler.num_preemptions,
+                    "prefill_tokens": self._last_batch[0], "decode_tokens": self._last_batch[1],
+                    "generated_tokens": self.scheduler.num_generated}

@@ -7,7 +7,8 @@ The only engine file that builds device tensors. The model itself runs through
 from __future__ import annotations
 
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -15,6 +16,9 @@ from fastdecode import ops
 from fastdecode.engine.block_manager import cdiv
 from fastdecode.engine.scheduler import ScheduledBatch
 from fastdecode.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from fastdecode.hf.context import PagedContext
 
 _CPU_CACHE_FRACTION = 0.25   # of the RAM available now
 _CPU_CACHE_CAP = 8 << 30     # bytes: a CPU decodes too slowly to use a larger cache
@@ -59,6 +63,21 @@ def _per_row(values: list, dtype: torch.dtype, device: torch.device):
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+@dataclass
+class StepInputs:
+    """One step, ready to run. input_ids, positions: [T] int64; ctx: the paged attention
+    context; copies: copy-on-write ``(src, dst)`` blocks to apply first; rows: the batch entries
+    that draw a token, seqs their sequences; num_entries: the batch's entries."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    ctx: "PagedContext"
+    copies: list[tuple[int, int]]
+    rows: list[int]
+    seqs: list[Sequence]
+    num_entries: int
+
+
 class ModelRunner:
     def __init__(self, model, *, block_size: int, num_blocks: Optional[int], max_num_seqs: int,
                  kv_dtype: Optional[torch.dtype], device) -> None:
@@ -78,11 +97,12 @@ class ModelRunner:
         self.paged = PagedRunner(model, num_blocks=num_blocks, block_size=block_size,
                                  kv_dtype=kv_dtype, device=self.device)
 
-    @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[Optional[int]]:
-        """Run the step. Returns, per batch entry, the token drawn (-1: no finite logit) or None
-        for a prompt chunk that does not reach the end of its sequence."""
-        self._copy_blocks(batch.block_copies)
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """The step's forward inputs, read from the requests now.
+
+        The Engine calls this under its lock: ``abort`` from another thread may free a block
+        table at any other moment. ``run`` reads nothing that ``abort`` changes.
+        """
         ids: list[int] = []
         positions: list[int] = []
         for seq, n in zip(batch.seqs, batch.num_new):
@@ -92,18 +112,48 @@ class ModelRunner:
         ctx = self._build_context([s.block_table for s in batch.seqs],
                                  [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
                                  batch.num_new, self.block_size, self.device)
-        logits = self.paged.forward(torch.tensor(ids, dtype=torch.int64, device=self.device),
-                                    torch.tensor(positions, dtype=torch.int64, device=self.device),
-                                    ctx)
         rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
-        tokens: list[Optional[int]] = [None] * len(batch.seqs)
-        if rows:
-            if len(rows) < len(batch.seqs):
-                logits = logits[torch.tensor(rows, device=self.device)]
-            drawn = self._sample(logits, [batch.seqs[i] for i in rows]).tolist()
-            for i, tok in zip(rows, drawn):
+        return StepInputs(torch.tensor(ids, dtype=torch.int64, device=self.device),
+                          torch.tensor(positions, dtype=torch.int64, device=self.device),
+                          ctx, list(batch.block_copies), rows, [batch.seqs[i] for i in rows],
+                          len(batch.seqs))
+
+    @torch.inference_mode()
+    def run(self, step: StepInputs) -> tuple[list[Optional[int]], dict[int, str]]:
+        """The forward pass and the sampling call.
+
+        Returns ``(tokens, errors)``: per batch entry the token drawn (-1: no finite logit) or
+        None for a prompt chunk short of its sequence's end; and, for entries whose sampling
+        raised, why. A forward-pass failure raises (it is no single request's fault).
+        """
+        self._copy_blocks(step.copies)
+        logits = self.paged.forward(step.input_ids, step.positions, step.ctx)
+        tokens: list[Optional[int]] = [None] * step.num_entries
+        errors: dict[int, str] = {}
+        if step.rows:
+            if len(step.rows) < step.num_entries:
+                logits = logits[torch.tensor(step.rows, device=self.device)]
+            drawn, failed = self._sample_rows(logits, step.seqs)
+            for i, tok in zip(step.rows, drawn):
                 tokens[i] = tok
-        return tokens
+            errors = {step.rows[j]: why for j, why in failed.items()}
+        return tokens, errors
+
+    def _sample_rows(self, logits: torch.Tensor,
+                     seqs: list[Sequence]) -> tuple[list[int], dict[int, str]]:
+        """One batched sampling call; if it raises, each row alone, so that only the rows that
+        fail on their own fail (a seeded row draws the same token either way)."""
+        try:
+            return self._sample(logits, seqs).tolist(), {}
+        except Exception:
+            pass  # the rows alone, below, tell which fail and why
+        drawn, failed = [-1] * len(seqs), {}
+        for j, seq in enumerate(seqs):
+            try:
+                drawn[j] = int(self._sample(logits[j:j + 1], [seq])[0])
+            except Exception as exc:
+                failed[j] = f"sampling failed: {type(exc).__name__}: {exc}"
+        return drawn, failed
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """logits: [B, V] float32 of each sequence's last token. Returns [B] int64."""
@@ -124,7 +174,8 @@ class ModelRunner:
         return ops.sample(
             logits,
             temperature=_per_row([float(p.temperature) for p in params], torch.float32, dev),
-            top_k=_per_row([p.top_k for p in params], torch.int64, dev),
+            # float64 holds any top_k (beyond int64 too: off) for the op to check and map.
+            top_k=_per_row([p.top_k for p in params], torch.float64, dev),
             top_p=_per_row([float(p.top_p) for p in params], torch.float32, dev),
             min_p=_per_row([float(p.min_p) for p in params], torch.float32, dev),
             repetition_penalty=_per_row([float(p.repetition_penalty) for p in params],

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
+
+from fastdecode.ops import _rules
 
 
-def _check(name: str, ok: bool, allowed: str, value) -> None:
-    if not ok:
-        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+def _checked(name: str, value):
+    return _rules.check(name, value, label=f"SamplingParams.{name}")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded; semantics are those of ``model.generate``.
 
@@ -28,6 +22,13 @@ class SamplingParams:
     draws come from torch's global RNG. ``stop_token_ids`` end the request like EOS (the token
     is kept in the output). ``ignore_eos`` keeps generating through EOS; ``min_new_tokens``
     forbids EOS and the stop ids until that many tokens were generated.
+
+    Immutable (assigning a field raises ``dataclasses.FrozenInstanceError``; derive a variant
+    with ``dataclasses.replace``) and validated at construction against the same ranges as
+    ``ops.sample`` (:mod:`fastdecode.ops._rules`): a ValueError names the field and its range.
+    Numbers are stored as the kernels take them (``temperature=1`` becomes ``1.0``;
+    ``stop_token_ids`` a tuple). Stop ids are checked against the model's vocabulary by
+    ``Engine.add_request``.
     """
 
     max_new_tokens: int = 16
@@ -38,36 +39,35 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[tuple[int, ...]] = None
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        m = self.max_new_tokens
-        _check("max_new_tokens", _is_int(m) and m >= 1, "an integer >= 1", m)
-        m = self.min_new_tokens
-        _check("min_new_tokens", _is_int(m) and 0 <= m <= self.max_new_tokens,
-               f"an integer in [0, max_new_tokens={self.max_new_tokens}]", m)
-        t = self.temperature
-        _check("temperature", _is_number(t) and 0 <= t < float("inf"),
-               "a finite number >= 0 (0 = greedy)", t)
-        _check("top_k", _is_int(self.top_k), "an integer (<= 0 disables it)", self.top_k)
-        p = self.top_p
-        _check("top_p", _is_number(p) and 0 < p <= 1, "in (0, 1]", p)
-        p = self.min_p
-        _check("min_p", _is_number(p) and 0 <= p <= 1, "in [0, 1]", p)
-        r = self.repetition_penalty
-        _check("repetition_penalty", _is_number(r) and 0 < r < float("inf"),
-               "a finite number > 0 (1 disables it)", r)
-        s = self.seed
-        _check("seed", s is None or (_is_int(s) and 0 <= s < 2**63),
-               "None or an integer in [0, 2**63)", s)
-        ids = self.stop_token_ids
-        _check("stop_token_ids",
-               ids is None or all(_is_int(i) and i >= 0 for i in ids),
-               "None or a list of token ids >= 0", ids)
-        if ids is not None:
-            self.stop_token_ids = list(ids)
-        _check("ignore_eos", isinstance(self.ignore_eos, bool), "a bool", self.ignore_eos)
+        for name in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p",
+                     "min_p", "repetition_penalty"):
+            object.__setattr__(self, name, _checked(name, getattr(self, name)))
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"SamplingParams.min_new_tokens must be an integer in "
+                             f"[0, max_new_tokens={self.max_new_tokens}]; got "
+                             f"{self.min_new_tokens}")
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _checked("seed", self.seed))
+        object.__setattr__(self, "stop_token_ids", _stop_ids(self.stop_token_ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"SamplingParams.ignore_eos must be a bool; got "
+                             f"{self.ignore_eos!r}")
+
+
+def _stop_ids(ids: Optional[Iterable[int]]) -> Optional[tuple[int, ...]]:
+    if ids is None:
+        return None
+    values = (tuple(ids) if isinstance(ids, Iterable) and not isinstance(ids, (str, bytes))
+              else None)
+    if values is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                 and i >= 0 for i in values):
+        raise ValueError(f"SamplingParams.stop_token_ids must be None or a list of token ids "
+                         f">= 0; got {_rules.short_repr(ids)}")
+    return tuple(int(i) for i in values)
 
 
 @dataclass
@@ -77,7 +77,8 @@ class RequestOutput:
     output_ids: every generated token so far (not the prompt), including the EOS / stop token that
     finished the request; new_ids: the tokens this step added. finish_reason: None while
     running, then "stop" (EOS or a stop id), "length" (max_new_tokens or the model's context),
-    "abort" or "error" (the sampler found no finite logit).
+    "abort" or "error". error: with "error", what went wrong, naming the request id (e.g. the
+    sampler found no finite logit); None otherwise.
     """
 
     request_id: str
@@ -86,3 +87,4 @@ class RequestOutput:
     new_ids: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: Optional[str] = None
+    error: Optional[str] = None

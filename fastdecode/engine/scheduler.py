@@ -5,13 +5,15 @@ Each step packs, under ``max_batch_tokens``: first one decode token per running 
 admitted in FIFO order while ``max_num_seqs`` and the free blocks allow. When a running request
 needs a block and none is free, the newest running request is preempted: its blocks are freed
 and it goes back to the front of the waiting queue, to be recomputed (prompt + generated
-tokens) once blocks are free again. No torch here.
+tokens) once blocks are free again. ``postprocess`` applies a step's results: every change to a
+request's state after scheduling happens there. No torch here.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Optional
 
 from fastdecode.engine.block_manager import BlockManager
 from fastdecode.engine.sequence import Sequence, Status
@@ -43,7 +45,7 @@ def is_decode(seq: Sequence) -> bool:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
-                 max_batch_tokens: int) -> None:
+                 max_batch_tokens: int, max_model_len: Optional[int] = None) -> None:
         if max_num_seqs < 1 or max_batch_tokens < 1:
             raise ValueError(f"max_num_seqs and max_batch_tokens must be >= 1, got "
                              f"{max_num_seqs}, {max_batch_tokens}")
@@ -51,9 +53,11 @@ class Scheduler:
         # Every running request needs a token per step, so more could never run together.
         self.max_num_seqs = min(max_num_seqs, max_batch_tokens)
         self.max_batch_tokens = max_batch_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_generated = 0
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -61,14 +65,14 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
         """End ``seq`` (running or waiting) and free its blocks at once."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         self.blocks.free(seq.block_table)
-        seq.finish(reason)
+        seq.finish(reason, error)
 
     def schedule(self) -> ScheduledBatch:
         batch: dict[Sequence, int] = {}
@@ -120,6 +124,48 @@ class Scheduler:
             else:
                 out.num_prefill_tokens += n
         return out
+
+    def postprocess(self, batch: ScheduledBatch, tokens: list[Optional[int]],
+                    errors: dict[int, str]) -> list[Sequence]:
+        """Apply a step's results; return the sequences that got a token or finished.
+
+        tokens[i]: the token drawn for ``batch.seqs[i]`` (-1: the sampler found no finite
+        logit), or None for a prompt chunk short of the prompt's end. errors[i]: why entry i
+        could not be sampled. A failure ends that request alone, with finish_reason "error" and
+        a message naming it; a request ended while the step ran (aborted) is left as it is.
+        """
+        changed = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
+            if seq.is_finished:
+                continue
+            tok, error = tokens[i], errors.get(i)
+            try:
+                seq.num_computed += n
+                if error is None and tok is None:
+                    continue
+                if error is None and tok < 0:
+                    error = "the sampler found no finite logit (NaN or all -inf logits)"
+                if error is None:
+                    seq.token_ids.append(tok)
+                    self.num_generated += 1
+                    reason = self._finish_reason(seq, tok)
+                    if reason is not None:
+                        self.finish(seq, reason)
+            except Exception as exc:  # this request's own bookkeeping: the others go on
+                error = f"{type(exc).__name__}: {exc}"
+            if error is not None:
+                self.finish(seq, "error", f"request {seq.request_id!r}: {error}")
+            changed.append(seq)
+        return changed
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> Optional[str]:
+        if tok in seq.stop_ids:  # masked by the sampler before min_new_tokens
+            return "stop"
+        if seq.num_generated >= seq.params.max_new_tokens:
+            return "length"
+        if self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

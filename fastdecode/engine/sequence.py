@@ -37,6 +37,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.status = Status.WAITING
         self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None  # why it failed, with finish_reason "error"
         self.num_reported = 0  # generated tokens already handed out in a RequestOutput
 
     @property
@@ -60,13 +61,14 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, error: Optional[str] = None) -> None:
         self.status = Status.FINISHED
         self.finish_reason = reason
+        self.error = error
 
     def take_output(self) -> RequestOutput:
         """The request's state, with the tokens generated since the last call as ``new_ids``."""
         out = self.output_ids
         new, self.num_reported = out[self.num_reported:], len(out)
         return RequestOutput(self.request_id, self.prompt_ids, out, new, self.is_finished,
-                             self.finish_reason)
+                             self.finish_reason, self.error)

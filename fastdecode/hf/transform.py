@@ -61,28 +61,64 @@ def _onednn() -> bool:
 
 # Row count the packed layout is tuned for: 8 was fastest at 1, 8 and 32 rows alike.
 _PACK_ROWS = 8
+# oneDNN builds (and keeps, in its primitive cache) one kernel per distinct row count, about
+# 0.6 MiB each: fed every batch size a server sees, a process grew by hundreds of MiB. So the
+# packed path sees a bounded set of row counts (15 per weight shape): exact up to _EXACT_ROWS,
+# where a product costs about the same at any row count (the weight read dominates), then
+# padded to a multiple of _ROW_STEP up to _PACKED_MAX_ROWS (at most 1.3x the exact cost, ~1.15x
+# on average); beyond that nn.Linear's own product on the original weight, within 5% of the
+# packed one from 64 rows on, where padding to coarser buckets cost 10-30%.
+_EXACT_ROWS = 8
+_ROW_STEP = 8
+_PACKED_MAX_ROWS = 64
+
+
+def packed_rows(rows: int) -> int:
+    """The row count the packed product runs ``rows`` rows at (``rows <= _PACKED_MAX_ROWS``)."""
+    return rows if rows <= _EXACT_ROWS else -(-rows // _ROW_STEP) * _ROW_STEP
 
 
 class _Product:
-    """``y = x @ weight.T (+ bias)``; weight: [out, in] float32 (copied into a faster layout)."""
+    """``y = x @ weight.T (+ bias)``; weight: [out, in] float32 (copied into a faster layout).
+
+    Callers check :meth:`fits` first and run the original nn.Linear product otherwise.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         self.bias = None if bias is None else bias.detach().contiguous()
-        self.out_features = weight.shape[0]
         if _onednn():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS)
             self.weight_t = None
         else:
             self.packed, self.weight_t = None, weight.detach().t().contiguous()
 
+    def fits(self, x: torch.Tensor) -> bool:
+        return self.packed is None or x.numel() <= _PACKED_MAX_ROWS * x.shape[-1]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias,
-                                                      "none", [], "")
         flat = x.reshape(-1, x.shape[-1])
-        y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat,
-                                                                          self.weight_t)
+        if self.packed is None:
+            y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat,
+                                                                              self.weight_t)
+        else:
+            rows = flat.shape[0]
+            pad = packed_rows(rows) - rows
+            if pad:
+                flat = torch.nn.functional.pad(flat, (0, 0, 0, pad))
+            y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, self.bias,
+                                                   "none", [], "")[:rows]
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _single(linear: nn.Linear):
+    product = _Product(linear.weight, linear.bias)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if product.fits(x):
+            return product(x)
+        return torch.nn.functional.linear(x, linear.weight, linear.bias)
+
+    return forward
 
 
 class _FusedGroup:
@@ -100,6 +136,8 @@ class _FusedGroup:
         linear = self.linears[index]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            if not self.product.fits(x):
+                return torch.nn.functional.linear(x, linear.weight, linear.bias)
             if index == 0:
                 self._input, self._outputs = x, self.product(x).split(self.sizes, dim=-1)
                 return self._outputs[0]
@@ -152,7 +190,7 @@ class LinearLayout:
             fused = {id(m) for m, _ in self.forwards}
             for m in model.modules():
                 if _plain(m) and id(m) not in fused:
-                    self.forwards.append((m, _Product(m.weight, m.bias)))
+                    self.forwards.append((m, _single(m)))
                 elif (type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon")
                       and not m._forward_hooks and not m._forward_pre_hooks
                       and "forward" not in m.__dict__):

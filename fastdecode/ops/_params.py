@@ -2,15 +2,19 @@
 
 Public sampling ops accept each parameter as a Python number (all rows) or a ``[B]`` tensor
 (per row). Backends receive a :class:`SamplingTensors`: one ``[B]`` tensor per parameter on the
-logits' device, in a fixed dtype, already validated.
+logits' device, in a fixed dtype, already validated against the ranges of
+:mod:`fastdecode.ops._rules` (the table SamplingParams and the command line check too).
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+
+from fastdecode.ops import _rules
 
 Number = Union[int, float]
 Param = Union[Number, torch.Tensor]
@@ -42,36 +46,40 @@ class SamplingTensors:
     all_greedy: bool = False
 
 
-def _check_rows(name: str, values: torch.Tensor, bad: torch.Tensor, allowed: str) -> None:
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name} must be {allowed}; got {values[row].item()} at row {row}")
-
-
-def _per_row(name: str, value: Param, batch: int, dtype: torch.dtype, device: torch.device,
-             allowed: str, valid) -> tuple[torch.Tensor, Optional[float]]:
-    """Return ``([B] tensor, scalar or None)`` after checking ``valid(tensor) -> bool mask``."""
+def _checked(name: str, value: Param, batch: int) -> Union[Number, torch.Tensor]:
+    """``value`` checked against the rule table: a number for all rows, or a ``[B]`` tensor."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.item()
+        elif value.shape != (batch,):
+            raise ValueError(f"{name} must be a number or a [{batch}] tensor, got shape "
+                             f"{tuple(value.shape)}")
         else:
-            if value.shape != (batch,):
-                raise ValueError(f"{name} must be a number or a [{batch}] tensor, got shape "
-                                 f"{tuple(value.shape)}")
-            if value.is_floating_point() and dtype != torch.float32:
-                bad = value != value.round()
-                _check_rows(name, value, bad, "an integer")
-            host = value.detach().to("cpu", torch.float64)
-            _check_rows(name, host, ~valid(host), allowed)
-            return value.to(device=device, dtype=dtype), None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _rules.check_rows(name, value)
+            return value
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if dtype != torch.float32 and value != int(value):
-        raise ValueError(f"{name} must be an integer, got {value}")
-    host = torch.tensor([float(value)], dtype=torch.float64)
-    if not bool(valid(host)[0]):
-        raise ValueError(f"{name} must be {allowed}; got {value} (all rows)")
-    return torch.full((batch,), value, dtype=dtype, device=device), float(value)
+    return _rules.check(name, value, where=" (all rows)")
+
+
+def _per_row(name: str, value: Param, batch: int,
+             device: torch.device) -> tuple[torch.Tensor, Optional[float]]:
+    """``([B] float32, the scalar when one value serves every row, else None)``."""
+    value = _checked(name, value, batch)
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32), None
+    return torch.full((batch,), value, dtype=torch.float32, device=device), value
+
+
+def _top_k(top_k: Param, batch: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """``([B] int32 with 0 = off, whether any row may filter)``: values <= 0 or >= V are off."""
+    k = _checked("top_k", top_k, batch)
+    if isinstance(k, torch.Tensor):
+        k = k.to(device)
+        # Decided before the cast, so that a float or int64 beyond int32 cannot wrap around.
+        return torch.where((k <= 0) | (k >= vocab), 0, k).to(torch.int32), True
+    k = 0 if k <= 0 or k >= vocab else k
+    return torch.full((batch,), k, dtype=torch.int32, device=device), k != 0
 
 
 def normalize(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = 0,
@@ -84,17 +92,11 @@ def normalize(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = 
         raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
     batch, vocab = logits.shape
     dev = logits.device
-    temp, t_s = _per_row("temperature", temperature, batch, torch.float32, dev,
-                         ">= 0 (0 = greedy)", lambda t: (t >= 0) & torch.isfinite(t))
-    k, k_s = _per_row("top_k", top_k, batch, torch.int64, dev, "an integer",
-                      lambda t: torch.isfinite(t))
-    k = torch.where((k <= 0) | (k >= vocab), torch.zeros_like(k), k).to(torch.int32)
-    p, p_s = _per_row("top_p", top_p, batch, torch.float32, dev, "in (0, 1]",
-                      lambda t: (t > 0) & (t <= 1))
-    mp, mp_s = _per_row("min_p", min_p, batch, torch.float32, dev, "in [0, 1]",
-                        lambda t: (t >= 0) & (t <= 1))
-    rp, rp_s = _per_row("repetition_penalty", repetition_penalty, batch, torch.float32, dev,
-                        "> 0", lambda t: (t > 0) & torch.isfinite(t))
+    temp, t_s = _per_row("temperature", temperature, batch, dev)
+    k, has_top_k = _top_k(top_k, batch, vocab, dev)
+    p, p_s = _per_row("top_p", top_p, batch, dev)
+    mp, mp_s = _per_row("min_p", min_p, batch, dev)
+    rp, rp_s = _per_row("repetition_penalty", repetition_penalty, batch, dev)
     if seen_tokens is not None:
         if seen_tokens.dim() != 2 or seen_tokens.shape[0] != batch:
             raise ValueError(f"seen_tokens must be [{batch}, L], got shape "
@@ -111,7 +113,7 @@ def normalize(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = 
     return SamplingTensors(
         temperature=temp, top_k=k, top_p=p, min_p=mp, repetition_penalty=rp,
         seen_tokens=seen_tokens,
-        has_top_k=not (k_s is not None and (k_s <= 0 or k_s >= vocab)),
+        has_top_k=has_top_k,
         has_top_p=p_s != 1.0,
         has_min_p=mp_s != 0.0,
         has_penalty=seen_tokens is not None and seen_tokens.numel() > 0 and rp_s != 1.0,
