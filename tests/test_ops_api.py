@@ -55,14 +55,15 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(block_tables=torch.zeros(3, 2, dtype=torch.int32)), "block_tables has 3 rows"),
+    (dict(block_tables=torch.zeros(3, 2, dtype=torch.int32)), r"block_tables must have shape \[2, 2\]"),
     (dict(seq_lens=torch.zeros(2, 1, dtype=torch.int32)), "seq_lens must be a 1-D"),
     (dict(query=torch.randn(2, 3, 64)), "multiple of num_kv_heads"),
     (dict(query=torch.randn(2, 4, 32)), r"query must be \[tokens, num_qo_heads, 64\]"),
     (dict(query=torch.randn(2, 4, 64, dtype=torch.float16)), "query dtype"),
-    (dict(cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32)), r"cu_seqlens_q must be \[3\]"),
-    (dict(softcap=-1.0), "softcap must be > 0"),
-    (dict(alibi_slopes=torch.ones(3)), r"alibi_slopes must be \[4\]"),
+    (dict(cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32)),
+     r"cu_seqlens_q must have shape \[3\]"),
+    (dict(softcap=-1.0), "softcap must be a finite number > 0"),
+    (dict(alibi_slopes=torch.ones(3)), r"alibi_slopes must be a \[4\] float"),
     (dict(out=torch.empty(2, 4, 64, dtype=torch.float16)), "out must be contiguous"),
 ])
 def test_paged_attention_rejects_bad_arguments(bad, match):
@@ -78,7 +79,7 @@ def test_paged_attention_rejects_bad_arguments(bad, match):
 def test_append_kv_rejects_bad_arguments():
     k, v = _cache()
     key = torch.randn(3, 2, 64)
-    with pytest.raises(ValueError, match="slot_mapping has 2 entries for 3 tokens"):
+    with pytest.raises(ValueError, match=r"slot_mapping must have shape \[3\] \(one slot per"):
         ops.append_kv(key, key, k, v, torch.zeros(2, dtype=torch.int64), backend="torch")
     with pytest.raises(ValueError, match=r"key / value must be \[num_tokens, 2, 64\]"):
         ops.append_kv(torch.randn(3, 1, 64), key, k, v, torch.zeros(3), backend="torch")
