@@ -5,7 +5,7 @@ One small case (2 sequences of 9 and 4 KV tokens in a cache of 8 blocks of 4, ta
 the entry where values are checked on the host, and the guard contract of
 :mod:`fastdecode.ops.attention` (bad sequence's rows NaN, bad slots skipped, nothing else
 touched) where they are not: CUDA tensors outside the debug mode, and the ``*_unchecked`` ops
-(whose ``cpu`` backend raises RuntimeError from its C++ checks instead).
+(whose ``cpu`` backend raises ValueError from its C++ checks instead).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def bad_values(name: str, bad_rows, words, packed: bool = False, **change) -> No
 
     def unchecked(t: Target) -> None:
         if t.backend == "cpu":  # the C++ adapter checks values itself
-            expect_error(lambda: attention(t, packed, True, **change), RuntimeError, words[0])
+            expect_error(lambda: attention(t, packed, True, **change), ValueError, words[0])
         else:
             guarded(t, bad_rows, packed, True, **change)
 
@@ -167,7 +167,7 @@ def bad_slot(name: str, slots: list[int], bad: int) -> None:
 
     def unchecked(t: Target) -> None:
         if t.backend == "cpu":
-            expect_error(lambda: append(t, slots, True), RuntimeError, f"slot_mapping[{bad}]")
+            expect_error(lambda: append(t, slots, True), ValueError, f"slot_mapping[{bad}]")
         else:
             expect_appended(t, slots, True)
 

@@ -10,7 +10,7 @@ from probe_kit import Target, probe, rejects
 from probes_attention import D, HKV, HQ, N, P, attn_args, entry
 
 DIRECT = "direct torch.ops calls"
-ERRORS = (RuntimeError, ValueError)  # ValueError: the fake implementation refusing mixed devices
+ERRORS = (ValueError, TypeError)  # as from the public ops: TypeError for dtypes
 V = 50
 
 

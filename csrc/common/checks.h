@@ -14,7 +14,12 @@
 #include <limits>
 #include <optional>
 
-#define FASTDECODE_CHECK(cond, op, ...) TORCH_CHECK((cond), "fastdecode.", op, ": ", __VA_ARGS__)
+// Python sees ValueError for a bad shape, size, device or value and TypeError for a bad dtype,
+// as from the checks of fastdecode.ops.
+#define FASTDECODE_CHECK(cond, op, ...) \
+  TORCH_CHECK_VALUE((cond), "fastdecode.", op, ": ", __VA_ARGS__)
+#define FASTDECODE_CHECK_TYPE(cond, op, ...) \
+  TORCH_CHECK_TYPE((cond), "fastdecode.", op, ": ", __VA_ARGS__)
 
 namespace fastdecode::checks {
 
@@ -29,13 +34,13 @@ inline void same_device(const char* op, const at::Tensor& t, const char* name,
 }
 
 inline void dtype(const char* op, const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  FASTDECODE_CHECK(t.scalar_type() == dtype, op, name, " must be ", dtype, ", got ",
+  FASTDECODE_CHECK_TYPE(t.scalar_type() == dtype, op, name, " must be ", dtype, ", got ",
                    t.scalar_type());
 }
 
 inline void float_dtype(const char* op, const at::Tensor& t, const char* name) {
   const auto d = t.scalar_type();
-  FASTDECODE_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op, name,
+  FASTDECODE_CHECK_TYPE(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op, name,
                    " must be float32, float16 or bfloat16, got ", d);
 }
 

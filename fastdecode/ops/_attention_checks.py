@@ -2,10 +2,10 @@
 
 :func:`append_kv_args` and :func:`paged_attention_args` check shapes, dtypes and devices and
 normalise the arguments into what every backend takes (int32 tables, int64 slots, float32
-slopes, plain Python scalars). With ``values=True`` they also check tensor contents on the host
-(see :mod:`fastdecode.ops._checks` for when that happens). Index tensors given as int64 are
-narrowed with saturation, never truncated: a block id or length of 2**32 + 1 stays out of range
-for the kernels' guards instead of turning into a valid 1.
+slopes, plain Python scalars). :func:`append_kv_values` and :func:`paged_attention_values` check
+tensor contents on the host (see :mod:`fastdecode.ops._checks` for when that happens). Index
+tensors given as int64 are narrowed with saturation, never truncated: a block id or length of
+2**32 + 1 stays out of range for the kernels' guards instead of turning into a valid 1.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int,
 
 
 def append_kv_args(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
-                   values: bool) -> torch.Tensor:
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
     """Checks append_kv's arguments; returns slot_mapping as contiguous int64."""
     n, p, hkv, d = check_cache(k_cache, v_cache)
     c.check_device(k_cache.device, key=key, value=value, v_cache=v_cache,
@@ -56,15 +55,18 @@ def append_kv_args(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     c.check_float("key", key, k_cache.dtype)
     c.check_float("value", value, k_cache.dtype)
     c.check_index("slot_mapping", slot_mapping, (key.shape[0],), "one slot per token")
-    if values and slot_mapping.numel():
-        slots = c.host(slot_mapping)
-        bad = slots >= n * p
-        if bad.any():
-            t = c.first(bad)[0]
-            raise ValueError(f"slot_mapping[{t}] = {slots[t]} is outside the cache: slots are "
-                             f"in [0, {n * p}) (num_blocks {n} x block_size {p}), or < 0 to "
-                             "skip the token")
     return slot_mapping.to(torch.int64).contiguous()
+
+
+def append_kv_values(slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """Every slot < N * P (negative slots skip their token)."""
+    n, p = k_cache.shape[:2]
+    slots = c.host(slot_mapping)
+    if slots.size and slots.max() >= n * p:
+        t = c.first(slots >= n * p)[0]
+        raise ValueError(f"slot_mapping[{t}] = {slots[t]} is outside the cache: slots are in "
+                         f"[0, {n * p}) (num_blocks {n} x block_size {p}), or < 0 to skip the "
+                         "token")
 
 
 @dataclass
@@ -85,10 +87,9 @@ class PagedArgs:
 
 
 def paged_attention_args(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, *,
-                         scale, causal, softcap, sliding_window, alibi_slopes, out, workspace,
-                         values: bool) -> PagedArgs:
-    """Checks paged_attention's arguments (values too when ``values``); returns them
-    normalised."""
+                         scale, causal, softcap, sliding_window, alibi_slopes, out,
+                         workspace) -> PagedArgs:
+    """Checks paged_attention's arguments (not their values); returns them normalised."""
     n, p, hkv, d = check_cache(k_cache, v_cache)
     dev = query.device
     c.check_device(dev, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
@@ -126,8 +127,6 @@ def paged_attention_args(query, k_cache, v_cache, block_tables, seq_lens, cu_seq
     if workspace is not None and (workspace.dtype != torch.float32
                                   or not workspace.is_contiguous()):
         raise ValueError(f"workspace must be a contiguous float32 tensor, got {workspace.dtype}")
-    if values:
-        _check_values(block_tables, seq_lens, cu_seqlens_q, alibi_slopes, tokens, n, p)
     if cu_seqlens_q is not None:
         cu_seqlens_q = c.to_index(cu_seqlens_q, torch.int32, -1, tokens + 1)
     return PagedArgs(
@@ -174,42 +173,52 @@ def _window(sliding_window, max_len: int) -> int:
     return 0 if w <= 0 or w >= max_len else w
 
 
-def _check_values(block_tables, seq_lens, cu_seqlens_q, alibi_slopes, tokens: int, n: int,
-                  p: int) -> None:
-    """Host checks of every id a kernel would follow (see the op's docstring for the rules)."""
+def paged_attention_values(block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           cu_seqlens_q: Optional[torch.Tensor],
+                           alibi_slopes: Optional[torch.Tensor], tokens: int,
+                           k_cache: torch.Tensor) -> None:
+    """Host checks of every id a kernel would follow (see the op's docstring for the rules), on
+    the arguments as the caller gave them (before narrowing) and ``tokens`` query tokens.
+    Whole-tensor reductions first: the entry to blame is searched only when one is bad."""
+    n, p = k_cache.shape[:2]
     max_blocks = block_tables.shape[1]
     lens = c.host(seq_lens)
-    bad = (lens < 0) | (lens > max_blocks * p)
-    if bad.any():
-        b = c.first(bad)[0]
+    if lens.size and (lens.min() < 0 or lens.max() > max_blocks * p):
+        b = c.first((lens < 0) | (lens > max_blocks * p))[0]
         raise ValueError(f"seq_lens[{b}] = {lens[b]} is outside [0, {max_blocks * p}] "
                          f"(max_blocks_per_seq {max_blocks} x block_size {p})")
     tables = c.host(block_tables)
-    read = np.arange(max_blocks)[None, :] < -(-lens // p)[:, None]
-    bad = read & ((tables < 0) | (tables >= n))
-    if bad.any():
-        b, i = c.first(bad)
-        raise ValueError(f"block_tables[{b}, {i}] = {tables[b, i]} is outside the cache: "
-                         f"block ids are in [0, {n}) (seq_lens[{b}] = {lens[b]} reads "
-                         f"{-(-lens[b] // p)} blocks)")
-    if cu_seqlens_q is not None:
-        cu = c.host(cu_seqlens_q)
-        if cu[0] != 0 or cu[-1] != tokens:
-            raise ValueError(f"cu_seqlens_q must run from 0 to the number of query tokens "
-                             f"{tokens}, got {cu[0]} .. {cu[-1]}")
-        q_lens = np.diff(cu)
-        if (q_lens < 0).any():
-            b = c.first(q_lens < 0)[0]
-            raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cu[b]} then "
-                             f"{cu[b + 1]} at seq {b}")
-        bad = (q_lens > lens) & (lens > 0)
+    if tables.size and (tables.min() < 0 or tables.max() >= n):  # fine if never read
+        read = np.arange(max_blocks)[None, :] < -(-lens // p)[:, None]
+        bad = read & ((tables < 0) | (tables >= n))
         if bad.any():
-            b = c.first(bad)[0]
-            raise ValueError(f"cu_seqlens_q gives seq {b} {q_lens[b]} query tokens, more than "
-                             f"its seq_lens[{b}] = {lens[b]}")
+            b, i = c.first(bad)
+            raise ValueError(f"block_tables[{b}, {i}] = {tables[b, i]} is outside the cache: "
+                             f"block ids are in [0, {n}) (seq_lens[{b}] = {lens[b]} reads "
+                             f"{-(-lens[b] // p)} blocks)")
+    if cu_seqlens_q is not None:
+        _check_offsets(c.host(cu_seqlens_q), lens, tokens)
     if alibi_slopes is not None:
         slopes = c.host(alibi_slopes)
         if not np.isfinite(slopes).all():
             h = c.first(~np.isfinite(slopes))[0]
             raise ValueError(f"alibi_slopes must be finite float32 numbers, got {slopes[h]} "
                              f"at head {h}")
+
+
+def _check_offsets(cu: np.ndarray, lens: np.ndarray, tokens: int) -> None:
+    """cu_seqlens_q [B + 1] from 0 to ``tokens``, non-decreasing, no sequence with more query
+    tokens than a non-zero seq_lens [B]."""
+    if cu[0] != 0 or cu[-1] != tokens:
+        raise ValueError(f"cu_seqlens_q must run from 0 to the number of query tokens "
+                         f"{tokens}, got {cu[0]} .. {cu[-1]}")
+    q_lens = np.diff(cu)
+    if q_lens.size and q_lens.min() < 0:
+        b = c.first(q_lens < 0)[0]
+        raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cu[b]} then {cu[b + 1]} "
+                         f"at seq {b}")
+    bad = (q_lens > lens) & (lens > 0)
+    if bad.any():
+        b = c.first(bad)[0]
+        raise ValueError(f"cu_seqlens_q gives seq {b} {q_lens[b]} query tokens, more than its "
+                         f"seq_lens[{b}] = {lens[b]}")

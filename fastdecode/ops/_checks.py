@@ -92,12 +92,16 @@ def to_index(t: torch.Tensor, dtype: torch.dtype, low: int, high: int) -> torch.
     are themselves invalid (e.g. -1 and num_blocks for block ids). No host sync."""
     if t.dtype == torch.int64 and dtype == torch.int32:
         t = t.clamp(low, high)
+    elif t.dtype == dtype and t.is_contiguous():
+        return t
     return t.to(dtype).contiguous()
 
 
 def host(t: torch.Tensor) -> np.ndarray:
     """The values of ``t`` as a host int64 / float64 array (a copy only for device tensors)."""
-    a = t.detach().cpu().numpy()
+    if t.requires_grad:
+        t = t.detach()
+    a = (t if t.device.type == "cpu" else t.cpu()).numpy()
     return a.astype(np.float64 if a.dtype.kind == "f" else np.int64, copy=False)
 
 
@@ -127,15 +131,13 @@ def integer(name: str, value) -> int:
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory spans of ``a`` and ``b`` intersect (same device)."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
+    """Whether the memory spans of ``a`` and ``b`` (same device) intersect."""
     a0, b0 = a.data_ptr(), b.data_ptr()
-    a1 = a0 + _span(a) * a.element_size()
-    b1 = b0 + _span(b) * b.element_size()
-    return a0 < b1 and b0 < a1
+    return a0 < b0 + _span_bytes(b) and b0 < a0 + _span_bytes(a)
 
 
-def _span(t: torch.Tensor) -> int:
-    """Elements between the first and one past the last element of ``t``."""
-    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+def _span_bytes(t: torch.Tensor) -> int:
+    """Bytes from the first element of ``t`` to one past its last (0 when empty)."""
+    if t.is_contiguous() or not t.numel():
+        return t.nbytes
+    return (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))) * t.element_size()

@@ -9,7 +9,7 @@ otherwise).
 
 What an *unchecked* call (or a CUDA call outside the debug mode) guarantees for values the checks
 would have refused: no access outside any tensor, ever. Beyond that, per backend: ``cpu``
-raises (its C++ adapter checks values at no cost); ``torch``, ``triton`` and ``cuda`` skip a
+raises ValueError (its C++ adapter checks values at no cost); ``torch``, ``triton`` and ``cuda`` skip a
 slot outside [0, N * P) as if it were negative, and write NaN to every output row of a sequence
 whose ``seq_lens`` is outside [0, M * P], whose table holds a block id outside [0, N) among the
 blocks it reads, or whose ``cu_seqlens_q`` span is inconsistent (negative, decreasing, past the
@@ -23,7 +23,13 @@ from typing import Optional
 import torch
 
 from fastdecode.ops import _backends, _checks
-from fastdecode.ops._attention_checks import append_kv_args, paged_attention_args
+from fastdecode.ops._attention_checks import (
+    append_kv_args,
+    append_kv_values,
+    paged_attention_args,
+    paged_attention_values,
+)
+
 
 def append_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
@@ -38,9 +44,7 @@ def append_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         (padding). A slot >= N * P raises ValueError naming the token.
     Every tensor on one device, else ValueError.
     """
-    slots = append_kv_args(key, value, k_cache, v_cache, slot_mapping,
-                           values=_checks.host_checks(k_cache.device))
-    _append(key, value, k_cache, v_cache, slots, backend)
+    _append(key, value, k_cache, v_cache, slot_mapping, backend, True)
 
 
 def append_kv_unchecked(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -49,15 +53,27 @@ def append_kv_unchecked(key: torch.Tensor, value: torch.Tensor, k_cache: torch.T
     """:func:`append_kv` without the value checks (shapes, dtypes and devices are still
     checked): for callers that computed ``slot_mapping`` themselves. See the module docstring
     for what a bad slot does then."""
-    slots = append_kv_args(key, value, k_cache, v_cache, slot_mapping, values=False)
-    _append(key, value, k_cache, v_cache, slots, backend)
+    _append(key, value, k_cache, v_cache, slot_mapping, backend, False)
 
 
-
-def _append(key, value, k_cache, v_cache, slots, backend: str) -> None:
+def _append(key, value, k_cache, v_cache, slot_mapping, backend: str, checked: bool) -> None:
+    slots = append_kv_args(key, value, k_cache, v_cache, slot_mapping)
     impl = _backends.resolve(backend, "append_kv", k_cache.device)
+    if checked and _values_here(impl, k_cache.device):
+        append_kv_values(slot_mapping, k_cache)
     if key.shape[0]:
         impl.append_kv(key, value, k_cache, v_cache, slots)
+
+
+def _values_here(impl, device: torch.device, *index: Optional[torch.Tensor]) -> bool:
+    """Whether a checked call reads its values here: they are checked on the host for
+    ``device``, and the backend does not run the same checks itself (the C++ CPU adapter does,
+    at no cost, on the ids it receives unchanged: ``index`` tensors narrowed from int64 are
+    checked here, where the error can name the value the caller gave)."""
+    if not _checks.host_checks(device):
+        return False
+    delegated = getattr(impl, "CHECKS_VALUES", False)
+    return not delegated or any(t is not None and t.dtype == torch.int64 for t in index)
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -96,8 +112,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     Returns out: [num_seqs or num_tokens, num_qo_heads, head_dim], the query dtype.
     """
     return _attend(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                   causal, softcap, sliding_window, alibi_slopes, out, workspace, backend,
-                   _checks.host_checks(query.device))
+                   causal, softcap, sliding_window, alibi_slopes, out, workspace, backend, True)
 
 
 def paged_attention_unchecked(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -120,13 +135,16 @@ def paged_attention_unchecked(query: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def _attend(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal,
             softcap, sliding_window, alibi_slopes, out, workspace, backend: str,
-            values: bool) -> torch.Tensor:
+            checked: bool) -> torch.Tensor:
     a = paged_attention_args(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
                              scale=scale, causal=causal, softcap=softcap,
                              sliding_window=sliding_window, alibi_slopes=alibi_slopes, out=out,
-                             workspace=workspace, values=values)
+                             workspace=workspace)
     op = "paged_attention" if a.cu_seqlens_q is None else "paged_prefill"
     impl = _backends.resolve(backend, op, a.query.device, head_dim=a.query.shape[-1])
+    if checked and _values_here(impl, a.query.device, block_tables, seq_lens, cu_seqlens_q):
+        paged_attention_values(block_tables, seq_lens, cu_seqlens_q, a.alibi_slopes,
+                               a.query.shape[0], k_cache)
     if a.query.shape[0] and a.seq_lens.shape[0]:
         impl.paged_attention(a.query, k_cache, v_cache, a.block_tables, a.seq_lens,
                              a.cu_seqlens_q, a.out, scale=a.scale, causal=a.causal,
