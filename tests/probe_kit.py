@@ -58,10 +58,15 @@ class Probe:
 PROBES: list[Probe] = []
 
 
+def _register(p: Probe) -> None:
+    assert all(q.name != p.name for q in PROBES), f"two probes named {p.name}"
+    PROBES.append(p)
+
+
 def probe(category: str, backends: tuple[str, ...] = BACKENDS, pending: Optional[dict] = None):
     """Register the decorated ``fn(target)`` as a probe named after it."""
     def register(fn: Callable[[Target], None]) -> Callable[[Target], None]:
-        PROBES.append(Probe(fn.__name__, category, fn, backends, pending))
+        _register(Probe(fn.__name__, category, fn, backends, pending))
         return fn
     return register
 
@@ -69,8 +74,8 @@ def probe(category: str, backends: tuple[str, ...] = BACKENDS, pending: Optional
 def rejects(name: str, category: str, call: Callable[[Target], object], exc, *words: str,
             backends: tuple[str, ...] = BACKENDS) -> None:
     """Register a probe: ``call(target)`` raises ``exc`` with every one of ``words`` in it."""
-    PROBES.append(Probe(name, category, lambda t: expect_error(lambda: call(t), exc, *words),
-                        backends))
+    _register(Probe(name, category, lambda t: expect_error(lambda: call(t), exc, *words),
+                    backends))
 
 
 def expect_error(call: Callable[[], object], exc, *words: str) -> None:

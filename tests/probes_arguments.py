@@ -163,7 +163,7 @@ for name, change, exc, words in (
 
 # ---------------------------------------------------------------------------- valid edge cases
 @probe(EDGES)
-def empty_batch(t: Target) -> None:
+def attention_empty_batch(t: Target) -> None:
     for packed in (False, True):
         out = attention(t, packed, query=lambda a: a["query"][:0],
                         block_tables=lambda a: a["block_tables"][:0],

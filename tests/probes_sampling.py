@@ -68,7 +68,7 @@ def half_logits(t: Target) -> None:
 
 
 @probe(SAMPLING)
-def empty_batch(t: Target) -> None:
+def sample_empty_batch(t: Target) -> None:
     got = ops.sample(logits(t, shape=(0, V)), backend=t.backend)
     assert got.shape == (0,) and got.dtype == torch.int64
     assert ops.process_logits(logits(t, shape=(0, V)), backend=t.backend).shape == (0, V)
