@@ -115,7 +115,7 @@ def paged_attention_args(query, k_cache, v_cache, block_tables, seq_lens, cu_seq
                              "(pass cu_seqlens_q for the packed form)")
     else:
         c.check_index("cu_seqlens_q", cu_seqlens_q, (num_seqs + 1,), "[num_seqs + 1]")
-        if tokens > INT32_MAX:
+        if tokens >= INT32_MAX:
             raise ValueError(f"packed form: {tokens} query tokens exceed int32 offsets")
     if alibi_slopes is not None:
         if not alibi_slopes.is_floating_point() or alibi_slopes.shape != (hq,):

@@ -9,11 +9,14 @@ otherwise).
 
 What an *unchecked* call (or a CUDA call outside the debug mode) guarantees for values the checks
 would have refused: no access outside any tensor, ever. Beyond that, per backend: ``cpu``
-raises ValueError (its C++ adapter checks values at no cost); ``torch``, ``triton`` and ``cuda`` skip a
-slot outside [0, N * P) as if it were negative, and write NaN to every output row of a sequence
-whose ``seq_lens`` is outside [0, M * P], whose table holds a block id outside [0, N) among the
-blocks it reads, or whose ``cu_seqlens_q`` span is inconsistent (negative, decreasing, past the
-query tokens, or longer than a non-zero ``seq_lens``). The other sequences' rows are exact.
+raises ValueError (its C++ adapter checks values at no cost); ``torch``, ``triton`` and ``cuda``
+skip a slot outside [0, N * P) as if it were negative, and write NaN to every output row of a
+sequence whose ``seq_lens`` is outside [0, M * P], whose table holds a block id outside [0, N)
+among the blocks it reads, or whose ``cu_seqlens_q`` span is inconsistent (negative, decreasing,
+past the query tokens, or longer than a non-zero ``seq_lens``), and to every row no sequence
+owns (``cu_seqlens_q`` not starting at 0 or ending before the last token). The other
+sequences' rows are exact. Ids given as int64 reach the backends saturated to int32 (a value
+beyond int32 stays out of range), never truncated.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ def append_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     slot_mapping: [num_tokens] integer (int64; int32 / int16 / int8 / uint8 accepted); token t
         goes to slot ``slot_mapping[t]`` = block * P + offset; a negative slot skips the token
         (padding). A slot >= N * P raises ValueError naming the token.
-    Every tensor on one device, else ValueError.
+    Every tensor on one device, else ValueError. Slots are checked on the host for CPU tensors;
+    for CUDA tensors only in the debug mode (``FASTDECODE_DEBUG_CHECKS=1`` or
+    ``set_debug_checks(True)``), the kernel skipping a slot outside the cache otherwise.
     """
     _append(key, value, k_cache, v_cache, slot_mapping, backend, True)
 
@@ -107,7 +112,9 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     M * P; every block id a sequence reads (its first ceil(seq_lens[b] / P) table entries) in
     [0, N); cu_seqlens_q runs from 0 to num_tokens, non-decreasing, no sequence with more query
     tokens than a non-zero seq_lens; alibi slopes finite; scale finite; softcap None or a finite
-    number > 0. Ids given as int64 are never truncated to int32.
+    number > 0. Ids given as int64 are never truncated to int32. Values are checked on the host
+    for CPU tensors; for CUDA tensors only in the debug mode (``FASTDECODE_DEBUG_CHECKS=1`` or
+    ``set_debug_checks(True)``), the kernels' guards standing in otherwise (module docstring).
 
     Returns out: [num_seqs or num_tokens, num_qo_heads, head_dim], the query dtype.
     """
