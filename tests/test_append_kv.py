@@ -85,35 +85,3 @@ def test_append_then_attend(backend, block_size, pool):
     case = PagedCase(torch.randn(len(lens), hq, d), k_cache.cpu(), v_cache.cpu(), tables,
                      torch.tensor(lens, dtype=torch.int32))
     check_attention(backend, case)
-
-
-BAD = {
-    "shape": (dict(key=torch.randn(3, 2, 32)), ValueError, "key / value"),
-    "dtype": (dict(key=torch.randn(3, 2, 64).half(), value=torch.randn(3, 2, 64).half()),
-              TypeError, "dtype"),
-    "slots_len": (dict(slot_mapping=torch.arange(2)), ValueError, "slot_mapping"),
-    "slots_float": (dict(slot_mapping=torch.zeros(3)), ValueError, "slot_mapping"),
-    "cache_shape": (dict(v_cache=torch.randn(4, 8, 2, 64)), ValueError, "v_cache"),
-}
-
-
-@pytest.mark.parametrize("bad", BAD)
-def test_bad_input(backend, bad):
-    change, exc, words = BAD[bad]
-    args = dict(key=torch.randn(3, 2, 64), value=torch.randn(3, 2, 64),
-                k_cache=torch.randn(4, 16, 2, 64), v_cache=torch.randn(4, 16, 2, 64),
-                slot_mapping=torch.arange(3))
-    args.update(change)
-    args = {k: v.to(backend.device) for k, v in args.items()}
-    with pytest.raises(exc, match=words):
-        ops.append_kv(backend=backend.name, **args)
-
-
-def test_cpu_slot_out_of_range():
-    """The C++ op refuses a slot past the cache instead of writing outside it."""
-    if not ops.is_available("cpu"):
-        pytest.skip("cpu extension not built")
-    cache = torch.zeros(4, 16, 2, 64)
-    key = torch.randn(2, 2, 64)
-    with pytest.raises(RuntimeError, match=r"slot_mapping\[1\] = 64 is outside the cache"):
-        ops.append_kv(key, key, cache, cache.clone(), torch.tensor([0, 64]), backend="cpu")

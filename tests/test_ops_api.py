@@ -1,7 +1,13 @@
-"""The op layer itself: backend selection, availability errors, argument validation and the
-torch.library registration (schemas + fake implementations) of the C++ ops."""
+"""The op layer itself: backend selection, availability errors, the debug mode of the argument
+checks, sampling-parameter validation and the torch.library registration (schemas + fake
+implementations) of the C++ ops. Bad inputs of every op and backend: test_reliability_ops.py."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,36 +60,33 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         _backends.resolve("triton", "sample", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(block_tables=torch.zeros(3, 2, dtype=torch.int32)), "block_tables has 3 rows"),
-    (dict(seq_lens=torch.zeros(2, 1, dtype=torch.int32)), "seq_lens must be a 1-D"),
-    (dict(query=torch.randn(2, 3, 64)), "multiple of num_kv_heads"),
-    (dict(query=torch.randn(2, 4, 32)), r"query must be \[tokens, num_qo_heads, 64\]"),
-    (dict(query=torch.randn(2, 4, 64, dtype=torch.float16)), "query dtype"),
-    (dict(cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32)), r"cu_seqlens_q must be \[3\]"),
-    (dict(softcap=-1.0), "softcap must be > 0"),
-    (dict(alibi_slopes=torch.ones(3)), r"alibi_slopes must be \[4\]"),
-    (dict(out=torch.empty(2, 4, 64, dtype=torch.float16)), "out must be contiguous"),
-])
-def test_paged_attention_rejects_bad_arguments(bad, match):
-    k, v = _cache()
-    args = dict(query=torch.randn(2, 4, 64), block_tables=torch.zeros(2, 2, dtype=torch.int32),
-                seq_lens=torch.ones(2, dtype=torch.int32))
-    args.update(bad)
-    q, bt, sl = args.pop("query"), args.pop("block_tables"), args.pop("seq_lens")
-    with pytest.raises((ValueError, TypeError), match=match):
-        ops.paged_attention(q, k, v, bt, sl, backend="torch", **args)
+def test_debug_mode_switch(monkeypatch):
+    """CPU tensors are always value-checked on the host; CUDA tensors only in the debug mode."""
+    from fastdecode.ops import _checks
+    monkeypatch.setattr(_checks, "_debug", False)
+    cuda = torch.device("cuda")
+    assert _checks.host_checks(torch.device("cpu")) and not _checks.host_checks(cuda)
+    assert ops.set_debug_checks(True) is False
+    assert ops.debug_checks() and _checks.host_checks(cuda)
+    assert ops.set_debug_checks(False) is True
+    assert not _checks.host_checks(cuda)
 
 
-def test_append_kv_rejects_bad_arguments():
-    k, v = _cache()
-    key = torch.randn(3, 2, 64)
-    with pytest.raises(ValueError, match="slot_mapping has 2 entries for 3 tokens"):
-        ops.append_kv(key, key, k, v, torch.zeros(2, dtype=torch.int64), backend="torch")
-    with pytest.raises(ValueError, match=r"key / value must be \[num_tokens, 2, 64\]"):
-        ops.append_kv(torch.randn(3, 1, 64), key, k, v, torch.zeros(3), backend="torch")
-    with pytest.raises(ValueError, match="contiguous"):
-        ops.append_kv(key, key, k[:, ::2], v[:, ::2], torch.zeros(3), backend="torch")
+@pytest.mark.parametrize("value, expected", [("1", "True"), ("0", "False")])
+def test_debug_mode_from_the_environment(value, expected):
+    env = dict(os.environ, FASTDECODE_DEBUG_CHECKS=value)
+    code = "import fastdecode.ops as ops; print(ops.debug_checks())"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, check=True)
+    assert proc.stdout.strip() == expected
+
+
+def test_wide_ids_saturate_instead_of_wrapping():
+    """int64 ids narrowed to int32 stay out of range: 2**32 + 1 must not become block 1."""
+    from fastdecode.ops._checks import to_index
+    wide = torch.tensor([2**32 + 1, -2**32 + 1, 5, -1])
+    assert to_index(wide, torch.int32, -1, 8).tolist() == [8, -1, 5, -1]
+    assert wide.to(torch.int32).tolist()[:2] == [1, 1]  # what a plain cast would have done
 
 
 @pytest.mark.parametrize("param, value, match", [

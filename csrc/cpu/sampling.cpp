@@ -5,52 +5,31 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "../common/checks.h"
 #include "../common/philox.h"
 #include "ops.h"
 #include "sampling_kernel.h"
+#include "value_checks.h"
 
 namespace fastdecode::cpu {
 namespace {
 
 namespace s = sampling;
 
-void check_per_row(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
-                   int64_t batch) {
-  TORCH_CHECK(t.device().is_cpu(), "fastdecode.", op, ": ", name, " must be a CPU tensor, got ",
-              t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, "fastdecode.", op, ": ", name, " must be [",
-              batch, "] (one value per row), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "fastdecode.", op, ": ", name, " must be ", dtype,
-              ", got ", t.scalar_type());
-}
-
-// logits [B, V] with unit stride along V (row stride free), on CPU, float32 / bfloat16 / float16.
+// logits [B, V] on CPU with unit stride along V (row stride free).
 at::Tensor checked_logits(const char* op, const at::Tensor& logits) {
-  TORCH_CHECK(logits.device().is_cpu(), "fastdecode.", op, ": logits must be a CPU tensor, got ",
-              logits.device());
-  TORCH_CHECK(logits.dim() == 2, "fastdecode.", op, ": logits must be [B, V], got shape ",
-              logits.sizes());
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "fastdecode.",
-              op, ": logits must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(logits.size(1) <= std::numeric_limits<int32_t>::max(), "fastdecode.", op,
-              ": vocab_size ", logits.size(1), " exceeds int32 token ids");
+  FASTDECODE_CHECK(logits.device().is_cpu(), op, "logits must be a CPU tensor, got ",
+                   logits.device());
+  checks::logits(op, logits);
   return logits.stride(1) == 1 ? logits : logits.contiguous();
 }
 
 // seen_tokens [B, L] int64 with ids < V (-1 = padding), made contiguous; undefined when absent.
 at::Tensor checked_seen(const char* op, const std::optional<at::Tensor>& seen_tokens,
-                        int64_t batch, int64_t vocab) {
-  if (!seen_tokens.has_value() || seen_tokens->numel() == 0) return {};
-  const at::Tensor& seen = *seen_tokens;
-  TORCH_CHECK(seen.device().is_cpu(), "fastdecode.", op, ": seen_tokens must be a CPU tensor");
-  TORCH_CHECK(seen.dim() == 2 && seen.size(0) == batch, "fastdecode.", op,
-              ": seen_tokens must be [", batch, ", L], got shape ", seen.sizes());
-  TORCH_CHECK(seen.scalar_type() == at::kLong, "fastdecode.", op,
-              ": seen_tokens must be int64, got ", seen.scalar_type());
-  TORCH_CHECK(seen.max().item<int64_t>() < vocab, "fastdecode.", op,
-              ": seen_tokens must be ids in [0, ", vocab, ") or -1 (padding)");
-  return seen.contiguous();
+                        const at::Tensor& logits) {
+  if (!checks::seen_tokens(op, seen_tokens, logits)) return {};
+  values::seen_ids(op, *seen_tokens, logits.size(1));
+  return seen_tokens->contiguous();
 }
 
 // Calls f(T{}) with T the C++ type of the (already checked) logits dtype.
@@ -84,7 +63,7 @@ void for_each_row(const at::Tensor& logits, const at::Tensor& seen, F&& f) {
 struct RowParamTensors {
   at::Tensor temperature, top_k, top_p, min_p, penalty;
 
-  RowParamTensors(const char* op, int64_t batch, const at::Tensor& temperature_,
+  RowParamTensors(const char* op, const at::Tensor& logits, const at::Tensor& temperature_,
                   const at::Tensor& top_k_, const at::Tensor& top_p_, const at::Tensor& min_p_,
                   const at::Tensor& penalty_)
       : temperature(temperature_.contiguous()),
@@ -92,11 +71,11 @@ struct RowParamTensors {
         top_p(top_p_.contiguous()),
         min_p(min_p_.contiguous()),
         penalty(penalty_.contiguous()) {
-    check_per_row(op, "temperature", temperature, at::kFloat, batch);
-    check_per_row(op, "top_k", top_k, at::kInt, batch);
-    check_per_row(op, "top_p", top_p, at::kFloat, batch);
-    check_per_row(op, "min_p", min_p, at::kFloat, batch);
-    check_per_row(op, "repetition_penalty", penalty, at::kFloat, batch);
+    checks::per_row(op, temperature, "temperature", at::kFloat, logits);
+    checks::per_row(op, top_k, "top_k", at::kInt, logits);
+    checks::per_row(op, top_p, "top_p", at::kFloat, logits);
+    checks::per_row(op, min_p, "min_p", at::kFloat, logits);
+    checks::per_row(op, penalty, "repetition_penalty", at::kFloat, logits);
   }
 
   s::RowParams row(int64_t b) const {
@@ -115,8 +94,8 @@ at::Tensor apply_repetition_penalty(const at::Tensor& logits_,
   const at::Tensor logits = checked_logits(op, logits_);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   const at::Tensor penalty = penalty_.contiguous();
-  check_per_row(op, "penalty", penalty, at::kFloat, batch);
-  const at::Tensor seen = checked_seen(op, seen_tokens, batch, vocab);
+  checks::per_row(op, penalty, "penalty", at::kFloat, logits);
+  const at::Tensor seen = checked_seen(op, seen_tokens, logits);
   at::Tensor out = at::empty({batch, vocab}, logits.options().dtype(at::kFloat));
   float* out_ptr = out.data_ptr<float>();
   const float* pen = penalty.const_data_ptr<float>();
@@ -136,8 +115,8 @@ at::Tensor process_logits(const at::Tensor& logits_, const at::Tensor& temperatu
   constexpr const char* op = "process_logits";
   const at::Tensor logits = checked_logits(op, logits_);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
-  const RowParamTensors params(op, batch, temperature, top_k, top_p, min_p, repetition_penalty);
-  const at::Tensor seen = checked_seen(op, seen_tokens, batch, vocab);
+  const RowParamTensors params(op, logits, temperature, top_k, top_p, min_p, repetition_penalty);
+  const at::Tensor seen = checked_seen(op, seen_tokens, logits);
   at::Tensor out = at::empty({batch, vocab}, logits.options().dtype(at::kFloat));
   float* out_ptr = out.data_ptr<float>();
   dispatch_logits(logits.scalar_type(), [&](auto tag) {
@@ -157,11 +136,11 @@ at::Tensor sample(const at::Tensor& logits_, const at::Tensor& temperature,
   constexpr const char* op = "sample";
   const at::Tensor logits = checked_logits(op, logits_);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
-  const RowParamTensors params(op, batch, temperature, top_k, top_p, min_p, repetition_penalty);
-  const at::Tensor seen = checked_seen(op, seen_tokens, batch, vocab);
+  const RowParamTensors params(op, logits, temperature, top_k, top_p, min_p, repetition_penalty);
+  const at::Tensor seen = checked_seen(op, seen_tokens, logits);
   const at::Tensor seeds = seeds_.contiguous(), offsets = offsets_.contiguous();
-  check_per_row(op, "seeds", seeds, at::kLong, batch);
-  check_per_row(op, "offsets", offsets, at::kLong, batch);
+  checks::per_row(op, seeds, "seeds", at::kLong, logits);
+  checks::per_row(op, offsets, "offsets", at::kLong, logits);
   at::Tensor out = at::empty({batch}, logits.options().dtype(at::kLong));
   int64_t* out_ptr = out.data_ptr<int64_t>();
   const int64_t* seed = seeds.const_data_ptr<int64_t>();

@@ -1,4 +1,5 @@
-// Argument checks and dtype mapping shared by the CUDA torch adapters.
+// CUDA-only adapter helpers: dtype mapping, alignment, launch errors. The argument checks
+// shared with the CPU adapters are csrc/common/checks.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -6,6 +7,7 @@
 
 #include <cstdint>
 
+#include "../common/checks.h"
 #include "../kernels/common.cuh"
 
 namespace fastdecode::cuda {
@@ -24,16 +26,10 @@ inline kernels::DType kernel_dtype(const at::Tensor& t) {
   }
 }
 
-inline void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "fastdecode (cuda): ", name,
-              " must be on ", like.device(), ", got ", t.device());
-}
-
-inline void check_index(const at::Tensor& t, const at::Tensor& like, const char* name,
-                        at::ScalarType dtype, int64_t dim) {
-  check_cuda(t, like, name);
-  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == dim, "fastdecode (cuda): ", name,
-              " must be a ", dim, "-D ", dtype, " tensor, got ", t.scalar_type(), " ", t.sizes());
+// The tensor that anchors a call's device is a CUDA tensor (the shared checks then hold every
+// other tensor to its device).
+inline void check_cuda(const char* op, const at::Tensor& anchor, const char* name) {
+  FASTDECODE_CHECK(anchor.is_cuda(), op, name, " must be a CUDA tensor, got ", anchor.device());
 }
 
 inline bool aligned16(const at::Tensor& t) {

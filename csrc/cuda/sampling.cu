@@ -1,4 +1,5 @@
-// Torch adapter of the fused sampling kernel: check, fill Params, launch on the current stream.
+// Torch adapter of the fused sampling kernel: check (csrc/common/checks.h), fill Params, launch
+// on the current stream.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -8,50 +9,39 @@
 
 namespace fastdecode::cuda {
 
-namespace {
-
-const at::Tensor& per_row(const at::Tensor& t, const at::Tensor& logits, const char* name,
-                          at::ScalarType dtype) {
-  check_index(t, logits, name, dtype, 1);
-  TORCH_CHECK(t.size(0) == logits.size(0) && t.is_contiguous(), "fastdecode (cuda): ", name,
-              " must be a contiguous [", logits.size(0), "] tensor");
-  return t;
-}
-
-}  // namespace
-
 at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
                   const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
                   const at::Tensor& repetition_penalty,
                   const std::optional<at::Tensor>& seen_tokens, const at::Tensor& seeds,
                   const at::Tensor& offsets) {
-  check_cuda(logits, logits, "logits");
-  TORCH_CHECK(logits.dim() == 2, "fastdecode (cuda): logits must be [B, V], got ",
-              logits.sizes());
+  constexpr const char* op = "sample";
+  check_cuda(op, logits, "logits");
+  checks::logits(op, logits);
   const at::Tensor rows = logits.stride(1) == 1 ? logits : logits.contiguous();
   const int64_t num_rows = rows.size(0), vocab = rows.size(1);
+  FASTDECODE_CHECK(vocab < (int64_t{1} << 24), op, "the CUDA kernel supports vocab_size < 2^24, "
+                   "got ", vocab);
 
   kernels::SamplingParams p{};
   p.dtype = kernel_dtype(rows);
   p.logits = rows.data_ptr();
-  p.temperature = per_row(temperature, rows, "temperature", at::kFloat).data_ptr<float>();
-  p.top_k = per_row(top_k, rows, "top_k", at::kInt).data_ptr<int32_t>();
-  p.top_p = per_row(top_p, rows, "top_p", at::kFloat).data_ptr<float>();
-  p.min_p = per_row(min_p, rows, "min_p", at::kFloat).data_ptr<float>();
+  const auto row_ptr = [&](const at::Tensor& t, const char* name, at::ScalarType dtype) {
+    checks::per_row(op, t, name, dtype, rows);
+    return t.data_ptr();
+  };
+  p.temperature = static_cast<float*>(row_ptr(temperature, "temperature", at::kFloat));
+  p.top_k = static_cast<int32_t*>(row_ptr(top_k, "top_k", at::kInt));
+  p.top_p = static_cast<float*>(row_ptr(top_p, "top_p", at::kFloat));
+  p.min_p = static_cast<float*>(row_ptr(min_p, "min_p", at::kFloat));
   p.repetition_penalty =
-      per_row(repetition_penalty, rows, "repetition_penalty", at::kFloat).data_ptr<float>();
-  p.seeds = per_row(seeds, rows, "seeds", at::kLong).data_ptr<int64_t>();
-  p.offsets = per_row(offsets, rows, "offsets", at::kLong).data_ptr<int64_t>();
-  if (seen_tokens.has_value() && seen_tokens->numel() > 0) {
-    check_index(*seen_tokens, rows, "seen_tokens", at::kLong, 2);
-    TORCH_CHECK(seen_tokens->size(0) == num_rows && seen_tokens->stride(1) == 1,
-                "fastdecode (cuda): seen_tokens must be [", num_rows, ", L] with contiguous rows");
+      static_cast<float*>(row_ptr(repetition_penalty, "repetition_penalty", at::kFloat));
+  p.seeds = static_cast<int64_t*>(row_ptr(seeds, "seeds", at::kLong));
+  p.offsets = static_cast<int64_t*>(row_ptr(offsets, "offsets", at::kLong));
+  if (checks::seen_tokens(op, seen_tokens, rows)) {
     p.seen_tokens = seen_tokens->data_ptr<int64_t>();
     p.seen_stride = seen_tokens->stride(0);
     p.num_seen = static_cast<int>(seen_tokens->size(1));
   }
-  TORCH_CHECK(vocab > 0 && vocab < (int64_t{1} << 24),
-              "fastdecode (cuda): sample supports 0 < V < 2^24, got V = ", vocab);
   p.logits_stride = rows.stride(0);
   p.scores_stride = kernels::sampling_scores_stride(vocab);
   p.num_rows = static_cast<int>(num_rows);
@@ -59,6 +49,7 @@ at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
 
   at::Tensor out = at::empty({num_rows}, rows.options().dtype(at::kLong));
   at::Tensor scores = at::empty({num_rows, p.scores_stride}, rows.options().dtype(at::kFloat));
+  if (num_rows == 0) return out;  // an empty grid is not a valid launch
   p.out = out.data_ptr<int64_t>();
   p.scores = scores.data_ptr<float>();
   const c10::cuda::CUDAGuard guard(rows.device());

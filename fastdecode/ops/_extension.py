@@ -1,39 +1,52 @@
 """Loads the C++ extension ``fastdecode._C`` and registers the fake (meta) implementations of its
-ops, so they trace under ``torch.compile`` and pass ``torch.library.opcheck``."""
+ops, so they trace under ``torch.compile`` and pass ``torch.library.opcheck``.
+
+The fakes also refuse tensors on different devices: a call mixing a meta tensor into CPU
+tensors dispatches to the fake, which would otherwise return without writing anything.
+"""
 
 from __future__ import annotations
 
 import torch
 
 import fastdecode._C  # noqa: F401  (registers torch.ops.fastdecode.*)
+from fastdecode.ops._checks import same_device
 
 _LIB = "fastdecode::"
 
 
 @torch.library.register_fake(_LIB + "append_kv")
 def _append_kv_fake(key, value, k_cache, v_cache, slot_mapping) -> None:
-    return None
+    same_device(k_cache.device, key=key, value=value, v_cache=v_cache, slot_mapping=slot_mapping)
 
 
 @torch.library.register_fake(_LIB + "paged_attention")
 def _paged_attention_fake(out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
                           scale, causal, softcap, sliding_window, alibi_slopes) -> None:
-    return None
+    same_device(query.device, out=out, k_cache=k_cache, v_cache=v_cache,
+                block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q,
+                alibi_slopes=alibi_slopes)
 
 
 @torch.library.register_fake(_LIB + "apply_repetition_penalty")
 def _penalty_fake(logits, seen_tokens, penalty):
+    same_device(logits.device, seen_tokens=seen_tokens, penalty=penalty)
     return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake(_LIB + "process_logits")
 def _process_fake(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen_tokens):
+    same_device(logits.device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, seen_tokens=seen_tokens)
     return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake(_LIB + "sample")
 def _sample_fake(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen_tokens,
                  seeds, offsets):
+    same_device(logits.device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, seen_tokens=seen_tokens, seeds=seeds,
+                offsets=offsets)
     return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
 

@@ -1,4 +1,23 @@
-"""Public attention ops: ``append_kv`` and ``paged_attention`` (validation + backend dispatch)."""
+"""Public attention ops: ``append_kv`` and ``paged_attention`` (checks + backend dispatch), and
+their unchecked twins for callers that built the inputs themselves.
+
+What is checked: see :mod:`fastdecode.ops._attention_checks` (the rules) and
+:mod:`fastdecode.ops._checks` (when value checks run on the host: always for CPU tensors; for
+CUDA tensors only in the debug mode, ``FASTDECODE_DEBUG_CHECKS=1`` or
+``fastdecode.ops.set_debug_checks(True)``, the kernels' device-side guards standing in
+otherwise).
+
+What an *unchecked* call (or a CUDA call outside the debug mode) guarantees for values the checks
+would have refused: no access outside any tensor, ever. Beyond that, per backend: ``cpu``
+raises ValueError (its C++ adapter checks values at no cost); ``torch``, ``triton`` and ``cuda``
+skip a slot outside [0, N * P) as if it were negative, and write NaN to every output row of a
+sequence whose ``seq_lens`` is outside [0, M * P], whose table holds a block id outside [0, N)
+among the blocks it reads, or whose ``cu_seqlens_q`` span is inconsistent (negative, decreasing,
+past the query tokens, or longer than a non-zero ``seq_lens``), and to every row no sequence
+owns (``cu_seqlens_q`` not starting at 0 or ending before the last token). The other
+sequences' rows are exact. Ids given as int64 reach the backends saturated to int32 (a value
+beyond int32 stays out of range), never truncated.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +25,13 @@ from typing import Optional
 
 import torch
 
-from fastdecode.ops import _backends
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
-
-
-def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    if k_cache.dim() != 4:
-        raise ValueError("k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], "
-                         f"got shape {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape "
-                         f"{tuple(k_cache.shape)}")
-    if k_cache.dtype not in _FLOATS or v_cache.dtype != k_cache.dtype:
-        raise TypeError(f"k_cache / v_cache must share one of {_FLOATS}, got "
-                        f"{k_cache.dtype} / {v_cache.dtype}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    if k_cache.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}, got {k_cache.shape[-1]}")
-
-
-def _index(name: str, t: torch.Tensor, dtype: torch.dtype, dims: int) -> torch.Tensor:
-    if t.is_floating_point() or t.dim() != dims:
-        raise ValueError(f"{name} must be a {dims}-D integer tensor, got {t.dtype} "
-                         f"{tuple(t.shape)}")
-    return t.to(dtype).contiguous()
+from fastdecode.ops import _backends, _checks
+from fastdecode.ops._attention_checks import (
+    append_kv_args,
+    append_kv_values,
+    paged_attention_args,
+    paged_attention_values,
+)
 
 
 def append_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -41,26 +40,45 @@ def append_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     """Write new keys/values into the paged cache, in place.
 
     key, value: [num_tokens, num_kv_heads, head_dim], the cache dtype (any strides).
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous.
-    slot_mapping: [num_tokens] int64; token t goes to slot ``slot_mapping[t]`` = block * P + offset;
-        a negative slot skips the token (padding).
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous, float32 /
+        float16 / bfloat16, every size >= 1, head_dim <= 256.
+    slot_mapping: [num_tokens] integer (int64; int32 / int16 / int8 / uint8 accepted); token t
+        goes to slot ``slot_mapping[t]`` = block * P + offset; a negative slot skips the token
+        (padding). A slot >= N * P raises ValueError naming the token.
+    Every tensor on one device, else ValueError. Slots are checked on the host for CPU tensors;
+    for CUDA tensors only in the debug mode (``FASTDECODE_DEBUG_CHECKS=1`` or
+    ``set_debug_checks(True)``), the kernel skipping a slot outside the cache otherwise.
     """
-    _check_cache(k_cache, v_cache)
-    n, p, hkv, d = k_cache.shape
-    if key.dim() != 3 or key.shape[1:] != (hkv, d) or value.shape != key.shape:
-        raise ValueError(f"key / value must be [num_tokens, {hkv}, {d}], got "
-                         f"{tuple(key.shape)} / {tuple(value.shape)}")
-    if key.dtype != k_cache.dtype or value.dtype != k_cache.dtype:
-        raise TypeError(f"key / value dtype {key.dtype} / {value.dtype} != cache dtype "
-                        f"{k_cache.dtype}")
-    slot_mapping = _index("slot_mapping", slot_mapping, torch.int64, 1)
-    if slot_mapping.shape[0] != key.shape[0]:
-        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for "
-                         f"{key.shape[0]} tokens")
-    if key.shape[0] == 0:
-        return
+    _append(key, value, k_cache, v_cache, slot_mapping, backend, True)
+
+
+def append_kv_unchecked(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+                        backend: str = "auto") -> None:
+    """:func:`append_kv` without the value checks (shapes, dtypes and devices are still
+    checked): for callers that computed ``slot_mapping`` themselves. See the module docstring
+    for what a bad slot does then."""
+    _append(key, value, k_cache, v_cache, slot_mapping, backend, False)
+
+
+def _append(key, value, k_cache, v_cache, slot_mapping, backend: str, checked: bool) -> None:
+    slots = append_kv_args(key, value, k_cache, v_cache, slot_mapping)
     impl = _backends.resolve(backend, "append_kv", k_cache.device)
-    impl.append_kv(key, value, k_cache, v_cache, slot_mapping)
+    if checked and _values_here(impl, k_cache.device):
+        append_kv_values(slot_mapping, k_cache)
+    if key.shape[0]:
+        impl.append_kv(key, value, k_cache, v_cache, slots)
+
+
+def _values_here(impl, device: torch.device, *index: Optional[torch.Tensor]) -> bool:
+    """Whether a checked call reads its values here: they are checked on the host for
+    ``device``, and the backend does not run the same checks itself (the C++ CPU adapter does,
+    at no cost, on the ids it receives unchanged: ``index`` tensors narrowed from int64 are
+    checked here, where the error can name the value the caller gave)."""
+    if not _checks.host_checks(device):
+        return False
+    delegated = getattr(impl, "CHECKS_VALUES", False)
+    return not delegated or any(t is not None and t.dtype == torch.int64 for t in index)
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -75,62 +93,70 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
     Decode form (``cu_seqlens_q`` None): query [num_seqs, num_qo_heads, head_dim], one token per
     sequence, the sequence's last KV position. Packed form: query [num_tokens, num_qo_heads,
-    head_dim] with cu_seqlens_q [num_seqs + 1] int32; the query tokens of sequence b are its last
-    ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` KV positions (bottom-right causal alignment).
+    head_dim] with cu_seqlens_q [num_seqs + 1] integer (int32); the query tokens of sequence b
+    are its last ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` KV positions (bottom-right causal
+    alignment).
 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], keys already appended.
-    block_tables: [num_seqs, max_blocks_per_seq] int32. seq_lens: [num_seqs] int32 KV lengths
-    including the query tokens. scale: default head_dim ** -0.5. softcap: logits =
-    softcap * tanh(logits / softcap), before masking. sliding_window w: a query at position i sees
-    keys i - w < j <= i. alibi_slopes: [num_qo_heads] float32, bias slope * (j - i).
+    block_tables: [num_seqs, max_blocks_per_seq] integer (int32). seq_lens: [num_seqs] integer
+    (int32), KV lengths including the query tokens. scale: default head_dim ** -0.5.
+    softcap: logits = softcap * tanh(logits / softcap), before masking. sliding_window w: a query
+    at position i sees keys i - w < j <= i (None or <= 0: no window). alibi_slopes:
+    [num_qo_heads] float (used as float32), bias slope * (j - i). causal: a bool.
     Query head h reads kv head h // (num_qo_heads // num_kv_heads). Rows with seq_lens 0 give
-    zeros. out: optional preallocated output, same shape/dtype as the result. workspace: optional
-    scratch for split-KV backends (``workspace_size`` of the backend gives its size); the call
-    then allocates nothing.
+    zeros. out: optional preallocated output, same shape / dtype as the result, contiguous, not
+    overlapping query or the caches. workspace: optional float32 scratch for split-KV backends
+    (``workspace_size`` of the backend gives its size); the call then allocates nothing.
+
+    Value rules (ValueError naming the argument and the offending entry): 0 <= seq_lens[b] <=
+    M * P; every block id a sequence reads (its first ceil(seq_lens[b] / P) table entries) in
+    [0, N); cu_seqlens_q runs from 0 to num_tokens, non-decreasing, no sequence with more query
+    tokens than a non-zero seq_lens; alibi slopes finite; scale finite; softcap None or a finite
+    number > 0. Ids given as int64 are never truncated to int32. Values are checked on the host
+    for CPU tensors; for CUDA tensors only in the debug mode (``FASTDECODE_DEBUG_CHECKS=1`` or
+    ``set_debug_checks(True)``), the kernels' guards standing in otherwise (module docstring).
 
     Returns out: [num_seqs or num_tokens, num_qo_heads, head_dim], the query dtype.
     """
-    _check_cache(k_cache, v_cache)
-    n, p, hkv, d = k_cache.shape
-    if query.dim() != 3 or query.shape[-1] != d:
-        raise ValueError(f"query must be [tokens, num_qo_heads, {d}], got {tuple(query.shape)}")
-    if query.dtype != k_cache.dtype:
-        raise TypeError(f"query dtype {query.dtype} != cache dtype {k_cache.dtype}")
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    hq = query.shape[1]
-    if hq % hkv:
-        raise ValueError(f"num_qo_heads {hq} must be a multiple of num_kv_heads {hkv}")
-    block_tables = _index("block_tables", block_tables, torch.int32, 2)
-    seq_lens = _index("seq_lens", seq_lens, torch.int32, 1)
-    num_seqs = seq_lens.shape[0]
-    if block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} seqs")
-    if cu_seqlens_q is None:
-        if query.shape[0] != num_seqs:
-            raise ValueError(f"decode form: query has {query.shape[0]} tokens for "
-                             f"{num_seqs} sequences (pass cu_seqlens_q for the packed form)")
-    else:
-        cu_seqlens_q = _index("cu_seqlens_q", cu_seqlens_q, torch.int32, 1)
-        if cu_seqlens_q.shape[0] != num_seqs + 1:
-            raise ValueError(f"cu_seqlens_q must be [{num_seqs + 1}], got "
-                             f"{tuple(cu_seqlens_q.shape)}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
-    if sliding_window is not None and sliding_window <= 0:
-        sliding_window = None  # HF uses None / non-positive for "no window"
-    if alibi_slopes is not None:
-        if alibi_slopes.shape != (hq,):
-            raise ValueError(f"alibi_slopes must be [{hq}], got {tuple(alibi_slopes.shape)}")
-        alibi_slopes = alibi_slopes.to(device=query.device, dtype=torch.float32).contiguous()
-    if out is None:
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    elif out.shape != query.shape or out.dtype != query.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous {tuple(query.shape)} {query.dtype}")
-    op = "paged_attention" if cu_seqlens_q is None else "paged_prefill"
-    impl = _backends.resolve(backend, op, query.device, head_dim=d)
-    impl.paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out,
-                         scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
-                         softcap=float(softcap or 0.0), sliding_window=int(sliding_window or 0),
-                         alibi_slopes=alibi_slopes, workspace=workspace)
-    return out
+    return _attend(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+                   causal, softcap, sliding_window, alibi_slopes, out, workspace, backend, True)
+
+
+def paged_attention_unchecked(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, seq_lens: torch.Tensor, *,
+                              cu_seqlens_q: Optional[torch.Tensor] = None,
+                              scale: Optional[float] = None, causal: bool = True,
+                              softcap: Optional[float] = None,
+                              sliding_window: Optional[int] = None,
+                              alibi_slopes: Optional[torch.Tensor] = None,
+                              out: Optional[torch.Tensor] = None,
+                              workspace: Optional[torch.Tensor] = None,
+                              backend: str = "auto") -> torch.Tensor:
+    """:func:`paged_attention` without the value checks (shapes, dtypes, devices and scalars are
+    still checked): for callers that built the block tables, lengths and offsets themselves,
+    e.g. once per step for every layer. See the module docstring for what bad values do then."""
+    return _attend(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+                   causal, softcap, sliding_window, alibi_slopes, out, workspace, backend, False)
+
+
+
+def _attend(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal,
+            softcap, sliding_window, alibi_slopes, out, workspace, backend: str,
+            checked: bool) -> torch.Tensor:
+    a = paged_attention_args(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
+                             scale=scale, causal=causal, softcap=softcap,
+                             sliding_window=sliding_window, alibi_slopes=alibi_slopes, out=out,
+                             workspace=workspace)
+    op = "paged_attention" if a.cu_seqlens_q is None else "paged_prefill"
+    impl = _backends.resolve(backend, op, a.query.device, head_dim=a.query.shape[-1])
+    if checked and _values_here(impl, a.query.device, block_tables, seq_lens, cu_seqlens_q):
+        paged_attention_values(block_tables, seq_lens, cu_seqlens_q, a.alibi_slopes,
+                               a.query.shape[0], k_cache)
+    if a.query.shape[0] and a.seq_lens.shape[0]:
+        impl.paged_attention(a.query, k_cache, v_cache, a.block_tables, a.seq_lens,
+                             a.cu_seqlens_q, a.out, scale=a.scale, causal=a.causal,
+                             softcap=a.softcap, sliding_window=a.sliding_window,
+                             alibi_slopes=a.alibi_slopes, workspace=a.workspace)
+    elif a.query.shape[0]:  # query tokens but no sequence (unchecked cu_seqlens_q): no owner
+        a.out.fill_(float("nan"))
+    return a.out

@@ -7,6 +7,10 @@ arguments arrive validated and normalised by :mod:`fastdecode.ops`):
 - ``paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, *, scale:
   float, causal: bool, softcap: float (0 = off), sliding_window: int (0 = off), alibi_slopes:
   [Hq] float32 | None, workspace) -> None`` (writes ``out``)
+
+Values arrive unchecked from the ``*_unchecked`` ops (and from CUDA calls outside the debug
+mode): a backend must then never access memory outside a tensor, and follows the contract in
+:mod:`fastdecode.ops.attention` (bad slots skipped, a bad sequence's rows NaN).
 - ``process_logits(logits, params: SamplingTensors) -> [B, V] float32``
 - ``sample(logits, params, seeds [B] int64 >= 0, offsets [B] int64) -> [B] int64``
 - ``apply_repetition_penalty(logits, seen_tokens | None, penalty [B] float32) -> [B, V] float32``
@@ -27,27 +31,34 @@ _MASK32 = 0xFFFFFFFF
 
 # --------------------------------------------------------------------------- KV cache + attention
 def append_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
-    keep = slot_mapping >= 0
+    n, p = k_cache.shape[:2]
+    keep = (slot_mapping >= 0) & (slot_mapping < n * p)  # unchecked callers: skip, never wrap
     slots = slot_mapping[keep]
-    p = k_cache.shape[1]
     k_cache[slots // p, slots % p] = key[keep]
     v_cache[slots // p, slots % p] = value[keep]
 
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, *,
                     scale, causal, softcap, sliding_window, alibi_slopes, workspace=None) -> None:
-    p, hkv = k_cache.shape[1], k_cache.shape[2]
+    n, p, hkv = k_cache.shape[:3]
     group = query.shape[1] // hkv
+    # Rows of a sequence with bad values (possible in unchecked calls) stay NaN, and so do rows
+    # no sequence owns: no row is left uninitialised, no id wraps around as a negative index.
+    out.fill_(float("nan"))
     lens = seq_lens.tolist()
     starts = list(range(len(lens) + 1)) if cu_seqlens_q is None else cu_seqlens_q.tolist()
     for b, kv_len in enumerate(lens):
-        q = query[starts[b]:starts[b + 1]].float()  # [Sq, Hq, D]
-        if q.shape[0] == 0:
+        first, end = starts[b], starts[b + 1]
+        if not (0 <= first <= end <= query.shape[0] and 0 <= kv_len <= block_tables.shape[1] * p
+                and (end - first <= kv_len or kv_len == 0)):
             continue
+        q = query[first:end].float()  # [Sq, Hq, D]
         if kv_len == 0:
-            out[starts[b]:starts[b + 1]] = 0
+            out[first:end] = 0
             continue
         blocks = block_tables[b, : (kv_len + p - 1) // p].long()
+        if bool(((blocks < 0) | (blocks >= n)).any()):
+            continue
         k = k_cache[blocks].flatten(0, 1)[:kv_len].float().repeat_interleave(group, dim=1)
         v = v_cache[blocks].flatten(0, 1)[:kv_len].float().repeat_interleave(group, dim=1)
         logits = torch.einsum("qhd,khd->hqk", q, k) * scale
@@ -63,7 +74,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
         if sliding_window:
             visible &= k_pos > q_pos - sliding_window
         probs = logits.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
-        out[starts[b]:starts[b + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
+        out[first:end] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
 
 
 # --------------------------------------------------------------------------------------- sampling
