@@ -70,7 +70,8 @@ def test_append_kv(lib, dtype, d, strided):
     torch_backend.append_kv(key, value, expect_k, expect_v, slots)
     strides = _i64(*key.stride()[:2], *value.stride()[:2], *k_cache.stride()[:3])
     rc = lib.emu_append_kv(_ptr(key), _ptr(value), _ptr(k_cache), _ptr(v_cache), _ptr(slots),
-                           _ptr(strides), ctypes.c_int64(t), hkv, d, p, key.element_size())
+                           _ptr(strides), ctypes.c_int64(t), ctypes.c_int64(n * p), hkv, d, p,
+                           key.element_size())
     assert rc == 0
     assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
 
@@ -86,7 +87,7 @@ def _run_decode(lib, query, k_cache, v_cache, block_tables, seq_lens, *, scale, 
                     float("nan"))
     strides = _i64(*query.stride()[:2], *out.stride()[:2], *k_cache.stride()[:3],
                    block_tables.stride(0))
-    sizes = torch.tensor([b, hq, hkv, d, p, m], dtype=torch.int32)
+    sizes = torch.tensor([b, hq, hkv, d, p, m, k_cache.shape[0]], dtype=torch.int32)
     rc = lib.emu_paged_decode(_ptr(out), _ptr(query), _ptr(k_cache), _ptr(v_cache),
                               _ptr(block_tables), _ptr(seq_lens), _ptr(alibi), _ptr(ws),
                               _ptr(strides), _ptr(sizes), scale, softcap, window,
@@ -131,6 +132,38 @@ def test_paged_decode(lib, case):
     assert not out.isnan().any(), "every output element must be written"
     assert (out[0] == 0).all()
     reference.assert_close_2x(out, ref64, ref_lowp, atol=1e-3 if dtype == torch.float32 else 2e-3)
+
+
+def test_softcap_is_accurate_under_fast_math(lib):
+    """Softcapped fp32 logits in tanh's curved range, checked with the shared tests' tight bound.
+    The emulator models --use_fast_math (tanhf as MUFU.TANH, expf / logf as their intrinsics), so
+    a kernel calling tanhf fails here as it would on the GPU."""
+    assert lib.emu_models_fast_math() == 1
+    lens, p, hq, hkv, d = [PARTITION + 40, 97], 16, 8, 2, 128
+    m = max(math.ceil(n / p) for n in lens)
+    k_cache = torch.randn(len(lens) * m, p, hkv, d)
+    v_cache = torch.randn(len(lens) * m, p, hkv, d)
+    block_tables = torch.randperm(len(lens) * m).view(len(lens), m).int()
+    query = torch.randn(len(lens), hq, d) * 3.0  # logits of several softcaps
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out = _run_decode(lib, query, k_cache, v_cache, block_tables, seq_lens, scale=d ** -0.5,
+                      softcap=2.0)
+    kw = dict(scale=d ** -0.5, softcap=2.0)
+    ref64 = reference.paged_attention(query, k_cache, v_cache, block_tables, seq_lens, **kw)
+    ref32 = reference.paged_attention(query, k_cache, v_cache, block_tables, seq_lens,
+                                      upcast=False, **kw)
+    reference.assert_close_2x(out, ref64, ref32, atol=1e-5)
+
+
+def test_fast_math_model_and_accurate_tanh(lib):
+    lib.emu_fast_math_tanhf.restype = lib.emu_accurate_tanh.restype = ctypes.c_float
+    lib.emu_fast_math_tanhf.argtypes = lib.emu_accurate_tanh.argtypes = [ctypes.c_float]
+    xs = torch.linspace(-12.0, 12.0, 4001).tolist() + [1e-30, -3e-8, 0.6249, 0.625, 40.0]
+    def worst(fn):
+        return max(abs(fn(x) - math.tanh(x)) / abs(math.tanh(x)) for x in xs if x != 0.0)
+    assert worst(lib.emu_fast_math_tanhf) > 2.0 ** -11.5  # the modelled MUFU.TANH error
+    assert worst(lib.emu_accurate_tanh) < 2.0 ** -21  # accurate_tanh under the same model
+    assert math.isnan(lib.emu_accurate_tanh(math.nan))
 
 
 def test_paged_decode_batch_invariant(lib):

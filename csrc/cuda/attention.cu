@@ -62,6 +62,7 @@ void append_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cac
   p.cache_stride_token = k_cache.stride(1);
   p.cache_stride_head = k_cache.stride(2);
   p.num_tokens = k.size(0);
+  p.num_slots = k_cache.size(0) * k_cache.size(1);
   p.num_kv_heads = static_cast<int>(hkv);
   p.head_dim = static_cast<int>(d);
   p.block_size = static_cast<int>(k_cache.size(1));
@@ -136,6 +137,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   p.head_dim = static_cast<int>(d);
   p.block_size = static_cast<int>(k_cache.size(1));
   p.max_blocks_per_seq = static_cast<int>(block_tables.size(1));
+  p.num_blocks = k_cache.size(0);
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
   p.sliding_window = static_cast<int>(sliding_window);

@@ -227,7 +227,7 @@ def _sampling_kernel(
         tl.store(out_ptr + row, tl.where(bad, -1, token).to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_sb", "num_seen"])
 def _repetition_penalty_kernel(
     out_ptr, logits_ptr, seen_ptr, penalty_ptr,
     stride_lb, stride_ob, stride_sb,
@@ -250,7 +250,7 @@ def _repetition_penalty_kernel(
     for start in range(0, num_seen, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ids = tl.load(seen_row + offs, mask=offs < num_seen, other=-1)
-        ok = ids >= 0  # -1 = padding
+        ok = (ids >= 0) & (ids < vocab)  # -1 = padding; out-of-vocabulary ids: guarded
         x = tl.load(in_row + ids, mask=ok, other=0.0).to(tl.float32)
         x = tl.where(x > 0, tl.math.div_rn(x, penalty), x * penalty)
         tl.store(out_row + ids, x, mask=ok)
