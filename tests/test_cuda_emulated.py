@@ -9,47 +9,25 @@ from __future__ import annotations
 
 import ctypes
 import math
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from cuda_emu import runner
+from cuda_emu.runner import PARTITION
 from fastdecode.ops import torch_backend
 from fastdecode.ops._params import normalize
+import guard_cases
 import reference
 from pairwise import pairwise
-
-ROOT = Path(__file__).resolve().parent.parent
-EMU = ROOT / "tests" / "cuda_emu"
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-PARTITION = 256  # kPartitionTokens
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
+    so = runner.build(tmp_path_factory.mktemp("cuda_emu"))
+    if so is None:
         pytest.skip("g++ not found")
-    out = tmp_path_factory.mktemp("cuda_emu") / "libfastdecode_cuda_emu.so"
-    subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
-                    "-Wno-unknown-pragmas", f"-I{EMU / 'include'}", str(EMU / "emu_ops.cpp"),
-                    "-o", str(out)], check=True)
-    so = ctypes.CDLL(str(out))
-    so.emu_paged_decode_workspace_floats.restype = ctypes.c_int64
-    so.emu_sampling_scores_stride.restype = ctypes.c_int64
-    so.emu_paged_decode.argtypes = [ctypes.c_void_p] * 10 + [
-        ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     return so
-
-
-def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
-
-
-def _i64(*values: int) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64)
 
 
 # ------------------------------------------------------------------------------------ append_kv
@@ -68,32 +46,13 @@ def test_append_kv(lib, dtype, d, strided):
     slots[[2, 7]] = -1
     expect_k, expect_v = k_cache.clone(), v_cache.clone()
     torch_backend.append_kv(key, value, expect_k, expect_v, slots)
-    strides = _i64(*key.stride()[:2], *value.stride()[:2], *k_cache.stride()[:3])
-    rc = lib.emu_append_kv(_ptr(key), _ptr(value), _ptr(k_cache), _ptr(v_cache), _ptr(slots),
-                           _ptr(strides), ctypes.c_int64(t), ctypes.c_int64(n * p), hkv, d, p,
-                           key.element_size())
-    assert rc == 0
+    runner.append_kv(lib, key, value, k_cache, v_cache, slots)
     assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
 
 
 # ----------------------------------------------------------------------------- paged attention
-def _run_decode(lib, query, k_cache, v_cache, block_tables, seq_lens, *, scale, softcap=0.0,
-                window=0, alibi=None):
-    b, hq, d = query.shape
-    _, p, hkv, _ = k_cache.shape
-    m = block_tables.shape[1]
-    out = torch.full_like(query, float("nan"))
-    ws = torch.full((max(1, lib.emu_paged_decode_workspace_floats(b, hq, d, m, p)),),
-                    float("nan"))
-    strides = _i64(*query.stride()[:2], *out.stride()[:2], *k_cache.stride()[:3],
-                   block_tables.stride(0))
-    sizes = torch.tensor([b, hq, hkv, d, p, m, k_cache.shape[0]], dtype=torch.int32)
-    rc = lib.emu_paged_decode(_ptr(out), _ptr(query), _ptr(k_cache), _ptr(v_cache),
-                              _ptr(block_tables), _ptr(seq_lens), _ptr(alibi), _ptr(ws),
-                              _ptr(strides), _ptr(sizes), scale, softcap, window,
-                              DTYPE_CODE[query.dtype])
-    assert rc == 0
-    return out
+def _run_decode(lib, *args, **kwargs):
+    return runner.paged_decode(lib, *args, **kwargs)
 
 
 DECODE_CASES = pairwise({
@@ -182,18 +141,7 @@ def test_paged_decode_batch_invariant(lib):
 
 # ------------------------------------------------------------------------------------ sampling
 def _run_sample(lib, logits, params, seeds, offsets):
-    b, v = logits.shape
-    scores = torch.full((b, lib.emu_sampling_scores_stride(v)), float("nan"))
-    out = torch.full((b,), -7, dtype=torch.int64)
-    seen = params.seen_tokens
-    rc = lib.emu_sample(_ptr(logits), _ptr(scores), _ptr(out), _ptr(params.temperature),
-                        _ptr(params.top_k), _ptr(params.top_p), _ptr(params.min_p),
-                        _ptr(params.repetition_penalty), _ptr(seen), _ptr(seeds), _ptr(offsets),
-                        ctypes.c_int64(logits.stride(0)),
-                        ctypes.c_int64(0 if seen is None else seen.stride(0)), b, v,
-                        0 if seen is None else seen.shape[1], DTYPE_CODE[logits.dtype])
-    assert rc == 0
-    return out
+    return runner.sample(lib, logits, params, seeds, offsets)
 
 
 SAMPLE_CASES = pairwise({
@@ -256,3 +204,25 @@ def test_sample_distribution(lib):
     freq = torch.bincount(ids, minlength=v).double() / draws
     assert (freq[probs == 0] == 0).all(), "filtered tokens never drawn"
     assert (freq - probs).abs().sum() / 2 < 0.1  # total variation; ~0.04 expected noise
+
+
+# ------------------------------------------------------------------------- device-side guards
+LONG = PARTITION + 44  # two partitions: a bad id in the second reaches the row through the merge
+
+
+@pytest.mark.parametrize("poison", guard_cases.decode_poisons(LONG), ids=lambda p: p.name)
+def test_decode_guards(lib, poison):
+    """Poisoned block ids / seq_lens flag their rows with NaN, read nothing outside the pools and
+    leave the other rows bit-identical (tests/guard_cases.py)."""
+    case = guard_cases.decode_case(LONG, dtype=torch.float16)
+    def run(c, out):
+        runner.paged_decode(lib, c.query, c.k_cache, c.v_cache, c.block_tables, c.seq_lens,
+                            scale=0.125, out=out)
+    guard_cases.run_isolated(lambda: guard_cases.check_decode_guard(run, case, poison),
+                             torch.device("cpu"))
+
+
+def test_append_kv_guards(lib):
+    run = lambda *args: runner.append_kv(lib, *args)  # noqa: E731
+    guard_cases.run_isolated(lambda: guard_cases.check_append_guard(run, torch.device("cpu")),
+                             torch.device("cpu"))

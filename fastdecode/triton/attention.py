@@ -51,15 +51,23 @@ def _tanh(x):
 
 
 @triton.jit
+def _first_tile(q_start, seq, group, BLOCK_ROWS: tl.constexpr):
+    """First packed-grid tile of sequence ``seq``. A negative (guarded) start counts as 0, so
+    its tiles still cover the rows in [0, end)."""
+    return tl.maximum(q_start, 0) * group // BLOCK_ROWS + seq
+
+
+@triton.jit
 def _find_seq(cu_seqlens_q_ptr, num_seqs, tile, group, BLOCK_ROWS: tl.constexpr):
     """The sequence owning ``tile`` in the packed grid, where sequence b's tiles start at
-    ``cu_seqlens_q[b] * group // BLOCK_ROWS + b`` (a bound the host knows without reading
-    cu_seqlens_q, so the grid needs no sync). Binary search for the last b starting <= tile."""
+    ``_first_tile(cu_seqlens_q[b], b)`` (a bound the host knows without reading cu_seqlens_q, so
+    the grid needs no sync). Binary search for the last b starting <= tile; always in range,
+    whatever cu_seqlens_q holds."""
     lo = 0
     hi = num_seqs - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        first = tl.load(cu_seqlens_q_ptr + mid) * group // BLOCK_ROWS + mid
+        first = _first_tile(tl.load(cu_seqlens_q_ptr + mid), mid, group, BLOCK_ROWS)
         lo = tl.where(first <= tile, mid, lo)
         hi = tl.where(first <= tile, hi, mid - 1)
     return lo
@@ -104,7 +112,7 @@ def _paged_attention_kernel(
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_end = tl.load(cu_seqlens_q_ptr + seq + 1)
         q_len = q_end - q_start
-        row0 = (tile - (q_start * group // BLOCK_ROWS + seq)) * BLOCK_ROWS
+        row0 = (tile - _first_tile(q_start, seq, group, BLOCK_ROWS)) * BLOCK_ROWS
     else:
         tiles_per_seq = tl.cdiv(group, BLOCK_ROWS)
         seq = tile // tiles_per_seq
@@ -120,6 +128,8 @@ def _paged_attention_kernel(
                  & (q_len <= kv_len))
         valid = valid & _table_in_range(table, tl.where(valid, tl.cdiv(kv_len, block_size), 0),
                                         num_blocks, 128)
+        q_start = tl.maximum(q_start, 0)  # the guarded rows of a negative start: [0, q_end)
+        q_len = q_end - q_start
     kv_len = tl.where(valid, kv_len, 0)
     num_rows = tl.maximum(q_len, 0) * group
     num_parts = tl.cdiv(kv_len, partition_size)
