@@ -140,8 +140,8 @@ def test_paged_decode_batch_invariant(lib):
 
 
 # ------------------------------------------------------------------------------------ sampling
-def _run_sample(lib, logits, params, seeds, offsets):
-    return runner.sample(lib, logits, params, seeds, offsets)
+def _run_sample(lib, logits, params, seeds, offsets, num_sms=4):
+    return runner.sample(lib, logits, params, seeds, offsets, num_sms)
 
 
 SAMPLE_CASES = pairwise({
@@ -174,6 +174,24 @@ def test_sample_matches_torch_backend(lib, case):
     # The same inverse-CDF rule: ids differ only if the uniform falls within float rounding of a
     # boundary, which these seeds do not hit.
     assert torch.equal(ids, expected)
+
+
+def test_sample_does_not_depend_on_the_split_count(lib):
+    """Several CTAs per row (slices, candidates, last-CTA merge) draw exactly what one CTA per
+    row draws, on the candidate path (top-k), the whole-row path (no top-k; ties overflowing a
+    slice's candidate buffer) and greedy rows, and what the torch backend draws."""
+    b, v = 4, 9000
+    logits = torch.randn(b, v) * 3
+    logits[2, ::2] = 8.0  # 4500 tokens tied at the top: more than a slice's candidates
+    params = normalize(logits, temperature=torch.tensor([0.8, 1.0, 0.9, 0.0]),
+                       top_k=torch.tensor([40, 0, 5, 3]), top_p=0.9, min_p=0.01,
+                       repetition_penalty=1.3, seen_tokens=torch.randint(-1, v, (b, 7)))
+    seeds, offsets = torch.tensor([11, 12, 13, 14]), torch.tensor([5, 6, 7, 8])
+    one = _run_sample(lib, logits, params, seeds, offsets, num_sms=1)
+    assert lib.emu_sampling_num_splits(b, v, 64) == 3
+    many = _run_sample(lib, logits, params, seeds, offsets, num_sms=64)
+    assert torch.equal(one, many)
+    assert torch.equal(many, torch_backend.sample(logits, params, seeds, offsets))
 
 
 def test_sample_special_rows(lib):

@@ -1,4 +1,5 @@
 // Torch adapter of the fused sampling kernel: check, fill Params, launch on the current stream.
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -57,11 +58,22 @@ at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
   p.num_rows = static_cast<int>(num_rows);
   p.vocab_size = static_cast<int>(vocab);
 
-  at::Tensor out = at::empty({num_rows}, rows.options().dtype(at::kLong));
-  at::Tensor scores = at::empty({num_rows, p.scores_stride}, rows.options().dtype(at::kFloat));
-  p.out = out.data_ptr<int64_t>();
-  p.scores = scores.data_ptr<float>();
   const c10::cuda::CUDAGuard guard(rows.device());
+  p.num_splits = kernels::sampling_num_splits(
+      num_rows, vocab, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+
+  // Workspace through torch's caching allocator (no sync, CUDA-graph capturable); the tickets
+  // must start at zero (the kernel leaves them at zero).
+  at::Tensor out = at::empty({num_rows}, rows.options().dtype(at::kLong));
+  at::Tensor floats = at::empty(
+      {kernels::sampling_float_workspace(num_rows, vocab, p.num_splits)},
+      rows.options().dtype(at::kFloat));
+  at::Tensor ints = at::empty({kernels::sampling_int_workspace(num_rows, p.num_splits)},
+                              rows.options().dtype(at::kInt));
+  at::Tensor tickets = at::zeros({num_rows}, rows.options().dtype(at::kInt));
+  p.out = out.data_ptr<int64_t>();
+  kernels::bind_sampling_workspace(p, floats.data_ptr<float>(), ints.data_ptr<int32_t>());
+  p.tickets = reinterpret_cast<uint32_t*>(tickets.data_ptr<int32_t>());
   check_launch(kernels::sample(p, c10::cuda::getCurrentCUDAStream()), "sample");
   return out;
 }

@@ -102,10 +102,16 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 using std::isinf;
 using std::isnan;
 
-inline unsigned long long atomicAdd(unsigned long long* at, unsigned long long v) {
-  const unsigned long long old = *at;  // coroutines never switch inside: atomic by construction
+template <typename T>
+T atomicAdd(T* at, T v) {
+  const T old = *at;  // coroutines never switch inside: atomic by construction
   *at = old + v;
   return old;
+}
+inline void __threadfence() {}  // CTAs run one after another: every write is visible
+template <typename T>
+T __ldcg(const T* at) {
+  return *at;
 }
 
 // Asynchronous copies complete at once; zfill trailing bytes are zeroed as by cp.async.

@@ -83,19 +83,29 @@ int emu_paged_decode(void* out, const void* query, const void* k_cache, const vo
   return fk::paged_decode_attention(p, nullptr);
 }
 
-int64_t emu_sampling_scores_stride(int64_t vocab_size) {
-  return fk::sampling_scores_stride(vocab_size);
+int emu_sampling_num_splits(int64_t num_rows, int64_t vocab_size, int num_sms) {
+  return fk::sampling_num_splits(num_rows, vocab_size, num_sms);
 }
 
-int emu_sample(const void* logits, float* scores, int64_t* out, const float* temperature,
-               const int32_t* top_k, const float* top_p, const float* min_p,
-               const float* repetition_penalty, const int64_t* seen_tokens,
+int64_t emu_sampling_float_workspace(int64_t num_rows, int64_t vocab_size, int num_splits) {
+  return fk::sampling_float_workspace(num_rows, vocab_size, num_splits);
+}
+
+int64_t emu_sampling_int_workspace(int64_t num_rows, int num_splits) {
+  return fk::sampling_int_workspace(num_rows, num_splits);
+}
+
+// floats / ints: the two workspaces; tickets: [num_rows] zeros.
+int emu_sample(const void* logits, float* floats, int32_t* ints, uint32_t* tickets, int64_t* out,
+               const float* temperature, const int32_t* top_k, const float* top_p,
+               const float* min_p, const float* repetition_penalty, const int64_t* seen_tokens,
                const int64_t* seeds, const int64_t* offsets, int64_t logits_stride,
-               int64_t seen_stride, int num_rows, int vocab_size, int num_seen, int dtype) {
+               int64_t seen_stride, int num_rows, int vocab_size, int num_seen, int num_splits,
+               int dtype) {
   fk::SamplingParams p{};
   p.logits = logits;
-  p.scores = scores;
   p.out = out;
+  p.tickets = tickets;
   p.temperature = temperature;
   p.top_k = top_k;
   p.top_p = top_p;
@@ -110,7 +120,9 @@ int emu_sample(const void* logits, float* scores, int64_t* out, const float* tem
   p.num_rows = num_rows;
   p.vocab_size = vocab_size;
   p.num_seen = num_seen;
+  p.num_splits = num_splits;
   p.dtype = static_cast<fk::DType>(dtype);
+  fk::bind_sampling_workspace(p, floats, ints);
   return fk::sample(p, nullptr);
 }
 

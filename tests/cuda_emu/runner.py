@@ -28,7 +28,8 @@ def build(out_dir: Path) -> Optional[ctypes.CDLL]:
                     "-o", str(out)], check=True)
     lib = ctypes.CDLL(str(out))
     lib.emu_paged_decode_workspace_floats.restype = ctypes.c_int64
-    lib.emu_sampling_scores_stride.restype = ctypes.c_int64
+    lib.emu_sampling_float_workspace.restype = ctypes.c_int64
+    lib.emu_sampling_int_workspace.restype = ctypes.c_int64
     lib.emu_paged_decode.argtypes = [ctypes.c_void_p] * 10 + [
         ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     return lib
@@ -73,17 +74,24 @@ def paged_decode(lib, query, k_cache, v_cache, block_tables, seq_lens, *, scale:
     return out
 
 
-def sample(lib, logits, params, seeds, offsets) -> torch.Tensor:
-    """[B] int64 ids drawn by the CUDA sampler; params: a normalised SamplingTensors."""
+def sample(lib, logits, params, seeds, offsets, num_sms: int = 4) -> torch.Tensor:
+    """[B] int64 ids drawn by the CUDA sampler; params: a normalised SamplingTensors. num_sms
+    sets the CTAs per row as the adapter would on a GPU with that many SMs."""
     b, v = logits.shape
-    scores = torch.full((b, lib.emu_sampling_scores_stride(v)), float("nan"))
+    splits = lib.emu_sampling_num_splits(ctypes.c_int64(b), ctypes.c_int64(v), num_sms)
+    floats = torch.full((lib.emu_sampling_float_workspace(b, ctypes.c_int64(v), splits),),
+                        float("nan"))
+    ints = torch.full((lib.emu_sampling_int_workspace(b, splits),), -9, dtype=torch.int32)
+    tickets = torch.zeros(b, dtype=torch.int32)
     out = torch.full((b,), -7, dtype=torch.int64)
     seen = params.seen_tokens
-    rc = lib.emu_sample(ptr(logits), ptr(scores), ptr(out), ptr(params.temperature),
+    rc = lib.emu_sample(ptr(logits), ptr(floats), ptr(ints), ptr(tickets), ptr(out),
+                        ptr(params.temperature),
                         ptr(params.top_k), ptr(params.top_p), ptr(params.min_p),
                         ptr(params.repetition_penalty), ptr(seen), ptr(seeds), ptr(offsets),
                         ctypes.c_int64(logits.stride(0)),
                         ctypes.c_int64(0 if seen is None else seen.stride(0)), b, v,
-                        0 if seen is None else seen.shape[1], DTYPE_CODE[logits.dtype])
+                        0 if seen is None else seen.shape[1], splits, DTYPE_CODE[logits.dtype])
     assert rc == 0
+    assert (tickets == 0).all(), "the last CTA of each row resets its ticket"
     return out
