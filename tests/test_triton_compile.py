@@ -73,7 +73,8 @@ def variants() -> dict[str, tuple]:
             dict(out_ptr="fp32" if c.write_scores else "i64", logits_ptr=dt,
                  temperature_ptr="fp32", top_k_ptr="i32", top_p_ptr="fp32", min_p_ptr="fp32",
                  seeds_ptr=seeds, offsets_ptr=seeds),
-            (), dict(WRITE_SCORES=c.write_scores, BLOCK=c.block), dict(num_warps=c.num_warps))
+            (), dict(WRITE_SCORES=c.write_scores, BLOCK=c.block, RADIX=c.radix_block),
+            dict(num_warps=c.num_warps))
     for dtype in sampling.LOGIT_DTYPES:
         out[f"repetition_penalty-{_TY[dtype]}"] = (
             "sampling._repetition_penalty_kernel",
