@@ -20,6 +20,7 @@ from fastdecode.ops._params import normalize
 import guard_cases
 import reference
 from pairwise import pairwise
+from sampling_cases import EXACT_BOUNDARIES
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +193,19 @@ def test_sample_does_not_depend_on_the_split_count(lib):
     many = _run_sample(lib, logits, params, seeds, offsets, num_sms=64)
     assert torch.equal(one, many)
     assert torch.equal(many, torch_backend.sample(logits, params, seeds, offsets))
+
+
+@pytest.mark.parametrize("probs, top_p", EXACT_BOUNDARIES)
+def test_top_p_exact_boundary_matches_hf(lib, probs, top_p):
+    from transformers import TopPLogitsWarper
+
+    logits = torch.tensor([probs]).log()
+    hf_kept = TopPLogitsWarper(top_p)(torch.zeros(1, 1, dtype=torch.long), logits)[0] > -math.inf
+    rows = logits.repeat(48, 1)
+    params = normalize(rows, top_p=top_p)
+    drawn = _run_sample(lib, rows, params, torch.arange(48) * 101,
+                        torch.zeros(48, dtype=torch.int64))
+    assert set(drawn.tolist()) == set(hf_kept.nonzero()[:, 0].tolist())
 
 
 def test_sample_special_rows(lib):

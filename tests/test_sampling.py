@@ -11,7 +11,8 @@ import torch
 import reference
 from fastdecode import ops
 from pairwise import cases
-from sampling_cases import assert_processed_matches, per_row, random_logits, seen_tokens
+from sampling_cases import (EXACT_BOUNDARIES, assert_processed_matches, per_row,
+                            random_logits, seen_tokens)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NEG_INF = -math.inf
@@ -223,3 +224,20 @@ def test_invalid_parameters_name_the_parameter_and_row(name, value, message):
     for op in (ops.sample, ops.process_logits):
         with pytest.raises(ValueError, match=message):
             op(logits, **{name: value})
+
+
+
+@pytest.mark.parametrize("probs, top_p", EXACT_BOUNDARIES)
+def test_top_p_exact_boundary_matches_hf(backend, probs, top_p):
+    from transformers import TopPLogitsWarper
+
+    logits = torch.tensor([probs]).log()
+    hf_kept = TopPLogitsWarper(top_p)(torch.zeros(1, 1, dtype=torch.long), logits) > NEG_INF
+    rows = logits.repeat(64, 1).to(backend.device)
+    seeds = torch.arange(64, device=backend.device) * 101
+    drawn = ops.sample(rows, top_p=top_p, seeds=seeds, backend=backend.name).cpu()
+    assert hf_kept[0, drawn].all(), "drew a token transformers filters"
+    assert set(drawn.tolist()) == set(hf_kept[0].nonzero()[:, 0].tolist())
+    if backend.name != "cuda":  # the CUDA backend samples only
+        out = ops.process_logits(logits.to(backend.device), top_p=top_p, backend=backend.name)
+        assert torch.equal(out.cpu() > NEG_INF, hf_kept)

@@ -33,7 +33,8 @@ struct PagedDecodeParams {
   const void* query;            // [B, Hq, D] query dtype, strides below, innermost stride 1
   const void* k_cache;          // [N, P, Hkv, D], kv strides below, innermost stride 1
   const void* v_cache;          // [N, P, Hkv, D], same strides as k_cache
-  const int32_t* block_tables;  // [B, M], row stride block_tables_stride; ids outside [0, N) -> NaN rows
+  const int32_t* block_tables;  // [B, M], row stride block_tables_stride; ids outside [0, N) ->
+                                // NaN rows
   const int32_t* seq_lens;      // [B] KV length including the query token; 0 -> zeros; outside
                                 // [0, M * P] -> NaN rows
   const float* alibi_slopes;    // [Hq] or nullptr; bias slope * (j - i)

@@ -102,6 +102,10 @@ constexpr int kSampleThreads = 1024;
 constexpr int kSampleWarps = kSampleThreads / kWarpSize;
 constexpr int kRadixBins = 256;
 constexpr float kMassScale = 1099511627776.0f;  // 2^40: V * 2^40 < 2^64 for V < 2^24
+// Top-p drops a token when the mass strictly above it reaches top_p of the total; an exact tie
+// (HF drops it) is decided up to this fraction of the total, whatever the rounding of the
+// masses. The same rule as the CPU and Triton kernels.
+constexpr double kTopPTolerance = 1e-6;
 
 // Order-preserving map float -> uint32 (a < b  <=>  key(a) < key(b)); -0 maps like +0 so
 // equal values tie.
@@ -130,14 +134,18 @@ struct DenseValues {
   const float* values;  // 16-byte aligned
   int num_vecs;
   int first_id;  // token id of values[0]
-  __device__ float4 load(int v) const { return __ldcg(reinterpret_cast<const float4*>(values) + v); }
+  __device__ float4 load(int v) const {
+    return __ldcg(reinterpret_cast<const float4*>(values) + v);
+  }
   __device__ int id(int v, int i) const { return first_id + 4 * v + i; }
 };
 struct CandidateValues {
   const float* values;  // [num_splits * kCandidates], -inf past each slice's count
   const int32_t* ids;
   int num_vecs;
-  __device__ float4 load(int v) const { return __ldcg(reinterpret_cast<const float4*>(values) + v); }
+  __device__ float4 load(int v) const {
+    return __ldcg(reinterpret_cast<const float4*>(values) + v);
+  }
   __device__ int id(int v, int i) const { return __ldcg(ids + 4 * v + i); }
 };
 
@@ -220,7 +228,9 @@ __device__ bool radix_select(const Values& vals, float row_max, uint32_t floor_k
   uint64_t above = 0;  // weight of the candidates whose high digits exceed `prefix`
   for (int shift = 24; shift >= 0; shift -= 8) {
     const uint32_t high_mask = shift == 24 ? 0u : 0xffffffffu << (shift + 8);
-    for (int i = threadIdx.x; i < kRadixBins; i += kSampleThreads) sm.hist_lo[i] = sm.hist_hi[i] = 0;
+    for (int i = threadIdx.x; i < kRadixBins; i += kSampleThreads) {
+      sm.hist_lo[i] = sm.hist_hi[i] = 0;
+    }
     __syncthreads();
     for (int v0 = 0; v0 < vals.num_vecs; v0 += kSampleThreads) {  // trip count uniform per warp
       const int v = v0 + static_cast<int>(threadIdx.x);
@@ -447,7 +457,9 @@ __device__ int filter_and_draw(const SamplingParams& p, int row, const Values& v
   const float top_p = p.top_p[row];
   if (top_p < 1.f) {
     const uint64_t total = kept_mass(vals, row_max, keep_key, sm);
-    const auto target = static_cast<uint64_t>(ceil(static_cast<double>(top_p) * total));
+    const double frac = fmax(static_cast<double>(top_p) - kTopPTolerance, 0.0);
+    const auto scaled = static_cast<uint64_t>(ceil(frac * total));
+    const uint64_t target = scaled > 0 ? scaled : 1;  // a tiny top_p keeps the max's group
     uint32_t key_p;
     if (radix_select(vals, row_max, keep_key, true, target, sm, &key_p)) {
       keep_key = max(keep_key, key_p);

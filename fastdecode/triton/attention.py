@@ -75,7 +75,7 @@ def _find_seq(cu_seqlens_q_ptr, num_seqs, tile, group, BLOCK_ROWS: tl.constexpr)
 
 @triton.jit
 def _table_in_range(table, num_table_blocks, num_blocks, CHUNK: tl.constexpr):
-    """Whether the first ``num_table_blocks`` ids of a block-table row all lie in [0, num_blocks)."""
+    """Whether the first ``num_table_blocks`` ids of a block-table row lie in [0, num_blocks)."""
     bad = tl.zeros([CHUNK], tl.int32)
     for b0 in range(0, num_table_blocks, CHUNK):
         offs = b0 + tl.arange(0, CHUNK)

@@ -7,10 +7,10 @@ pass counts (top-k) or sums the probability mass (top-p) above 16 pivots at once
 of the threshold, so 8 passes give the exact k-th largest value (ties kept) or the exact HF top-p
 cut, whatever the logits. Loops over the vocabulary accumulate element-wise (each thread keeps
 its own partial sums / maxima) and reduce across the warps once, after the loop: a reduction per
-chunk would cost a shared-memory round trip and a barrier per chunk of every pass. Min-p is a single comparison in logit space. The draw uses the
-Philox4x32-10 uniform of the row's (seed, offset) and takes the first token in vocabulary order
-whose running sum of exp(x - max) exceeds u times the total, the rule every backend shares
-(:mod:`fastdecode.ops.torch_backend`).
+chunk would cost a shared-memory round trip and a barrier per chunk of every pass. Min-p is a
+single comparison in logit space. The draw uses the Philox4x32-10 uniform of the row's (seed,
+offset) and takes the first token in vocabulary order whose running sum of exp(x - max) exceeds
+u times the total, the rule every backend shares (:mod:`fastdecode.ops.torch_backend`).
 
 Shapes: logits [num_seqs, vocab_size]; per-row parameters [num_seqs]; seen_tokens
 [num_seqs, L] int64 (-1 = padding).
@@ -29,6 +29,10 @@ from fastdecode.ops._params import SamplingTensors
 
 # Logit dtypes read directly; others (float64) are converted to float32 first.
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Top-p drops a token when the mass strictly above it reaches top_p of the total; an exact tie
+# (HF drops it) is decided up to this fraction of the total, whatever the float rounding of the
+# sums. The same rule as the CPU and CUDA kernels.
+TOP_P_TOLERANCE = tl.constexpr(1e-6)
 # Vocabulary chunk per loop step. Rows are independent programs, so one row per SM at most.
 BLOCK = 1024
 # Chunk of a radix pass: its [RADIX_BLOCK, 16] accumulator of the mass / count above each pivot
@@ -210,8 +214,9 @@ def _sampling_kernel(
                 x = _load_scaled(row_ptr, offs, vocab, t_div)
                 kept_mass += tl.where(_key(x) >= floor_key, tl.exp(x - x_max), 0.0)
             # HF: keep x iff the mass strictly above x is < top_p (smallest set reaching it).
-            floor_key = _threshold(row_ptr, vocab, t_div, x_max, floor_key,
-                                   top_p * tl.sum(kept_mass, 0), True, RADIX)
+            # The target stays positive: a tiny top_p keeps the max's group.
+            target = tl.maximum((top_p - TOP_P_TOLERANCE) * tl.sum(kept_mass, 0), 1e-30)
+            floor_key = _threshold(row_ptr, vocab, t_div, x_max, floor_key, target, True, RADIX)
     # min-p in logit space: p < min_p * p_max  <=>  x < x_max + log(min_p) (min_p 0: -inf).
     min_p = tl.load(min_p_ptr + row)
     min_x = tl.where(filtered & (min_p > 0), x_max + tl.log(tl.where(min_p > 0, min_p, 1.0)),
