@@ -46,3 +46,20 @@ def test_packed_guards(name, edit, nan_rows):
 def test_append_kv_guards():
     guard_cases.run_isolated(
         lambda: guard_cases.check_append_guard(kv_cache.append_kv, DEV), DEV)
+
+
+def test_batch_dependent_ints_are_not_specialised():
+    """Integers that change with the batch never select a compiled variant (a new batch size
+    would otherwise cost a compile of seconds)."""
+    from fastdecode.triton import sampling
+
+    expected = {attention._paged_attention_kernel: attention._BATCH_ARGS,
+                attention._merge_partitions_kernel: ["max_kv_len", "max_partitions"],
+                sampling._repetition_penalty_kernel: ["stride_sb", "num_seen"]}
+    for kernel, names in expected.items():
+        # A JITFunction keeps the list; the interpreter's wrapper keeps the jit arguments.
+        listed = getattr(kernel, "do_not_specialize", None)
+        if listed is None:
+            listed = kernel.kwargs.get("do_not_specialize", ())
+        excluded = {kernel.arg_names[i] if isinstance(i, int) else i for i in listed}
+        assert set(names) <= excluded, kernel.arg_names
