@@ -1,7 +1,9 @@
 // Torch adapter of the fused sampling kernel: check, fill Params, launch on the current stream.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <array>
+#include <atomic>
 
 #include "../kernels/sampling.cuh"
 #include "checks.h"
@@ -17,6 +19,18 @@ const at::Tensor& per_row(const at::Tensor& t, const at::Tensor& logits, const c
   TORCH_CHECK(t.size(0) == logits.size(0) && t.is_contiguous(), "fastdecode (cuda): ", name,
               " must be a contiguous [", logits.size(0), "] tensor");
   return t;
+}
+
+// SMs of `device`, queried once per device (the kernel's CTAs per row depend on it).
+int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> cached{};
+  int n = device >= 0 && device < 64 ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
+                 "sample (SM count)");
+    if (device >= 0 && device < 64) cached[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 }  // namespace
@@ -59,8 +73,7 @@ at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
   p.vocab_size = static_cast<int>(vocab);
 
   const c10::cuda::CUDAGuard guard(rows.device());
-  p.num_splits = kernels::sampling_num_splits(
-      num_rows, vocab, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  p.num_splits = kernels::sampling_num_splits(num_rows, vocab, sm_count(rows.get_device()));
 
   // Workspace through torch's caching allocator (no sync, CUDA-graph capturable); the tickets
   // must start at zero (the kernel leaves them at zero).
