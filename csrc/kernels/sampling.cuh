@@ -529,7 +529,10 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(SamplingParams p
     p.split_max[row * splits + split] = slice_max;
     p.split_arg[row * splits + split] = slice_arg;
     p.cand_count[row * splits + split] = count;
-    __threadfence();  // this CTA's writes are visible before its ticket is
+  }
+  __threadfence();  // every thread's writes (scores, candidates) are visible before the ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
     sm.is_last = atomicAdd(&p.tickets[row], 1u) == static_cast<unsigned>(splits - 1);
   }
   __syncthreads();
