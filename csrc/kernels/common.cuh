@@ -57,15 +57,6 @@ __device__ __forceinline__ void unpack16(const uint4 raw, float* out) {
   }
 }
 
-// A 16-byte vector of quiet NaNs of T: what a guarded kernel reads in place of an out-of-range
-// block, so that the rows depending on it come out NaN.
-template <typename T>
-__host__ __device__ constexpr uint32_t nan_word() {
-  if constexpr (sizeof(T) == 4) return 0x7fc00000u;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return 0x7fc07fc0u;
-  return 0x7e007e00u;
-}
-
 // Packs kVecElems<T> floats into a 16-byte vector of T.
 template <typename T>
 __device__ __forceinline__ uint4 pack16(const float* in) {

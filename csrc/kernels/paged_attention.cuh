@@ -13,8 +13,9 @@
 //
 // Device-side guards (the public op does not copy seq_lens / block_tables to the host on CUDA): a
 // seq_len outside [0, M * P] makes the sequence's output rows NaN without reading its KV; a block
-// id outside [0, N) is never read: its K is replaced by NaNs, which turns the rows that attend to
-// it into NaN (carried through the split-KV merge).
+// id outside [0, N) is never read (block 0 is copied in its place, so the copy loop stays
+// branch-free) and flags the CTA, whose rows then come out NaN (carried through the split-KV
+// merge by a NaN log-sum-exp).
 #pragma once
 
 #include <cuda_pipeline.h>
@@ -173,25 +174,30 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
   const int32_t* block_table = p.block_tables + seq * p.block_tables_stride;
   const T* k_base = static_cast<const T*>(p.k_cache) + kv_head * p.kv_stride_head;
   const T* v_base = static_cast<const T*>(p.v_cache) + kv_head * p.kv_stride_head;
-  auto load_tile = [&](int tile, int stage) {
+  // Guard: one unsigned 32-bit compare per copy (ids are int32; a negative one compares as huge)
+  // and a select; the thread ORs what it saw, and the CTA combines it at its last barrier.
+  const auto num_blocks = static_cast<uint32_t>(p.num_blocks);
+  bool saw_bad_block = false;
+  auto load_tile = [&](int tile, int stage) -> bool {  // true: a guarded id in this tile
+    bool bad_tile = false;
     const int t0 = lo + tile * kTile;
     for (int c = tid; c < kTile * kChunks; c += kAttnThreads) {
       const int t = c / kChunks, v = c % kChunks, j = t0 + t;
-      const int64_t block = j < hi ? block_table[j / p.block_size] : 0;
-      if (j < hi && block >= 0 && block < p.num_blocks) {  // cp.async, see __pipeline_wait_prior
+      if (j < hi) {  // cp.async, completed by __pipeline_wait_prior
+        const auto id = static_cast<uint32_t>(block_table[j / p.block_size]);
+        const bool bad = id >= num_blocks;
+        bad_tile |= bad;
+        const int64_t block = bad ? 0 : id;  // a guarded id reads block 0, its rows become NaN
         const int64_t at = block * p.kv_stride_block + (j % p.block_size) * p.kv_stride_token +
                            v * kVec;
         __pipeline_memcpy_async(&kv_smem[stage][0][t][v], k_base + at, sizeof(uint4));
         __pipeline_memcpy_async(&kv_smem[stage][1][t][v], v_base + at, sizeof(uint4));
-      } else if (j < hi) {  // guarded block id: NaN keys make the scores, hence the rows, NaN
-        constexpr uint32_t nan = nan_word<T>();
-        kv_smem[stage][0][t][v] = make_uint4(nan, nan, nan, nan);
-        kv_smem[stage][1][t][v] = make_uint4(0, 0, 0, 0);
       } else {  // past the end: zeros, so that 0 * V never meets stale non-finite values
         kv_smem[stage][0][t][v] = make_uint4(0, 0, 0, 0);
         kv_smem[stage][1][t][v] = make_uint4(0, 0, 0, 0);
       }
     }
+    return bad_tile;
   };
 
   // P.V work split: (head, vector) pairs; when there are fewer pairs than threads (small groups),
@@ -214,11 +220,11 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
   const float inv_softcap = p.softcap > 0.f ? __fdiv_rn(1.f, p.softcap) : 0.f;
   const float slope_pos = static_cast<float>(seq_len - 1);  // the query's position i
 
-  if (num_tiles > 0) load_tile(0, 0);
+  if (num_tiles > 0) saw_bad_block = load_tile(0, 0);
   __pipeline_commit();
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile & 1, t0 = lo + tile * kTile;
-    if (tile + 1 < num_tiles) load_tile(tile + 1, stage ^ 1);
+    if (tile + 1 < num_tiles) saw_bad_block |= load_tile(tile + 1, stage ^ 1);
     __pipeline_commit();
     __pipeline_wait_prior(1);  // this tile's copies are done; the next tile's may be in flight
     __syncthreads();
@@ -282,7 +288,8 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
     }
     __syncthreads();  // the next iteration's copies overwrite this stage
   }
-  __syncthreads();  // m / l are read across threads below, also when there was no tile
+  // m / l are read across threads below, also when there was no tile.
+  const bool bad_block = __syncthreads_or(saw_bad_block);
 
   // Sum the token slices (fixed order: deterministic). The KV tiles are free now.
   float* reduce = reinterpret_cast<float*>(&kv_smem[0][0][0][0]);  // [kAttnThreads][kVec]
@@ -305,7 +312,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
     if (acc_slice[k] != 0) continue;
     const int h = acc_head[k], v = acc_vec[k];
     const float l = l_smem[h];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = bad_block ? __uint_as_float(0x7fc00000u) : (l > 0.f ? 1.f / l : 0.f);
     float o[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) o[i] = acc[k][i] * inv;
@@ -323,9 +330,10 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
   }
   if (!direct && tid < nh) {
     const float l = l_smem[tid];
-    // l == 0: nothing visible (window); NaN (guarded block) stays NaN for the merge to see.
+    // l == 0: nothing visible (window); a guarded block id: NaN, for the merge to see.
     p.partial_lse[(static_cast<int64_t>(seq) * p.num_qo_heads + h0 + tid) * gridDim.x + part] =
-        l == 0.f ? -INFINITY : m_smem[tid] + logf(l);
+        bad_block ? __uint_as_float(0x7fc00000u)
+                  : (l == 0.f ? -INFINITY : m_smem[tid] + logf(l));
   }
 }
 
@@ -382,7 +390,7 @@ cudaError_t launch_paged_decode(const PagedDecodeParams& p, cudaStream_t stream)
 inline cudaError_t paged_decode_attention(const PagedDecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return cudaSuccess;
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.block_size <= 0 ||
-      p.num_blocks < 0 || !is_supported_head_dim(p.head_dim)) {
+      p.num_blocks < 0 || p.num_blocks > INT32_MAX || !is_supported_head_dim(p.head_dim)) {
     return cudaErrorInvalidValue;
   }
   if (paged_decode_max_partitions(p.max_blocks_per_seq, p.block_size) > 1 &&
