@@ -1,8 +1,14 @@
-"""Shared fixtures: every op test body runs on every backend.
+"""Shared fixtures: every op test body runs on every backend that implements its ops.
 
 Without a GPU, Triton kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set here, before
 anything imports triton); the CUDA backend's tests skip. ``FASTDECODE_REQUIRE_EXT=1`` (set by CI)
 turns a missing C++ extension into a failure instead of a skip.
+
+A test that exercises an op some backend does not implement (the CUDA backend covers decode
+attention, append_kv and sample) says so with ``@pytest.mark.ops("process_logits", ...)``; its
+instances for such a backend are deselected at collection, so a GPU run never counts them as
+skipped and a backend that stops implementing an op fails loudly. A test mixing covered and
+uncovered ops checks ``backend.covers(op)`` around the uncovered part instead.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ class Backend:
 
     def __str__(self) -> str:
         return self.name
+
+    def covers(self, op: str) -> bool:
+        """Whether this backend implements ``op`` ("paged_prefill": the packed form)."""
+        return op in _backends._COVERAGE[self.name]
 
 
 def _make(name: str) -> Backend:
@@ -59,18 +69,22 @@ def backend(request) -> Backend:
     return _make(request.param)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """A shared op test run on a backend that does not implement the op (the CUDA backend covers
-    decode attention, append_kv and sample only) is reported as skipped, with the reason."""
-    outcome = yield
-    exc = call.excinfo
-    if (call.when == "call" and exc is not None
-            and exc.errisinstance(_backends.BackendUnavailableError)
-            and "does not implement" in str(exc.value)):
-        report = outcome.get_result()
-        report.outcome = "skipped"
-        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {exc.value}")
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ops(*names): ops the test exercises; its instances for "
+                            "a backend that does not implement one of them are deselected")
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("ops")
+        name = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+        uncovered = (marker is not None and name is not None
+                     and not set(marker.args) <= _backends._COVERAGE[name])
+        (drop if uncovered else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(autouse=True)

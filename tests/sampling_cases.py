@@ -17,6 +17,10 @@ from fastdecode.ops import torch_backend
 # exp(x - max) against min_p.
 TOP_P_MARGIN = 1e-5
 MIN_P_MARGIN = 1e-4
+# Probabilities whose top-p boundary falls exactly on a token group (the mass above it equals
+# top_p): transformers' warper drops that group, and every backend must agree with it.
+EXACT_BOUNDARIES = [([0.3, 0.1, 0.1, 0.5], 0.8), ([0.25, 0.25, 0.5], 0.5),
+                    ([0.4, 0.35, 0.25], 0.75), ([0.125] * 4 + [0.5], 0.5)]
 
 
 def random_logits(batch: int, vocab: int, dtype: torch.dtype, scale: float = 3.0,

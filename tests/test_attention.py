@@ -17,6 +17,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEAD_DIMS = [64, 80, 96, 112, 128, 256]  # 112: torch / cpu / triton only
 HEADS = [(4, 4), (4, 2), (8, 2), (14, 2), (6, 1)]  # (Hq, Hkv): GQA 1, 2, 4, 7, MQA
 FEATURES = ["plain", "softcap", "window", "alibi", "all"]
+PACKED = [False, pytest.param(True, marks=pytest.mark.ops("paged_prefill"))]  # decode / packed
 
 
 def feature_kwargs(feature: str, num_qo_heads: int) -> dict:
@@ -59,6 +60,7 @@ def packed_rows(block_size: int, shrink: bool) -> tuple[list[int], list[int]]:
     return [n for n, _ in rows], [q for _, q in rows]
 
 
+@pytest.mark.ops("paged_prefill")
 @pytest.mark.parametrize(*cases({"dtype": DTYPES, "head_dim": HEAD_DIMS, "heads": HEADS,
                                  "block_size": [1, 16, 256], "causal": [True, False],
                                  "feature": FEATURES}, seed=1))
@@ -70,6 +72,7 @@ def test_packed(backend, dtype, head_dim, heads, block_size, causal, feature):
     check_attention(backend, case, causal=causal, **feature_kwargs(feature, heads[0]))
 
 
+@pytest.mark.ops("paged_prefill")
 @pytest.mark.parametrize("window", [None, 1, 16, 40])
 def test_long_prefill(backend, window):
     """A prefill spanning many KV tiles and query chunks; window 1 sees only the diagonal."""
@@ -79,7 +82,7 @@ def test_long_prefill(backend, window):
     check_attention(backend, case, sliding_window=window)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", PACKED)
 def test_noncontiguous_query(backend, packed):
     """query sliced out of a fused qkv projection: strides (row, D, 1), not contiguous."""
     hq, hkv, d = 8, 2, 96
@@ -94,7 +97,7 @@ def test_noncontiguous_query(backend, packed):
     check_attention(backend, case, query=query)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", PACKED)
 def test_batch_invariance(backend, packed):
     """A sequence's output is bitwise the same alone as in a batch."""
     lens = [300, 17, 1, 64, 129]

@@ -9,47 +9,26 @@ from __future__ import annotations
 
 import ctypes
 import math
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from cuda_emu import runner
+from cuda_emu.runner import PARTITION
 from fastdecode.ops import torch_backend
 from fastdecode.ops._params import normalize
+import guard_cases
 import reference
 from pairwise import pairwise
-
-ROOT = Path(__file__).resolve().parent.parent
-EMU = ROOT / "tests" / "cuda_emu"
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-PARTITION = 256  # kPartitionTokens
+from sampling_cases import EXACT_BOUNDARIES
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
+    so = runner.build(tmp_path_factory.mktemp("cuda_emu"))
+    if so is None:
         pytest.skip("g++ not found")
-    out = tmp_path_factory.mktemp("cuda_emu") / "libfastdecode_cuda_emu.so"
-    subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
-                    "-Wno-unknown-pragmas", f"-I{EMU / 'include'}", str(EMU / "emu_ops.cpp"),
-                    "-o", str(out)], check=True)
-    so = ctypes.CDLL(str(out))
-    so.emu_paged_decode_workspace_floats.restype = ctypes.c_int64
-    so.emu_sampling_scores_stride.restype = ctypes.c_int64
-    so.emu_paged_decode.argtypes = [ctypes.c_void_p] * 10 + [
-        ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     return so
-
-
-def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
-
-
-def _i64(*values: int) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64)
 
 
 # ------------------------------------------------------------------------------------ append_kv
@@ -68,31 +47,13 @@ def test_append_kv(lib, dtype, d, strided):
     slots[[2, 7]] = -1
     expect_k, expect_v = k_cache.clone(), v_cache.clone()
     torch_backend.append_kv(key, value, expect_k, expect_v, slots)
-    strides = _i64(*key.stride()[:2], *value.stride()[:2], *k_cache.stride()[:3])
-    rc = lib.emu_append_kv(_ptr(key), _ptr(value), _ptr(k_cache), _ptr(v_cache), _ptr(slots),
-                           _ptr(strides), ctypes.c_int64(t), hkv, d, p, key.element_size())
-    assert rc == 0
+    runner.append_kv(lib, key, value, k_cache, v_cache, slots)
     assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
 
 
 # ----------------------------------------------------------------------------- paged attention
-def _run_decode(lib, query, k_cache, v_cache, block_tables, seq_lens, *, scale, softcap=0.0,
-                window=0, alibi=None):
-    b, hq, d = query.shape
-    _, p, hkv, _ = k_cache.shape
-    m = block_tables.shape[1]
-    out = torch.full_like(query, float("nan"))
-    ws = torch.full((max(1, lib.emu_paged_decode_workspace_floats(b, hq, d, m, p)),),
-                    float("nan"))
-    strides = _i64(*query.stride()[:2], *out.stride()[:2], *k_cache.stride()[:3],
-                   block_tables.stride(0))
-    sizes = torch.tensor([b, hq, hkv, d, p, m], dtype=torch.int32)
-    rc = lib.emu_paged_decode(_ptr(out), _ptr(query), _ptr(k_cache), _ptr(v_cache),
-                              _ptr(block_tables), _ptr(seq_lens), _ptr(alibi), _ptr(ws),
-                              _ptr(strides), _ptr(sizes), scale, softcap, window,
-                              DTYPE_CODE[query.dtype])
-    assert rc == 0
-    return out
+def _run_decode(lib, *args, **kwargs):
+    return runner.paged_decode(lib, *args, **kwargs)
 
 
 DECODE_CASES = pairwise({
@@ -133,6 +94,38 @@ def test_paged_decode(lib, case):
     reference.assert_close_2x(out, ref64, ref_lowp, atol=1e-3 if dtype == torch.float32 else 2e-3)
 
 
+def test_softcap_is_accurate_under_fast_math(lib):
+    """Softcapped fp32 logits in tanh's curved range, checked with the shared tests' tight bound.
+    The emulator models --use_fast_math (tanhf as MUFU.TANH, expf / logf as their intrinsics), so
+    a kernel calling tanhf fails here as it would on the GPU."""
+    assert lib.emu_models_fast_math() == 1
+    lens, p, hq, hkv, d = [PARTITION + 40, 97], 16, 8, 2, 128
+    m = max(math.ceil(n / p) for n in lens)
+    k_cache = torch.randn(len(lens) * m, p, hkv, d)
+    v_cache = torch.randn(len(lens) * m, p, hkv, d)
+    block_tables = torch.randperm(len(lens) * m).view(len(lens), m).int()
+    query = torch.randn(len(lens), hq, d) * 3.0  # logits of several softcaps
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out = _run_decode(lib, query, k_cache, v_cache, block_tables, seq_lens, scale=d ** -0.5,
+                      softcap=2.0)
+    kw = dict(scale=d ** -0.5, softcap=2.0)
+    ref64 = reference.paged_attention(query, k_cache, v_cache, block_tables, seq_lens, **kw)
+    ref32 = reference.paged_attention(query, k_cache, v_cache, block_tables, seq_lens,
+                                      upcast=False, **kw)
+    reference.assert_close_2x(out, ref64, ref32, atol=1e-5)
+
+
+def test_fast_math_model_and_accurate_tanh(lib):
+    lib.emu_fast_math_tanhf.restype = lib.emu_accurate_tanh.restype = ctypes.c_float
+    lib.emu_fast_math_tanhf.argtypes = lib.emu_accurate_tanh.argtypes = [ctypes.c_float]
+    xs = torch.linspace(-12.0, 12.0, 4001).tolist() + [1e-30, -3e-8, 0.6249, 0.625, 40.0]
+    def worst(fn):
+        return max(abs(fn(x) - math.tanh(x)) / abs(math.tanh(x)) for x in xs if x != 0.0)
+    assert worst(lib.emu_fast_math_tanhf) > 2.0 ** -11.5  # the modelled MUFU.TANH error
+    assert worst(lib.emu_accurate_tanh) < 2.0 ** -21  # accurate_tanh under the same model
+    assert math.isnan(lib.emu_accurate_tanh(math.nan))
+
+
 def test_paged_decode_batch_invariant(lib):
     lens = [PARTITION * 2 + 5, 3, 100]
     p, hq, hkv, d = 16, 8, 2, 64
@@ -148,19 +141,8 @@ def test_paged_decode_batch_invariant(lib):
 
 
 # ------------------------------------------------------------------------------------ sampling
-def _run_sample(lib, logits, params, seeds, offsets):
-    b, v = logits.shape
-    scores = torch.full((b, lib.emu_sampling_scores_stride(v)), float("nan"))
-    out = torch.full((b,), -7, dtype=torch.int64)
-    seen = params.seen_tokens
-    rc = lib.emu_sample(_ptr(logits), _ptr(scores), _ptr(out), _ptr(params.temperature),
-                        _ptr(params.top_k), _ptr(params.top_p), _ptr(params.min_p),
-                        _ptr(params.repetition_penalty), _ptr(seen), _ptr(seeds), _ptr(offsets),
-                        ctypes.c_int64(logits.stride(0)),
-                        ctypes.c_int64(0 if seen is None else seen.stride(0)), b, v,
-                        0 if seen is None else seen.shape[1], DTYPE_CODE[logits.dtype])
-    assert rc == 0
-    return out
+def _run_sample(lib, logits, params, seeds, offsets, num_sms=4):
+    return runner.sample(lib, logits, params, seeds, offsets, num_sms)
 
 
 SAMPLE_CASES = pairwise({
@@ -195,6 +177,37 @@ def test_sample_matches_torch_backend(lib, case):
     assert torch.equal(ids, expected)
 
 
+def test_sample_does_not_depend_on_the_split_count(lib):
+    """Several CTAs per row (slices, candidates, last-CTA merge) draw exactly what one CTA per
+    row draws, on the candidate path (top-k), the whole-row path (no top-k; ties overflowing a
+    slice's candidate buffer) and greedy rows, and what the torch backend draws."""
+    b, v = 4, 9000
+    logits = torch.randn(b, v) * 3
+    logits[2, ::2] = 8.0  # 4500 tokens tied at the top: more than a slice's candidates
+    params = normalize(logits, temperature=torch.tensor([0.8, 1.0, 0.9, 0.0]),
+                       top_k=torch.tensor([40, 0, 5, 3]), top_p=0.9, min_p=0.01,
+                       repetition_penalty=1.3, seen_tokens=torch.randint(-1, v, (b, 7)))
+    seeds, offsets = torch.tensor([11, 12, 13, 14]), torch.tensor([5, 6, 7, 8])
+    one = _run_sample(lib, logits, params, seeds, offsets, num_sms=1)
+    assert lib.emu_sampling_num_splits(b, v, 64) == 3
+    many = _run_sample(lib, logits, params, seeds, offsets, num_sms=64)
+    assert torch.equal(one, many)
+    assert torch.equal(many, torch_backend.sample(logits, params, seeds, offsets))
+
+
+@pytest.mark.parametrize("probs, top_p", EXACT_BOUNDARIES)
+def test_top_p_exact_boundary_matches_hf(lib, probs, top_p):
+    from transformers import TopPLogitsWarper
+
+    logits = torch.tensor([probs]).log()
+    hf_kept = TopPLogitsWarper(top_p)(torch.zeros(1, 1, dtype=torch.long), logits)[0] > -math.inf
+    rows = logits.repeat(48, 1)
+    params = normalize(rows, top_p=top_p)
+    drawn = _run_sample(lib, rows, params, torch.arange(48) * 101,
+                        torch.zeros(48, dtype=torch.int64))
+    assert set(drawn.tolist()) == set(hf_kept.nonzero()[:, 0].tolist())
+
+
 def test_sample_special_rows(lib):
     v = 300
     logits = torch.randn(5, v)
@@ -223,3 +236,25 @@ def test_sample_distribution(lib):
     freq = torch.bincount(ids, minlength=v).double() / draws
     assert (freq[probs == 0] == 0).all(), "filtered tokens never drawn"
     assert (freq - probs).abs().sum() / 2 < 0.1  # total variation; ~0.04 expected noise
+
+
+# ------------------------------------------------------------------------- device-side guards
+LONG = PARTITION + 44  # two partitions: a bad id in the second reaches the row through the merge
+
+
+@pytest.mark.parametrize("poison", guard_cases.decode_poisons(LONG), ids=lambda p: p.name)
+def test_decode_guards(lib, poison):
+    """Poisoned block ids / seq_lens flag their rows with NaN, read nothing outside the pools and
+    leave the other rows bit-identical (tests/guard_cases.py)."""
+    case = guard_cases.decode_case(LONG, dtype=torch.float16)
+    def run(c, out):
+        runner.paged_decode(lib, c.query, c.k_cache, c.v_cache, c.block_tables, c.seq_lens,
+                            scale=0.125, out=out)
+    guard_cases.run_isolated(lambda: guard_cases.check_decode_guard(run, case, poison),
+                             torch.device("cpu"))
+
+
+def test_append_kv_guards(lib):
+    run = lambda *args: runner.append_kv(lib, *args)  # noqa: E731
+    guard_cases.run_isolated(lambda: guard_cases.check_append_guard(run, torch.device("cpu")),
+                             torch.device("cpu"))

@@ -1,6 +1,7 @@
 """Concerns of the hand-written CUDA backend that the shared op tests do not reach: split-KV
 partition boundaries, batch invariance across grid shapes, int64 cache offsets, CUDA-graph
-capture, torch.compile, and the unsupported-head_dim error. Skipped without a GPU."""
+capture, torch.compile, the unsupported-head_dim error and the device-side guards (poisoned
+indices straight to the kernels). Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from fastdecode import ops
 from fastdecode.ops import _backends
+import guard_cases
 import reference
 
 pytestmark = [
@@ -207,3 +209,20 @@ def test_sample_is_deterministic_and_batch_position_free():
     permuted = torch.ops.fastdecode.sample(logits[perm], *(t[perm] for t in params))
     assert torch.equal(permuted, first[perm])
     assert torch.equal(logits, before), "sample must not modify the logits"
+
+
+@pytest.mark.parametrize("poison", guard_cases.decode_poisons(PARTITION + 44),
+                         ids=lambda p: p.name)
+def test_decode_guards(poison):
+    case = guard_cases.decode_case(PARTITION + 44, dtype=torch.float16).to("cuda")
+
+    def run(c, out):
+        torch.ops.fastdecode.paged_attention(out, c.query, c.k_cache, c.v_cache, c.block_tables,
+                                             c.seq_lens, None, 0.125, True, 0.0, 0, None)
+    guard_cases.check_decode_guard(run, case, poison)
+    torch.cuda.synchronize()  # an illegal access would surface here
+
+
+def test_append_kv_guards():
+    guard_cases.check_append_guard(torch.ops.fastdecode.append_kv, torch.device("cuda"))
+    torch.cuda.synchronize()

@@ -1,5 +1,7 @@
 """process_logits, apply_repetition_penalty and the deterministic properties of sample, on every
-backend, against the float64 reference (tests/reference.py)."""
+backend, against the float64 reference (tests/reference.py). The filter properties (top-k ties,
+tiny top-p, full min-p, greedy rows among sampled ones, penalties) are checked through ``sample``
+on every backend, and through ``process_logits`` where the backend implements it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import torch
 import reference
 from fastdecode import ops
 from pairwise import cases
-from sampling_cases import assert_processed_matches, per_row, random_logits, seen_tokens
+from sampling_cases import (EXACT_BOUNDARIES, assert_processed_matches, per_row,
+                            random_logits, seen_tokens)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NEG_INF = -math.inf
@@ -36,6 +39,15 @@ def _shrink(backend, vocab: int) -> int:
     return min(vocab, 1000) if backend.interpreted else vocab
 
 
+def drawn_set(backend, logits: torch.Tensor, draws: int = 128, **params) -> set[int]:
+    """Token ids drawn from the single row ``logits`` [1, V] with ``draws`` different seeds."""
+    rows = logits.repeat(draws, 1).to(backend.device)
+    seeds = torch.arange(draws, device=backend.device) * 7919 + 1
+    ids = ops.sample(rows, seeds=seeds, backend=backend.name, **params).cpu()
+    return set(ids.tolist())
+
+
+@pytest.mark.ops("process_logits")
 @pytest.mark.parametrize(*cases(SPACE))
 def test_process_logits_matches_reference(backend, vocab, batch, dtype, temperature, top_k,
                                           top_p, min_p, penalty):
@@ -58,10 +70,17 @@ def test_process_logits_matches_reference(backend, vocab, batch, dtype, temperat
 def test_top_k_keeps_every_tie_at_the_boundary(backend, dtype):
     row = torch.tensor([0.5, 2.0, 1.0, 2.0, 3.0, 2.0, -1.0, 2.0])
     logits = torch.stack([row, row.flip(0), torch.full((8,), 1.5)]).to(dtype)
+    expected = [x >= 2.0 for x in row.tolist()]  # 3 and all four 2s
     for k in (2, 3, 5):
+        if not backend.covers("process_logits"):  # the kept set, seen through many draws
+            want = {i for i, keep in enumerate(expected) if keep}
+            assert drawn_set(backend, logits[:1], top_k=k) == want, k
+            assert drawn_set(backend, logits[1:2], top_k=k) == {7 - i for i in want}, k
+            assert drawn_set(backend, logits[2:], top_k=k) == set(range(8)), k  # all tied
+            continue
         out = ops.process_logits(logits.to(backend.device), top_k=k, backend=backend.name).cpu()
         kept = out > NEG_INF
-        assert kept[0].tolist() == [x >= 2.0 for x in row.tolist()], k  # 3 and all four 2s
+        assert kept[0].tolist() == expected, k
         assert kept[1].tolist() == kept[0].flip(0).tolist()
         assert kept[2].all()  # all tied: all kept
         assert_processed_matches(out, logits, top_k=k)
@@ -72,6 +91,12 @@ def test_top_k_ties_larger_than_the_candidate_buffer(backend):
     logits = torch.randn(2, vocab) - 10.0
     logits[0, ::3] = 1.0  # a third of the vocabulary tied at the top, k = 5
     logits[1, -5:] = 2.0
+    if not backend.covers("process_logits"):  # the kept set, seen through many draws
+        tied = set(torch.nonzero(logits[0] == 1.0)[:, 0].tolist())
+        drawn = drawn_set(backend, logits[:1], top_k=5)
+        assert drawn <= tied and len(drawn) > 5, "every tie is kept, nothing else"
+        assert drawn_set(backend, logits[1:], top_k=5) == set(range(vocab - 5, vocab))
+        return
     out = ops.process_logits(logits.to(backend.device), top_k=5, backend=backend.name).cpu()
     assert torch.equal(out[0] > NEG_INF, logits[0] == 1.0)
     assert torch.equal(out[1] > NEG_INF, logits[1] == 2.0)
@@ -83,11 +108,13 @@ def test_tiny_top_p_and_full_min_p_keep_the_argmax(backend, vocab):
     logits = random_logits(5, vocab, torch.float32, scale=0.01)  # nearly flat
     logits[:, vocab // 2] = logits.max() + 1e-3
     for params in (dict(top_p=1e-9), dict(min_p=1.0), dict(top_k=1, top_p=1e-9, min_p=1.0)):
-        out = ops.process_logits(logits.to(backend.device), backend=backend.name, **params).cpu()
-        assert ((out > NEG_INF).sum(-1) == 1).all(), params
-        assert (out.argmax(-1) == vocab // 2).all(), params
         drawn = ops.sample(logits.to(backend.device), backend=backend.name, **params).cpu()
         assert (drawn == vocab // 2).all(), params
+        if backend.covers("process_logits"):
+            out = ops.process_logits(logits.to(backend.device), backend=backend.name,
+                                     **params).cpu()
+            assert ((out > NEG_INF).sum(-1) == 1).all(), params
+            assert (out.argmax(-1) == vocab // 2).all(), params
 
 
 def test_greedy_rows_mixed_with_sampled_rows(backend):
@@ -100,15 +127,18 @@ def test_greedy_rows_mixed_with_sampled_rows(backend):
     params = dict(temperature=temperature, top_k=3, top_p=0.9, min_p=0.05,
                   repetition_penalty=1.4, seen_tokens=seen)
     dev = {k: v.to(backend.device) for k, v in params.items() if isinstance(v, torch.Tensor)}
-    out = ops.process_logits(logits.to(backend.device), backend=backend.name,
-                             **{**params, **dev}).cpu()
-    assert_processed_matches(out, logits, **params)
     drawn = ops.sample(logits.to(backend.device), backend=backend.name, **{**params, **dev}).cpu()
-    expected_greedy = reference.process_logits(logits, **params).argmax(-1)
-    assert drawn[0] == 10 and drawn[1] == 20 and drawn[3] == expected_greedy[3]
+    processed = reference.process_logits(logits, **params)
+    assert drawn[0] == 10 and drawn[1] == 20 and drawn[3] == processed[3].argmax()
     assert ((drawn >= 0) & (drawn < vocab)).all()
+    assert (processed[torch.arange(batch), drawn] > NEG_INF).all(), "drew a filtered token"
+    if backend.covers("process_logits"):
+        out = ops.process_logits(logits.to(backend.device), backend=backend.name,
+                                 **{**params, **dev}).cpu()
+        assert_processed_matches(out, logits, **params)
 
 
+@pytest.mark.ops("apply_repetition_penalty")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("penalty", [1.5, 0.6])
 def test_repetition_penalty_alone(backend, dtype, penalty):
@@ -136,8 +166,9 @@ def test_logits_are_never_modified(backend):
     before = logits.clone()
     kwargs = dict(top_k=5, top_p=0.8, repetition_penalty=1.3,
                   seen_tokens=torch.tensor([[1, 2], [3, -1], [4, 4]], device=backend.device))
-    ops.process_logits(logits, backend=backend.name, **kwargs)
     ops.sample(logits, backend=backend.name, **kwargs)
+    if backend.covers("process_logits"):
+        ops.process_logits(logits, backend=backend.name, **kwargs)
     assert torch.equal(logits, before)
 
 
@@ -203,7 +234,8 @@ def test_nan_and_non_finite_rows(backend):
     assert drawn[:4].tolist() == [-1, -1, -1, -1]  # NaN, all -inf, NaN (greedy), +inf (sampled)
     assert drawn[4] == vocab - 1 and drawn[5] == 3  # greedy +inf row: its argmax
     assert 0 <= drawn[6] < vocab and drawn[7] == -1
-    ops.process_logits(logits.to(backend.device), backend=backend.name, **params)  # no crash
+    if backend.covers("process_logits"):  # no crash
+        ops.process_logits(logits.to(backend.device), backend=backend.name, **params)
 
 
 @pytest.mark.parametrize("name,value,message", [
@@ -223,3 +255,20 @@ def test_invalid_parameters_name_the_parameter_and_row(name, value, message):
     for op in (ops.sample, ops.process_logits):
         with pytest.raises(ValueError, match=message):
             op(logits, **{name: value})
+
+
+
+@pytest.mark.parametrize("probs, top_p", EXACT_BOUNDARIES)
+def test_top_p_exact_boundary_matches_hf(backend, probs, top_p):
+    from transformers import TopPLogitsWarper
+
+    logits = torch.tensor([probs]).log()
+    hf_kept = TopPLogitsWarper(top_p)(torch.zeros(1, 1, dtype=torch.long), logits) > NEG_INF
+    rows = logits.repeat(64, 1).to(backend.device)
+    seeds = torch.arange(64, device=backend.device) * 101
+    drawn = ops.sample(rows, top_p=top_p, seeds=seeds, backend=backend.name).cpu()
+    assert hf_kept[0, drawn].all(), "drew a token transformers filters"
+    assert set(drawn.tolist()) == set(hf_kept[0].nonzero()[:, 0].tolist())
+    if backend.covers("process_logits"):
+        out = ops.process_logits(logits.to(backend.device), top_p=top_p, backend=backend.name)
+        assert torch.equal(out.cpu() > NEG_INF, hf_kept)

@@ -8,7 +8,8 @@ specialisation of a typical launch: 16-byte aligned pointers, and the strides / 
 multiples of 16 for head dims that are (64, 80, 96, 112, 128, 256). Compilation runs in one
 subprocess with TRITON_INTERPRET=0 (the test session interprets kernels when there is no GPU).
 Registers and spills are read from the cubin with cuobjdump (a loaded kernel's ``n_spills`` needs
-a device); shared memory from the compiled metadata.
+a device); shared memory from the compiled metadata. ``FASTDECODE_TRITON_PYTHON`` names another
+interpreter for the compile worker, e.g. a venv with the Triton release of the GPU machines.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def variants() -> dict[str, tuple]:
             dict(out_ptr="fp32" if c.write_scores else "i64", logits_ptr=dt,
                  temperature_ptr="fp32", top_k_ptr="i32", top_p_ptr="fp32", min_p_ptr="fp32",
                  seeds_ptr=seeds, offsets_ptr=seeds),
-            (), dict(WRITE_SCORES=c.write_scores, BLOCK=c.block), dict(num_warps=c.num_warps))
+            (), dict(WRITE_SCORES=c.write_scores, BLOCK=c.block, RADIX=c.radix_block),
+            dict(num_warps=c.num_warps))
     for dtype in sampling.LOGIT_DTYPES:
         out[f"repetition_penalty-{_TY[dtype]}"] = (
             "sampling._repetition_penalty_kernel",
@@ -149,7 +151,8 @@ def compiled(tmp_path_factory) -> dict[str, dict]:
     env = dict(os.environ, TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
                                            os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path_factory.mktemp("ptx"))],
+    python = os.environ.get("FASTDECODE_TRITON_PYTHON", sys.executable)
+    proc = subprocess.run([python, __file__, str(tmp_path_factory.mktemp("ptx"))],
                           env=env, capture_output=True, text=True, timeout=900)
     rows = {r["name"]: r for r in map(json.loads, filter(None, proc.stdout.splitlines()))}
     if not rows:

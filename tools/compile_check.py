@@ -4,7 +4,9 @@ Builds csrc/compile_check/all_kernels.cu, which calls every public launcher and 
 template instantiation the dispatch macros can reach, once per target architecture (in parallel)
 with warnings as errors. Then checks, for every architecture, that each expected kernel was
 assembled (ptxas report) and is present in the cubin's symbol table, and prints registers,
-spills and shared memory per kernel.
+spills and shared memory per kernel. Then applies the machine-code rules of tools/sass_check.py
+(no MUFU.TANH or 16-bit shared loads in the decode kernel, no CAS loops in the sampler, no local
+memory) to each cubin.
 
     python tools/compile_check.py [--archs 80,90a] [--adapters]
 
@@ -28,6 +30,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import sass_check
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "csrc" / "compile_check" / "all_kernels.cu"
@@ -144,7 +148,20 @@ def check_kernels(nvcc: str, archs: list[str]) -> bool:
                       f"{u.spill_stores}/{u.spill_loads} B  smem {u.smem:>6} B")
                 if u.spill_stores or u.spill_loads:
                     print(f"  note: {name} spills registers on sm_{arch}")
+            ok = check_sass(Path(tmp) / f"all_kernels_sm_{arch}.cubin") and ok
     return ok
+
+
+def check_sass(cubin: Path) -> bool:
+    cuobjdump = sass_check.find_cuobjdump()
+    if cuobjdump is None:
+        print("FAILED: no cuobjdump for the SASS rules (CUDA toolkit or triton's NVIDIA backend)")
+        return False
+    problems = sass_check.check_cubin(cubin, cuobjdump)
+    for line in problems:
+        print(f"SASS rule broken: {line}")
+    print(f"SASS rules ({cubin.stem}): {'FAILED' if problems else 'passed'}")
+    return not problems
 
 
 def check_adapters(nvcc: str, arch: str) -> bool:

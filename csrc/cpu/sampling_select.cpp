@@ -20,6 +20,15 @@ constexpr int kBuckets = 4096;
 constexpr float kRange = 88.0f;
 // Tokens per partial sum of the draw.
 constexpr int64_t kDrawChunk = 1024;
+// Top-p drops a token when the mass strictly above it reaches top_p of the total; an exact tie
+// (HF drops it: its ascending cumulative sum is <= 1 - top_p) is decided up to this fraction of
+// the total, so float rounding of the mass sums cannot keep it. Every backend uses this rule.
+constexpr double kTopPTolerance = 1e-6;
+
+// The mass above which top-p drops a token; at least the max's own group is always kept.
+inline double top_p_limit(float top_p, double total) {
+  return (static_cast<double>(top_p) - kTopPTolerance) * total;
+}
 
 inline float weight(float x, float max) { return std::exp(x - max); }
 
@@ -39,7 +48,7 @@ float top_p_by_sort(const float* vals, int64_t n, float max, float top_p, Worksp
   std::sort(ws.tmp.begin(), ws.tmp.end(), std::greater<float>());
   double total = 0.0;
   for (float x : ws.tmp) total += weight(x, max);
-  return walk_groups(ws.tmp.data(), n, max, top_p * total, 0.0);
+  return walk_groups(ws.tmp.data(), n, max, top_p_limit(top_p, total), 0.0);
 }
 
 // Bucket index (as a float) of each value: (max - x) scaled, clamped; monotone in x, so equal
@@ -64,7 +73,7 @@ float top_p_by_histogram(const float* vals, int64_t n, float max, float top_p, W
   }
   double total = 0.0;
   for (double h : ws.hist) total += h;
-  const double limit = top_p * total;
+  const double limit = top_p_limit(top_p, total);
   int boundary = 0;
   double above = 0.0;
   for (; boundary < kBuckets && above + ws.hist[boundary] < limit; ++boundary) {

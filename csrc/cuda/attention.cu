@@ -35,6 +35,7 @@ void append_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cac
   p.cache_stride_token = k_cache.stride(1);
   p.cache_stride_head = k_cache.stride(2);
   p.num_tokens = k.size(0);
+  p.num_slots = c.num_blocks * c.block_size;
   p.num_kv_heads = static_cast<int>(c.num_kv_heads);
   p.head_dim = static_cast<int>(c.head_dim);
   p.block_size = static_cast<int>(c.block_size);
@@ -90,6 +91,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   p.head_dim = static_cast<int>(d);
   p.block_size = static_cast<int>(dims.cache.block_size);
   p.max_blocks_per_seq = static_cast<int>(dims.max_blocks);
+  p.num_blocks = dims.cache.num_blocks;
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
   p.sliding_window = static_cast<int>(sliding_window);

@@ -27,8 +27,8 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
 
 // logits: [B, V]; per-row parameters [B]: temperature f32, top_k int32, top_p f32, min_p f32,
 // repetition_penalty f32; seen_tokens: [B, L] int64 (-1 = padding); seeds, offsets: [B] int64.
-// Returns [B] int64 ids, -1 for rows with NaN logits or nothing finite left. Allocates a float32
-// score workspace of B * round_up(V, 4) elements.
+// Returns [B] int64 ids, -1 for rows with NaN logits or nothing finite left. Allocates the
+// kernel's workspace (scores B * round_up(V, 4) float32, plus per-CTA candidates).
 at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
                   const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
                   const at::Tensor& repetition_penalty,

@@ -3,11 +3,30 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <array>
+#include <atomic>
+
 #include "../kernels/sampling.cuh"
 #include "checks.h"
 #include "ops.h"
 
 namespace fastdecode::cuda {
+
+namespace {
+
+// SMs of `device`, queried once per device (the kernel's CTAs per row depend on it).
+int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> cached{};
+  int n = device >= 0 && device < 64 ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
+                 "sample (SM count)");
+    if (device >= 0 && device < 64) cached[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+}  // namespace
 
 at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
                   const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
@@ -47,12 +66,23 @@ at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
   p.num_rows = static_cast<int>(num_rows);
   p.vocab_size = static_cast<int>(vocab);
 
-  at::Tensor out = at::empty({num_rows}, rows.options().dtype(at::kLong));
-  at::Tensor scores = at::empty({num_rows, p.scores_stride}, rows.options().dtype(at::kFloat));
-  if (num_rows == 0) return out;  // an empty grid is not a valid launch
-  p.out = out.data_ptr<int64_t>();
-  p.scores = scores.data_ptr<float>();
+  // An empty grid is not a valid launch.
+  if (num_rows == 0) return at::empty({0}, rows.options().dtype(at::kLong));
   const c10::cuda::CUDAGuard guard(rows.device());
+  p.num_splits = kernels::sampling_num_splits(num_rows, vocab, sm_count(rows.get_device()));
+
+  // Workspace through torch's caching allocator (no sync, CUDA-graph capturable); the tickets
+  // must start at zero (the kernel leaves them at zero).
+  at::Tensor out = at::empty({num_rows}, rows.options().dtype(at::kLong));
+  at::Tensor floats = at::empty(
+      {kernels::sampling_float_workspace(num_rows, vocab, p.num_splits)},
+      rows.options().dtype(at::kFloat));
+  at::Tensor ints = at::empty({kernels::sampling_int_workspace(num_rows, p.num_splits)},
+                              rows.options().dtype(at::kInt));
+  at::Tensor tickets = at::zeros({num_rows}, rows.options().dtype(at::kInt));
+  p.out = out.data_ptr<int64_t>();
+  kernels::bind_sampling_workspace(p, floats.data_ptr<float>(), ints.data_ptr<int32_t>());
+  p.tickets = reinterpret_cast<uint32_t*>(tickets.data_ptr<int32_t>());
   check_launch(kernels::sample(p, c10::cuda::getCurrentCUDAStream()), "sample");
   return out;
 }

@@ -1,6 +1,8 @@
 // append_kv: scatter new keys / values into the paged cache through a slot mapping.
 // A copy needs no arithmetic, so the kernel moves bytes: it is templated on the copy width only
 // (16, 8, 4 or 2 bytes, the widest that the row size, strides and pointers allow), not on dtype.
+// Device-side guard: a slot outside [0, N * P) is skipped like a negative one (the public op does
+// not copy slot_mapping to the host on CUDA), so no write ever leaves the pool.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,7 +18,7 @@ struct AppendKVParams {
   const void* value;            // [T, Hkv, D], element strides below, innermost stride 1
   void* k_cache;                // [N, P, Hkv, D], element strides below
   void* v_cache;                // [N, P, Hkv, D], same strides as k_cache
-  const int64_t* slot_mapping;  // [T]: block * P + offset; < 0 skips the token
+  const int64_t* slot_mapping;  // [T]: block * P + offset; outside [0, num_slots) skips the token
   int64_t key_stride_token;     // elements between tokens of `key`
   int64_t key_stride_head;      // elements between heads of `key`
   int64_t value_stride_token;   // elements between tokens of `value`
@@ -25,6 +27,7 @@ struct AppendKVParams {
   int64_t cache_stride_token;   // elements between tokens of a block
   int64_t cache_stride_head;    // elements between heads of a token
   int64_t num_tokens;           // T
+  int64_t num_slots;            // N * P
   int num_kv_heads;             // Hkv
   int head_dim;                 // D
   int block_size;               // P
@@ -41,7 +44,7 @@ template <typename Word>
 __global__ void __launch_bounds__(kAppendThreads) append_kv_kernel(AppendKVParams p) {
   const int64_t token = blockIdx.x;
   const int64_t slot = p.slot_mapping[token];
-  if (slot < 0) return;  // padding token
+  if (slot < 0 || slot >= p.num_slots) return;  // padding token, or guarded
   const int64_t block = slot / p.block_size;
   const int64_t offset = slot % p.block_size;
   constexpr int kWordBytes = static_cast<int>(sizeof(Word));

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fastdecode::kernels {
 
@@ -35,12 +36,25 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 template <typename T>
 constexpr int kVecElems = 16 / static_cast<int>(sizeof(T));
 
-// Unpacks a 16-byte vector of T into kVecElems<T> floats.
+// Unpacks a 16-byte vector of T into kVecElems<T> floats. `raw` is taken by value: the caller
+// loads it with one 128-bit instruction (LDS.128 from shared memory) and the conversions below
+// work on registers; element-wise reads through a T* into shared memory would compile to one
+// 16-bit load per element.
 template <typename T>
-__device__ __forceinline__ void unpack16(const uint4& raw, float* out) {
-  const T* elems = reinterpret_cast<const T*>(&raw);
+__device__ __forceinline__ void unpack16(const uint4 raw, float* out) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-  for (int i = 0; i < kVecElems<T>; ++i) out[i] = to_float(elems[i]);
+  for (int w = 0; w < 4; ++w) {
+    if constexpr (sizeof(T) == 4) {
+      out[w] = __uint_as_float(words[w]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // bf16 is the top half of a float
+      out[2 * w] = __uint_as_float(words[w] << 16);
+      out[2 * w + 1] = __uint_as_float(words[w] & 0xffff0000u);
+    } else {
+      out[2 * w] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[w])));
+      out[2 * w + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[w] >> 16)));
+    }
+  }
 }
 
 // Packs kVecElems<T> floats into a 16-byte vector of T.
@@ -69,6 +83,27 @@ __device__ __forceinline__ uint64_t warp_sum(uint64_t x) {
 #pragma unroll
   for (int d = kWarpSize / 2; d > 0; d /= 2) x += __shfl_xor_sync(kFullMask, x, d);
   return x;
+}
+
+// tanh with float32 accuracy (relative error below 2^-21) also under --use_fast_math, which
+// compiles tanhf to the MUFU.TANH approximation (relative error up to 2^-11: too coarse for
+// softcapped logits of large magnitude). |x| < 0.625: odd polynomial of degree 11 (Cephes
+// coefficients); above, 1 - 2 / (e^2|x| + 1), whose expf (MUFU.EX2 under fast math, relative
+// error ~2^-22 plus 2^-24 per unit of 2|x| log2 e) enters with weight 2 / (e^2|x| + 1) < 0.45,
+// and an IEEE division. tools/sass_check.py asserts that no MUFU.TANH is emitted.
+__device__ __forceinline__ float accurate_tanh(float x) {
+  const float a = fabsf(x);
+  if (a < 0.625f) {
+    const float z = x * x;
+    float poly = -5.70498872745e-3f;
+    poly = fmaf(poly, z, 2.06390887954e-2f);
+    poly = fmaf(poly, z, -5.37397155531e-2f);
+    poly = fmaf(poly, z, 1.33314422036e-1f);
+    poly = fmaf(poly, z, -3.33332819422e-1f);
+    return fmaf(poly * z, x, x);
+  }
+  const float t = 1.f - __fdiv_rn(2.f, expf(2.f * a) + 1.f);  // NaN stays NaN
+  return copysignf(t, x);
 }
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }

@@ -8,7 +8,14 @@
 // kernel combines them; a one-partition sequence writes `out` directly.
 //
 // Inside a CTA, KV tiles of kTile tokens stream through shared memory with cp.async double
-// buffering (16-byte copies); scores, online softmax and P.V run on the tile in float32.
+// buffering (16-byte copies); scores, online softmax and P.V run on the tile in float32, reading
+// the tile with 128-bit shared loads from rows padded so that those loads are conflict-free.
+//
+// Device-side guards (the public op does not copy seq_lens / block_tables to the host on CUDA): a
+// seq_len outside [0, M * P] makes the sequence's output rows NaN without reading its KV; a block
+// id outside [0, N) is never read (block 0 is copied in its place, so the copy loop stays
+// branch-free) and flags the CTA, whose rows then come out NaN (carried through the split-KV
+// merge by a NaN log-sum-exp).
 #pragma once
 
 #include <cuda_pipeline.h>
@@ -27,8 +34,10 @@ struct PagedDecodeParams {
   const void* query;            // [B, Hq, D] query dtype, strides below, innermost stride 1
   const void* k_cache;          // [N, P, Hkv, D], kv strides below, innermost stride 1
   const void* v_cache;          // [N, P, Hkv, D], same strides as k_cache
-  const int32_t* block_tables;  // [B, M], row stride block_tables_stride
-  const int32_t* seq_lens;      // [B] KV length including the query token; 0 -> zeros
+  const int32_t* block_tables;  // [B, M], row stride block_tables_stride; ids outside [0, N) ->
+                                // NaN rows
+  const int32_t* seq_lens;      // [B] KV length including the query token; 0 -> zeros; outside
+                                // [0, M * P] -> NaN rows
   const float* alibi_slopes;    // [Hq] or nullptr; bias slope * (j - i)
   float* partial_out;           // [B, Hq, max_partitions, D] workspace; unused if 1 partition
   float* partial_lse;           // [B, Hq, max_partitions] workspace; unused if 1 partition
@@ -45,7 +54,8 @@ struct PagedDecodeParams {
   int num_kv_heads;             // Hkv (Hq % Hkv == 0)
   int head_dim;                 // D, one of FASTDECODE_CUDA_HEAD_DIMS
   int block_size;               // P
-  int max_blocks_per_seq;       // M; KV lengths are clamped to M * P so reads stay in the table
+  int max_blocks_per_seq;       // M
+  int64_t num_blocks;           // N: block ids are checked against it
   float scale;                  // logits multiplier (usually D ** -0.5)
   float softcap;                // logits = softcap * tanh(logits / softcap); 0 = off
   int sliding_window;           // w: the query at position i sees i - w < j <= i; 0 = off
@@ -87,22 +97,34 @@ constexpr int kv_tile_tokens() {
   return tile;
 }
 
-__device__ __forceinline__ int clamped_seq_len(const PagedDecodeParams& p, int seq) {
+// The sequence's KV length, or -1 when it lies outside [0, M * P] (the guarded case).
+__device__ __forceinline__ int checked_seq_len(const PagedDecodeParams& p, int seq) {
   const int64_t limit = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
   const int64_t len = p.seq_lens[seq];
-  return static_cast<int>(len < 0 ? 0 : (len > limit ? limit : len));
+  return len < 0 || len > limit ? -1 : static_cast<int>(len);
 }
+
+// Partitions of a sequence (0 when guarded or empty).
+__device__ __forceinline__ int num_partitions(int seq_len) {
+  return seq_len > 0 ? ceil_div(seq_len, kPartitionTokens) : 0;
+}
+
+// 16-byte vectors of padding after each shared-memory KV row, so that the row stride is 4 mod 8
+// vectors: the score loop's quarter-warps read 4 consecutive vectors of 2 adjacent rows with
+// 128-bit loads, which then fall into 8 distinct 16-byte bank groups.
+constexpr int kv_row_pad(int chunks) { return ((4 - chunks % 8) % 8 + 8) % 8; }
 
 template <typename T, int D>
 struct DecodeTraits {
   static constexpr int kVec = kVecElems<T>;
   static constexpr int kChunks = D / kVec;        // 16-byte vectors per head row
-  static constexpr int kRowStride = kChunks + 1;  // +1 vector: conflict-free column reads
+  static constexpr int kRowStride = kChunks + kv_row_pad(kChunks);
   static constexpr int kTile = kv_tile_tokens<T, D>();
   static constexpr int kQStride = D + 4;          // floats; padded like the KV rows
   static constexpr int kAccPerThread = ceil_div(kMaxGroupHeads * kChunks, kAttnThreads);
   static_assert(D % kVec == 0, "head_dim must be a multiple of the 16-byte vector");
   static_assert(kTile <= kWarpSize, "softmax maps one tile position per lane");
+  static_assert(kRowStride % 8 == 4, "conflict-free 128-bit reads need a row stride of 4 mod 8");
 };
 
 template <typename T, int D>
@@ -123,13 +145,14 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
   const int nh = min(kMaxGroupHeads, group - first);
   const int h0 = kv_head * group + first;  // first query head of this CTA
 
-  const int seq_len = clamped_seq_len(p, seq);
-  const int num_parts = ceil_div(seq_len, kPartitionTokens);
+  const int seq_len = checked_seq_len(p, seq);
+  const int num_parts = num_partitions(seq_len);
   if (part >= max(num_parts, 1)) return;
   T* out = static_cast<T*>(p.out) + seq * p.o_stride_seq;
-  if (seq_len == 0) {  // CUDA-graph padding rows: zeros, never NaN
+  if (seq_len <= 0) {  // 0: CUDA-graph padding rows, zeros (never NaN); -1: guarded, NaN
+    const float fill = seq_len == 0 ? 0.f : __uint_as_float(0x7fc00000u);
     for (int i = tid; i < nh * D; i += kAttnThreads) {
-      out[(h0 + i / D) * p.o_stride_head + i % D] = from_float<T>(0.f);
+      out[(h0 + i / D) * p.o_stride_head + i % D] = from_float<T>(fill);
     }
     return;
   }
@@ -151,12 +174,20 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
   const int32_t* block_table = p.block_tables + seq * p.block_tables_stride;
   const T* k_base = static_cast<const T*>(p.k_cache) + kv_head * p.kv_stride_head;
   const T* v_base = static_cast<const T*>(p.v_cache) + kv_head * p.kv_stride_head;
-  auto load_tile = [&](int tile, int stage) {
+  // Guard: one unsigned 32-bit compare per copy (ids are int32; a negative one compares as huge)
+  // and a select; the thread ORs what it saw, and the CTA combines it at its last barrier.
+  const auto num_blocks = static_cast<uint32_t>(p.num_blocks);
+  bool saw_bad_block = false;
+  auto load_tile = [&](int tile, int stage) -> bool {  // true: a guarded id in this tile
+    bool bad_tile = false;
     const int t0 = lo + tile * kTile;
     for (int c = tid; c < kTile * kChunks; c += kAttnThreads) {
       const int t = c / kChunks, v = c % kChunks, j = t0 + t;
-      if (j < hi) {  // 16-byte cp.async, completed by __pipeline_wait_prior
-        const int64_t block = block_table[j / p.block_size];
+      if (j < hi) {  // cp.async, completed by __pipeline_wait_prior
+        const auto id = static_cast<uint32_t>(block_table[j / p.block_size]);
+        const bool bad = id >= num_blocks;
+        bad_tile |= bad;
+        const int64_t block = bad ? 0 : id;  // a guarded id reads block 0, its rows become NaN
         const int64_t at = block * p.kv_stride_block + (j % p.block_size) * p.kv_stride_token +
                            v * kVec;
         __pipeline_memcpy_async(&kv_smem[stage][0][t][v], k_base + at, sizeof(uint4));
@@ -166,6 +197,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
         kv_smem[stage][1][t][v] = make_uint4(0, 0, 0, 0);
       }
     }
+    return bad_tile;
   };
 
   // P.V work split: (head, vector) pairs; when there are fewer pairs than threads (small groups),
@@ -185,13 +217,14 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
   }
 
   const unsigned dot_mask = 0xfu << (lane & ~(kDotLanes - 1));
+  const float inv_softcap = p.softcap > 0.f ? __fdiv_rn(1.f, p.softcap) : 0.f;
   const float slope_pos = static_cast<float>(seq_len - 1);  // the query's position i
 
-  if (num_tiles > 0) load_tile(0, 0);
+  if (num_tiles > 0) saw_bad_block = load_tile(0, 0);
   __pipeline_commit();
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile & 1, t0 = lo + tile * kTile;
-    if (tile + 1 < num_tiles) load_tile(tile + 1, stage ^ 1);
+    if (tile + 1 < num_tiles) saw_bad_block |= load_tile(tile + 1, stage ^ 1);
     __pipeline_commit();
     __pipeline_wait_prior(1);  // this tile's copies are done; the next tile's may be in flight
     __syncthreads();
@@ -202,7 +235,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
       float s = 0.f;
       for (int v = tid % kDotLanes; v < kChunks; v += kDotLanes) {
         float k[kVec];
-        unpack16<T>(kv_smem[stage][0][t][v], k);
+        unpack16<T>(kv_smem[stage][0][t][v], k);  // one LDS.128
         const float* q = &q_smem[h][v * kVec];
 #pragma unroll
         for (int i = 0; i < kVec; ++i) s = fmaf(q[i], k[i], s);
@@ -211,7 +244,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
       s += __shfl_xor_sync(dot_mask, s, 2);
       if (tid % kDotLanes == 0) {
         s *= p.scale;
-        if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);  // before any masking
+        if (p.softcap > 0.f) s = p.softcap * accurate_tanh(s * inv_softcap);  // before masking
         if (p.alibi_slopes != nullptr) {
           s += p.alibi_slopes[h0 + h] * (static_cast<float>(t0 + t) - slope_pos);
         }
@@ -248,14 +281,15 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
       for (int t = acc_slice[k]; t < kTile; t += slices) {
         const float prob = s_smem[acc_head[k]][t];
         float v[kVec];
-        unpack16<T>(kv_smem[stage][1][t][acc_vec[k]], v);
+        unpack16<T>(kv_smem[stage][1][t][acc_vec[k]], v);  // one LDS.128
 #pragma unroll
         for (int i = 0; i < kVec; ++i) acc[k][i] = fmaf(prob, v[i], acc[k][i]);
       }
     }
     __syncthreads();  // the next iteration's copies overwrite this stage
   }
-  __syncthreads();  // m / l are read across threads below, also when there was no tile
+  // m / l are read across threads below, also when there was no tile.
+  const bool bad_block = __syncthreads_or(saw_bad_block);
 
   // Sum the token slices (fixed order: deterministic). The KV tiles are free now.
   float* reduce = reinterpret_cast<float*>(&kv_smem[0][0][0][0]);  // [kAttnThreads][kVec]
@@ -278,7 +312,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
     if (acc_slice[k] != 0) continue;
     const int h = acc_head[k], v = acc_vec[k];
     const float l = l_smem[h];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = bad_block ? __uint_as_float(0x7fc00000u) : (l > 0.f ? 1.f / l : 0.f);
     float o[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) o[i] = acc[k][i] * inv;
@@ -296,35 +330,42 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
   }
   if (!direct && tid < nh) {
     const float l = l_smem[tid];
+    // l == 0: nothing visible (window); a guarded block id: NaN, for the merge to see.
     p.partial_lse[(static_cast<int64_t>(seq) * p.num_qo_heads + h0 + tid) * gridDim.x + part] =
-        l > 0.f ? m_smem[tid] + logf(l) : -INFINITY;
+        bad_block ? __uint_as_float(0x7fc00000u)
+                  : (l == 0.f ? -INFINITY : m_smem[tid] + logf(l));
   }
 }
 
 // One CTA per (head, sequence) of a multi-partition sequence: out = sum_i w_i o_i / sum_i w_i
-// with w_i = exp(lse_i - max lse), in a fixed partition order.
+// with w_i = exp(lse_i - max lse), in a fixed partition order. A NaN lse (a partition that met a
+// guarded block id) makes the row NaN.
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads)
     paged_decode_merge_kernel(PagedDecodeParams p, int max_partitions) {
   const int head = blockIdx.x, seq = blockIdx.y;
-  const int num_parts = ceil_div(clamped_seq_len(p, seq), kPartitionTokens);
+  const int num_parts = num_partitions(checked_seq_len(p, seq));
   if (num_parts <= 1) return;  // written directly by the main kernel
   const int64_t row = static_cast<int64_t>(seq) * p.num_qo_heads + head;
   const float* lse = p.partial_lse + row * max_partitions;
   const float* po = p.partial_out + row * max_partitions * p.head_dim;
   T* out = static_cast<T*>(p.out) + seq * p.o_stride_seq + head * p.o_stride_head;
   float m = -INFINITY;
-  for (int i = 0; i < num_parts; ++i) m = fmaxf(m, lse[i]);
+  bool poisoned = false;
+  for (int i = 0; i < num_parts; ++i) {
+    m = fmaxf(m, lse[i]);
+    poisoned |= isnan(lse[i]);
+  }
   for (int d = threadIdx.x; d < p.head_dim; d += kMergeThreads) {
-    float num = 0.f, den = 0.f;
-    if (m != -INFINITY) {
+    float num = poisoned ? __uint_as_float(0x7fc00000u) : 0.f, den = 0.f;
+    if (m != -INFINITY && !poisoned) {
       for (int i = 0; i < num_parts; ++i) {
         const float w = expf(lse[i] - m);
         num = fmaf(w, po[static_cast<int64_t>(i) * p.head_dim + d], num);
         den += w;
       }
     }
-    out[d] = from_float<T>(den > 0.f ? num / den : 0.f);
+    out[d] = from_float<T>(den > 0.f ? num / den : num);  // num: 0, or NaN when poisoned
   }
 }
 
@@ -349,7 +390,7 @@ cudaError_t launch_paged_decode(const PagedDecodeParams& p, cudaStream_t stream)
 inline cudaError_t paged_decode_attention(const PagedDecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return cudaSuccess;
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.block_size <= 0 ||
-      !is_supported_head_dim(p.head_dim)) {
+      p.num_blocks < 0 || p.num_blocks > INT32_MAX || !is_supported_head_dim(p.head_dim)) {
     return cudaErrorInvalidValue;
   }
   if (paged_decode_max_partitions(p.max_blocks_per_seq, p.block_size) > 1 &&

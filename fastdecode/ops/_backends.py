@@ -2,8 +2,14 @@
 
 A backend is a module exposing the private backend interface documented in
 :mod:`fastdecode.ops.torch_backend` (``append_kv``, ``paged_attention``, ``process_logits``,
-``sample``, ``apply_repetition_penalty``; a backend may cover a subset, see ``_COVERAGE``). Public ops validate and normalise
-their arguments, then call the backend chosen here.
+``sample``, ``apply_repetition_penalty``; a backend may cover a subset, see ``_COVERAGE``).
+Public ops validate and normalise their arguments, then call the backend chosen here. A choice
+is made once per (backend, op, device, head_dim) and cached: an op call costs a dict lookup.
+
+``auto`` on CUDA tensors trusts the GPU validation record, ``fastdecode/gpu_validation.json``:
+written by ``scripts/gpu_run.sh`` from a passing run on real hardware and committed with its
+results, it lists, per device family (``sm_90`` covers H100 and H200), the ops whose tests
+passed for each GPU backend.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
@@ -66,21 +73,35 @@ def available_backends() -> list[str]:
     return [name for name in ("cuda", "triton", "cpu", "torch") if is_available(name)]
 
 
-def cuda_backend_validated() -> bool:
-    """True once the CUDA backend's GPU tests have passed on real hardware.
+VALIDATION_RECORD = Path(__file__).resolve().parent.parent / "gpu_validation.json"
+_RESOLVED: dict[tuple, ModuleType] = {}
 
-    The evidence is ``fastdecode/cuda_validated.json``, written by the GPU script from a passing
-    run (and committed with its log under ``benchmarks/results/``); ``FASTDECODE_AUTO_CUDA=0/1``
-    overrides it.
-    """
+
+@lru_cache(maxsize=None)
+def validation_record() -> dict:
+    """{device family: {"passed": {backend: [ops]}, ...}} from the committed GPU validation
+    record; {} when there is none (or it cannot be read)."""
+    try:
+        record = json.loads(VALIDATION_RECORD.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def device_family(device: torch.device) -> str:
+    """The validation record's key for a CUDA device: ``sm_<major><minor>``."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def validated_backends(op: str, device: torch.device) -> list[str]:
+    """The GPU backends whose tests of ``op`` passed on ``device``'s family, CUDA first.
+    ``FASTDECODE_AUTO_CUDA=1`` trusts the CUDA backend without a record, ``=0`` never picks it."""
     env = os.environ.get("FASTDECODE_AUTO_CUDA")
     if env is not None:
-        return env == "1"
-    marker = Path(__file__).resolve().parent.parent / "cuda_validated.json"
-    try:
-        return bool(json.loads(marker.read_text()).get("passed"))
-    except (OSError, ValueError):
-        return False
+        return ["cuda"] if env == "1" else []
+    passed = validation_record().get(device_family(device), {}).get("passed", {})
+    return [name for name in ("cuda", "triton") if op in passed.get(name, ())]
 
 
 def _interpreting() -> bool:
@@ -99,14 +120,25 @@ def resolve(backend: str, op: str, device: torch.device,
     """Return the backend module that runs ``op`` on tensors of ``device``.
 
     ``auto``: CPU tensors -> ``cpu`` (``torch`` if the extension is not built); CUDA tensors ->
-    ``cuda`` once validated on hardware and covering ``op``, else ``triton`` (``torch`` if Triton
-    is missing). An explicit backend that cannot run raises :class:`BackendUnavailableError`.
+    the backends validated for ``op`` on the device's family (CUDA, then Triton), else
+    ``triton`` (``torch`` if Triton is missing). An explicit backend that cannot run raises
+    :class:`BackendUnavailableError`. Resolved once per argument set (and environment), then
+    cached.
     """
+    key = (backend, op, device.type, device.index, head_dim,
+           os.environ.get("FASTDECODE_AUTO_CUDA"), _interpreting())
+    module = _RESOLVED.get(key)
+    if module is None:
+        module = _RESOLVED[key] = _resolve(backend, op, device, head_dim)
+    return module
+
+
+def _resolve(backend: str, op: str, device: torch.device, head_dim: int | None) -> ModuleType:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            order = (["cuda"] if cuda_backend_validated() else []) + ["triton", "torch"]
+            order = list(dict.fromkeys(validated_backends(op, device) + ["triton", "torch"]))
         else:
             order = ["cpu", "torch"]
         for name in order:

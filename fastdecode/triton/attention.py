@@ -12,6 +12,18 @@ partition writes (normalised partial output, log-sum-exp) to the workspace and
 ``_merge_partitions_kernel`` combines them. Sequences that fit in one partition are written
 straight to ``out``; merging a single partition would give the same bits.
 
+Device-side guards (on CUDA tensors the public op does not copy index tensors to the host to
+check them): a sequence whose seq_len lies outside [0, max_blocks_per_seq * block_size], whose
+``cu_seqlens_q`` range is inconsistent (negative start, decreasing, longer than its KV, ending past
+num_tokens) or whose block table holds an id outside [0, num_blocks) gets NaN in its output rows
+(those inside [0, num_tokens)), and nothing outside the tensors is ever read or written. Decode
+checks each block id as it loads it (the id is in a register already; the split-KV merge carries
+the NaN); the packed form checks the sequence's whole table first, so every row of it is flagged.
+
+Integer arguments that change with the batch (``num_seqs``, ``num_tokens``, the block table's row
+stride and width, the partition count) are excluded from Triton's specialisation, so a new batch
+size never triggers a compile.
+
 Shapes: query [num_tokens, num_qo_heads, head_dim] (num_tokens = num_seqs in decode form);
 k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]; block_tables
 [num_seqs, max_blocks_per_seq] int32; seq_lens [num_seqs] int32; cu_seqlens_q [num_seqs + 1] int32.
@@ -39,26 +51,50 @@ def _tanh(x):
 
 
 @triton.jit
+def _first_tile(q_start, seq, group, BLOCK_ROWS: tl.constexpr):
+    """First packed-grid tile of sequence ``seq``. A negative (guarded) start counts as 0, so
+    its tiles still cover the rows in [0, end)."""
+    return tl.maximum(q_start, 0) * group // BLOCK_ROWS + seq
+
+
+@triton.jit
 def _find_seq(cu_seqlens_q_ptr, num_seqs, tile, group, BLOCK_ROWS: tl.constexpr):
     """The sequence owning ``tile`` in the packed grid, where sequence b's tiles start at
-    ``cu_seqlens_q[b] * group // BLOCK_ROWS + b`` (a bound the host knows without reading
-    cu_seqlens_q, so the grid needs no sync). Binary search for the last b starting <= tile."""
+    ``_first_tile(cu_seqlens_q[b], b)`` (a bound the host knows without reading cu_seqlens_q, so
+    the grid needs no sync). Binary search for the last b starting <= tile; always in range,
+    whatever cu_seqlens_q holds."""
     lo = 0
     hi = num_seqs - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        first = tl.load(cu_seqlens_q_ptr + mid) * group // BLOCK_ROWS + mid
+        first = _first_tile(tl.load(cu_seqlens_q_ptr + mid), mid, group, BLOCK_ROWS)
         lo = tl.where(first <= tile, mid, lo)
         hi = tl.where(first <= tile, hi, mid - 1)
     return lo
 
 
 @triton.jit
+def _table_in_range(table, num_table_blocks, num_blocks, CHUNK: tl.constexpr):
+    """Whether the first ``num_table_blocks`` ids of a block-table row lie in [0, num_blocks)."""
+    bad = tl.zeros([CHUNK], tl.int32)
+    for b0 in range(0, num_table_blocks, CHUNK):
+        offs = b0 + tl.arange(0, CHUNK)
+        ids = tl.load(table + offs, mask=offs < num_table_blocks, other=0)
+        bad = tl.maximum(bad, ((ids < 0) | (ids >= num_blocks)).to(tl.int32))
+    return tl.max(bad, 0) == 0
+
+
+# Batch-dependent integers: never specialised on (see the module docstring).
+_BATCH_ARGS = ["num_seqs", "num_tokens", "stride_bt", "max_blocks_per_seq", "max_partitions"]
+
+
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _paged_attention_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
     block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, alibi_slopes_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kp, stride_kh, stride_bt,
-    num_seqs, num_qo_heads, group, head_dim, block_size, partition_size, max_partitions,
+    num_seqs, num_tokens, num_qo_heads, group, head_dim, block_size, num_blocks,
+    max_blocks_per_seq, partition_size, max_partitions,
     scale, softcap, sliding_window, causal, use_alibi,
     BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PACKED: tl.constexpr, UPCAST: tl.constexpr,
@@ -74,23 +110,35 @@ def _paged_attention_kernel(
     if PACKED:
         seq = _find_seq(cu_seqlens_q_ptr, num_seqs, tile, group, BLOCK_ROWS)
         q_start = tl.load(cu_seqlens_q_ptr + seq)
-        q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-        row0 = (tile - (q_start * group // BLOCK_ROWS + seq)) * BLOCK_ROWS
+        q_end = tl.load(cu_seqlens_q_ptr + seq + 1)
+        q_len = q_end - q_start
+        row0 = (tile - _first_tile(q_start, seq, group, BLOCK_ROWS)) * BLOCK_ROWS
     else:
         tiles_per_seq = tl.cdiv(group, BLOCK_ROWS)
         seq = tile // tiles_per_seq
         q_start = seq
         q_len = 1
         row0 = (tile % tiles_per_seq) * BLOCK_ROWS
-    num_rows = q_len * group
     kv_len = tl.load(seq_lens_ptr + seq)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # Guards: a bad sequence keeps kv_len 0 (nothing read, one partition) and NaN rows.
+    valid = (kv_len >= 0) & (kv_len.to(tl.int64) <= max_blocks_per_seq.to(tl.int64) * block_size)
+    if PACKED:
+        valid = (valid & (q_start >= 0) & (q_len >= 0) & (q_end <= num_tokens)
+                 & (q_len <= kv_len))
+        valid = valid & _table_in_range(table, tl.where(valid, tl.cdiv(kv_len, block_size), 0),
+                                        num_blocks, 128)
+        q_start = tl.maximum(q_start, 0)  # the guarded rows of a negative start: [0, q_end)
+        q_len = q_end - q_start
+    kv_len = tl.where(valid, kv_len, 0)
+    num_rows = tl.maximum(q_len, 0) * group
     num_parts = tl.cdiv(kv_len, partition_size)
     # Partitions past the sequence's end have nothing to do (and nothing reads them).
     if (row0 < num_rows) & (part < tl.maximum(num_parts, 1)):
         rows = row0 + tl.arange(0, BLOCK_ROWS)
-        row_ok = rows < num_rows
-        head = kv_head * group + rows % group
         q_tok = (q_start + rows // group).to(tl.int64)
+        row_ok = (rows >= 0) & (rows < num_rows) & (q_tok >= 0) & (q_tok < num_tokens)
+        head = kv_head * group + rows % group
         pos = kv_len - q_len + rows // group  # KV position of each row's query
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         d_ok = offs_d < head_dim
@@ -99,7 +147,8 @@ def _paged_attention_kernel(
         if UPCAST:
             q = q.to(tl.float32)
         # use_alibi is 0 or 1; without ALiBi no slope is read and slope 0 adds an exact 0.
-        slope = tl.load(alibi_slopes_ptr + head, mask=rows < num_rows * use_alibi, other=0.0)
+        slope = tl.load(alibi_slopes_ptr + head, mask=row_ok & (rows < num_rows * use_alibi),
+                        other=0.0)
 
         # KV range of this program: causal limit of its last row, window of its first row,
         # intersected with its partition.
@@ -117,12 +166,14 @@ def _paged_attention_kernel(
         m_i = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_ROWS], tl.float32)
         acc = tl.zeros([BLOCK_ROWS, HEAD_DIM_PAD], tl.float32)
-        table = block_tables_ptr + seq.to(tl.int64) * stride_bt
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < hi
             # int64: block id x block stride overflows int32 in large caches.
             block = tl.load(table + offs_n // block_size, mask=n_ok, other=0).to(tl.int64)
+            if not PACKED:  # guard: an id outside the pool is not read, its column turns NaN
+                bad_col = n_ok & ((block < 0) | (block >= num_blocks))
+                block = tl.where(bad_col, 0, block)
             kv_off = block * stride_kb + (offs_n % block_size) * stride_kp + kv_head * stride_kh
             kv_mask = n_ok[:, None] & d_ok[None, :]
             k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -138,6 +189,8 @@ def _paged_attention_kernel(
             visible = (row_ok[:, None] & n_ok[None, :] & ((causal == 0) | (rel <= 0))
                        & ((sliding_window == 0) | (rel > -sliding_window)))
             s = tl.where(visible, s, float("-inf"))
+            if not PACKED:
+                s = tl.where(bad_col[None, :], float("nan"), s)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen nothing yet keeps m = -inf; shift by 0 to avoid inf - inf.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -148,6 +201,7 @@ def _paged_attention_kernel(
             m_i = m_new
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # nothing visible -> zeros, not NaN
+        out = tl.where(valid, out, float("nan"))
         mask = row_ok[:, None] & d_ok[None, :]
         o_ptrs = out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         if num_parts <= 1:
@@ -155,22 +209,27 @@ def _paged_attention_kernel(
         else:
             ws = (q_tok * num_qo_heads + head) * max_partitions + part
             tl.store(part_out_ptr + ws[:, None] * head_dim + offs_d[None, :], out, mask=mask)
-            lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            # l_i == 0: nothing visible; a NaN l_i (guarded block) gives a NaN lse for the merge.
+            lse = tl.where(l_i == 0, float("-inf"), m_i + tl.log(tl.where(l_i == 0, 1.0, l_i)))
             tl.store(part_lse_ptr + ws, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_kv_len", "max_partitions"])
 def _merge_partitions_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr,
     stride_ot, stride_oh,
-    num_qo_heads, head_dim, partition_size, max_partitions,
+    num_qo_heads, head_dim, max_kv_len, partition_size, max_partitions,
     PARTS_BLOCK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
     """out[seq, head] = sum_i w_i o_i / sum_i w_i, w_i = exp(lse_i - max lse), over the
-    sequence's partitions in a fixed order (batch-invariant)."""
+    sequence's partitions in a fixed order (batch-invariant). A NaN lse (a partition that met an
+    out-of-range block id) makes the row NaN; a guarded seq_len (outside [0, max_kv_len]) was
+    written by the attention kernel."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    num_parts = tl.cdiv(tl.load(seq_lens_ptr + seq), partition_size)
+    kv_len = tl.load(seq_lens_ptr + seq)
+    kv_len = tl.where((kv_len >= 0) & (kv_len <= max_kv_len), kv_len, 0)
+    num_parts = tl.cdiv(kv_len, partition_size)
     if num_parts > 1:  # else the attention kernel wrote out directly
         base = (seq.to(tl.int64) * num_qo_heads + head) * max_partitions
         offs_p = tl.arange(0, PARTS_BLOCK)
@@ -343,8 +402,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         unused if alibi_slopes is None else alibi_slopes,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        num_seqs, num_qo_heads, num_qo_heads // num_kv_heads, head_dim, block_size,
-        plan.partition_size, max(plan.max_partitions, 1),
+        num_seqs, num_tokens, num_qo_heads, num_qo_heads // num_kv_heads, head_dim, block_size,
+        k_cache.shape[0], block_tables.shape[1], plan.partition_size, max(plan.max_partitions, 1),
         scale, softcap, sliding_window, int(causal), int(alibi_slopes is not None),
         BLOCK_ROWS=cfg.block_rows, BLOCK_N=cfg.block_n, HEAD_DIM_PAD=cfg.head_dim_pad,
         PACKED=cfg.packed, UPCAST=upcast_loads(query.dtype),
@@ -353,6 +412,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if plan.workspace_numel:
         _merge_partitions_kernel[(num_seqs, num_qo_heads)](
             out, part_out, part_lse, seq_lens, out.stride(0), out.stride(1),
-            num_qo_heads, head_dim, plan.partition_size, plan.max_partitions,
+            num_qo_heads, head_dim, block_tables.shape[1] * block_size, plan.partition_size,
+            plan.max_partitions,
             PARTS_BLOCK=MERGE_PARTS_BLOCK, HEAD_DIM_PAD=cfg.head_dim_pad, num_warps=4,
         )

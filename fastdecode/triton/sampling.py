@@ -5,10 +5,12 @@ One program per row loops over the vocabulary in ``BLOCK`` chunks. Top-k and top
 thresholds found by a radix search over the float32 values' order-preserving integer keys: each
 pass counts (top-k) or sums the probability mass (top-p) above 16 pivots at once and fixes 4 bits
 of the threshold, so 8 passes give the exact k-th largest value (ties kept) or the exact HF top-p
-cut, whatever the logits. Min-p is a single comparison in logit space. The draw uses the
-Philox4x32-10 uniform of the row's (seed, offset) and takes the first token in vocabulary order
-whose running sum of exp(x - max) exceeds u times the total, the rule every backend shares
-(:mod:`fastdecode.ops.torch_backend`).
+cut, whatever the logits. Loops over the vocabulary accumulate element-wise (each thread keeps
+its own partial sums / maxima) and reduce across the warps once, after the loop: a reduction per
+chunk would cost a shared-memory round trip and a barrier per chunk of every pass. Min-p is a
+single comparison in logit space. The draw uses the Philox4x32-10 uniform of the row's (seed,
+offset) and takes the first token in vocabulary order whose running sum of exp(x - max) exceeds
+u times the total, the rule every backend shares (:mod:`fastdecode.ops.torch_backend`).
 
 Shapes: logits [num_seqs, vocab_size]; per-row parameters [num_seqs]; seen_tokens
 [num_seqs, L] int64 (-1 = padding).
@@ -27,9 +29,15 @@ from fastdecode.ops._params import SamplingTensors
 
 # Logit dtypes read directly; others (float64) are converted to float32 first.
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Vocabulary chunk per loop step; a radix step compares it with 16 pivots (16K predicates over
-# 8 warps: 64 per thread). Rows are independent programs, so one row per SM at most.
+# Top-p drops a token when the mass strictly above it reaches top_p of the total; an exact tie
+# (HF drops it) is decided up to this fraction of the total, whatever the float rounding of the
+# sums. The same rule as the CPU and CUDA kernels.
+TOP_P_TOLERANCE = tl.constexpr(1e-6)
+# Vocabulary chunk per loop step. Rows are independent programs, so one row per SM at most.
 BLOCK = 1024
+# Chunk of a radix pass: its [RADIX_BLOCK, 16] accumulator of the mass / count above each pivot
+# stays in registers (32 floats per thread at 8 warps).
+RADIX_BLOCK = 512
 NUM_WARPS = 8
 
 
@@ -40,6 +48,7 @@ class SamplingConfig:
     dtype: torch.dtype  # of the kernel input: float32 penalised scores, or the raw logits
     write_scores: bool  # process_logits (True) or sample (False)
     block: int = BLOCK
+    radix_block: int = RADIX_BLOCK
     num_warps: int = NUM_WARPS
 
 
@@ -105,7 +114,7 @@ def _threshold(row_ptr, vocab, temperature, x_max, floor_key, target,
     for level in range(8):
         shift = 28 - 4 * level
         pivots = lo + ((digits + 1) << shift) - 1
-        f = tl.zeros([16], tl.float32)
+        acc = tl.zeros([BLOCK, 16], tl.float32)  # per element position: weight above each pivot
         for start in range(0, vocab, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             x = _load_scaled(row_ptr, offs, vocab, temperature)
@@ -116,7 +125,8 @@ def _threshold(row_ptr, vocab, temperature, x_max, floor_key, target,
                 w = tl.full([BLOCK], 1.0, tl.float32)
             w = tl.where((key >= floor_key) & (offs < vocab), w, 0.0)
             above = key.to(tl.int64)[:, None] > pivots[None, :]
-            f += tl.sum(tl.where(above, w[:, None], 0.0), 0)
+            acc += tl.where(above, w[:, None], 0.0)
+        f = tl.sum(acc, 0)  # the level's one reduction across the warps
         # f is non-increasing over the pivots (nested sums, same reduction order): the number of
         # pivots still >= target is the digit.
         digit = tl.minimum(tl.sum((f >= target).to(tl.int32), 0), 15)
@@ -163,7 +173,7 @@ def _sampling_kernel(
     offsets_ptr,
     stride_lb, stride_ob,
     vocab,
-    WRITE_SCORES: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_SCORES: tl.constexpr, BLOCK: tl.constexpr, RADIX: tl.constexpr,
 ):
     """WRITE_SCORES: out [B, V] float32 processed scores (process_logits); else out [B] int64
     token ids (sample). logits: penalised float32 scores, or the raw logits without penalty."""
@@ -173,19 +183,20 @@ def _sampling_kernel(
     greedy = temperature == 0
     t_div = tl.where(greedy, 1.0, temperature)  # greedy rows see the penalised logits as they are
 
-    # Pass 1: max (NaN-free), first argmax, NaN flag.
-    x_max = tl.full((), float("-inf"), tl.float32)
-    arg = tl.full((), 0, tl.int32)
-    nan = tl.full((), 0, tl.int32)
+    # Pass 1: max (NaN-free), first argmax, NaN flag, per element position, then reduced once.
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_at = tl.full([BLOCK], 0, tl.int32)
+    nans = tl.zeros([BLOCK], tl.int32)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = _load_scaled(row_ptr, offs, vocab, t_div)
-        nan = tl.maximum(nan, tl.max((x != x).to(tl.int32), 0))
-        x = tl.where(x != x, float("-inf"), x)
-        c_max = tl.max(x, 0)
-        c_arg = tl.min(tl.where(x == c_max, offs, vocab), 0)
-        arg = tl.where(c_max > x_max, c_arg, arg)  # strict: ties keep the first index
-        x_max = tl.maximum(x_max, c_max)
+        nans = tl.maximum(nans, (x != x).to(tl.int32))
+        better = x > best  # strict (and False for NaN): a position keeps its first maximum
+        best_at = tl.where(better, offs, best_at)
+        best = tl.where(better, x, best)
+    x_max = tl.max(best, 0)
+    arg = tl.min(tl.where(best == x_max, best_at, vocab), 0)  # the first index of the max
+    nan = tl.max(nans, 0)
 
     # Filters only for sampled rows with a finite max (other rows are greedy or yield -1).
     filtered = (temperature > 0) & (nan == 0) & (x_max > float("-inf")) & (x_max < float("inf"))
@@ -194,7 +205,7 @@ def _sampling_kernel(
         top_k = tl.load(top_k_ptr + row)
         if top_k > 0:
             floor_key = _threshold(row_ptr, vocab, t_div, x_max, floor_key,
-                                   top_k.to(tl.float32), False, BLOCK)
+                                   top_k.to(tl.float32), False, RADIX)
         top_p = tl.load(top_p_ptr + row)
         if top_p < 1.0:
             kept_mass = tl.zeros([BLOCK], tl.float32)
@@ -203,8 +214,9 @@ def _sampling_kernel(
                 x = _load_scaled(row_ptr, offs, vocab, t_div)
                 kept_mass += tl.where(_key(x) >= floor_key, tl.exp(x - x_max), 0.0)
             # HF: keep x iff the mass strictly above x is < top_p (smallest set reaching it).
-            floor_key = _threshold(row_ptr, vocab, t_div, x_max, floor_key,
-                                   top_p * tl.sum(kept_mass, 0), True, BLOCK)
+            # The target stays positive: a tiny top_p keeps the max's group.
+            target = tl.maximum((top_p - TOP_P_TOLERANCE) * tl.sum(kept_mass, 0), 1e-30)
+            floor_key = _threshold(row_ptr, vocab, t_div, x_max, floor_key, target, True, RADIX)
     # min-p in logit space: p < min_p * p_max  <=>  x < x_max + log(min_p) (min_p 0: -inf).
     min_p = tl.load(min_p_ptr + row)
     min_x = tl.where(filtered & (min_p > 0), x_max + tl.log(tl.where(min_p > 0, min_p, 1.0)),
@@ -227,7 +239,7 @@ def _sampling_kernel(
         tl.store(out_ptr + row, tl.where(bad, -1, token).to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_sb", "num_seen"])
 def _repetition_penalty_kernel(
     out_ptr, logits_ptr, seen_ptr, penalty_ptr,
     stride_lb, stride_ob, stride_sb,
@@ -250,7 +262,7 @@ def _repetition_penalty_kernel(
     for start in range(0, num_seen, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ids = tl.load(seen_row + offs, mask=offs < num_seen, other=-1)
-        ok = ids >= 0  # -1 = padding
+        ok = (ids >= 0) & (ids < vocab)  # -1 = padding; out-of-vocabulary ids: guarded
         x = tl.load(in_row + ids, mask=ok, other=0.0).to(tl.float32)
         x = tl.where(x > 0, tl.math.div_rn(x, penalty), x * penalty)
         tl.store(out_row + ids, x, mask=ok)
@@ -308,7 +320,8 @@ def _launch(out: torch.Tensor, scores: torch.Tensor, params: SamplingTensors,
     _sampling_kernel[(batch,)](
         out, scores, params.temperature, params.top_k, params.top_p, params.min_p, seeds,
         offsets, scores.stride(0), out.stride(0), vocab,
-        WRITE_SCORES=cfg.write_scores, BLOCK=cfg.block, num_warps=cfg.num_warps,
+        WRITE_SCORES=cfg.write_scores, BLOCK=cfg.block, RADIX=cfg.radix_block,
+        num_warps=cfg.num_warps,
     )
 
 

@@ -7,6 +7,14 @@
 // locals (`__shared__` -> `static`); CTAs run one after another. Checks indexing, masking,
 // reductions and the algorithms; it says nothing about speed or about memory-model races
 // that need real concurrency.
+//
+// Fast math: the GPU build uses --use_fast_math, which turns expf / logf / tanhf into hardware
+// approximations. Unless FASTDECODE_EMU_EXACT_MATH is defined, the kernels here see the same
+// functions with the documented worst-case error of those approximations (CUDA C++ Programming
+// Guide, intrinsic functions; PTX ISA, tanh.approx), in an input-dependent direction, so that a
+// kernel whose accuracy depends on an exact library function fails here as it would on the GPU.
+// Division (approximate under fast math, within 2 ulp) is not modelled: the kernels use
+// __fdiv_rn where an exact quotient matters.
 #pragma once
 
 #include <cmath>
@@ -75,6 +83,12 @@ inline unsigned __float_as_uint(float x) {
   std::memcpy(&u, &x, 4);
   return u;
 }
+inline float __uint_as_float(unsigned u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+inline __half __ushort_as_half(unsigned short bits) { return {bits}; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline unsigned long long __float2ull_rn(float x) {
   return static_cast<unsigned long long>(std::nearbyint(x));
@@ -88,10 +102,16 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 using std::isinf;
 using std::isnan;
 
-inline unsigned long long atomicAdd(unsigned long long* at, unsigned long long v) {
-  const unsigned long long old = *at;  // coroutines never switch inside: atomic by construction
+template <typename T>
+T atomicAdd(T* at, T v) {
+  const T old = *at;  // coroutines never switch inside: atomic by construction
   *at = old + v;
   return old;
+}
+inline void __threadfence() {}  // CTAs run one after another: every write is visible
+template <typename T>
+T __ldcg(const T* at) {
+  return *at;
 }
 
 // Asynchronous copies complete at once; zfill trailing bytes are zeroed as by cp.async.
@@ -309,6 +329,47 @@ inline unsigned __match_any_sync(unsigned mask, unsigned value) {
   for (int l = 0; l < 32; ++l) bits |= ((mask >> l) & 1u) && all[l] == value ? 1u << l : 0u;
   return bits;
 }
+
+namespace emu::fast_math {
+
+// +1 or -1 from the input's bits: the direction of the modelled error.
+inline float direction(float x) {
+  uint32_t u = __float_as_uint(x);
+  u ^= u >> 16;
+  u *= 0x7feb352du;
+  u ^= u >> 15;
+  return (u & 1u) ? 1.f : -1.f;
+}
+
+// r moved by n units in the last place of r, in the direction chosen for x.
+inline float off_by_ulps(float r, float n, float x) {
+  if (!std::isfinite(r) || r == 0.f) return r;
+  int e;
+  std::frexp(r, &e);
+  return r + direction(x) * n * std::ldexp(1.f, e - 24);
+}
+
+inline float expf(float x) {  // __expf: 2 + floor(|1.173 x|) ulp
+  return off_by_ulps(std::exp(x), 2.f + std::floor(std::fabs(1.173f * x)), x);
+}
+inline float logf(float x) {  // __logf: 2^-21.41 absolute in [0.5, 2], else 3 ulp
+  const float r = std::log(x);
+  if (x >= 0.5f && x <= 2.f) return r + direction(x) * std::exp2(-21.41f);
+  return off_by_ulps(r, 3.f, x);
+}
+inline float tanhf(float x) {  // tanh.approx.f32: 2^-10.987 relative
+  return std::tanh(x) * (1.f + direction(x) * std::exp2(-10.987f));
+}
+
+}  // namespace emu::fast_math
+
+#ifndef FASTDECODE_EMU_EXACT_MATH
+namespace fastdecode::kernels {  // found before ::expf by the kernels' unqualified calls
+using emu::fast_math::expf;
+using emu::fast_math::logf;
+using emu::fast_math::tanhf;
+}  // namespace fastdecode::kernels
+#endif
 
 namespace fastdecode::kernels {
 template <typename... Params, typename... Args>

@@ -11,7 +11,8 @@ extern "C" {
 // strides: key (token, head), value (token, head), cache (block, token, head).
 int emu_append_kv(const void* key, const void* value, void* k_cache, void* v_cache,
                   const int64_t* slot_mapping, const int64_t* strides, int64_t num_tokens,
-                  int num_kv_heads, int head_dim, int block_size, int elem_bytes) {
+                  int64_t num_slots, int num_kv_heads, int head_dim, int block_size,
+                  int elem_bytes) {
   fk::AppendKVParams p{};
   p.key = key;
   p.value = value;
@@ -26,6 +27,7 @@ int emu_append_kv(const void* key, const void* value, void* k_cache, void* v_cac
   p.cache_stride_token = strides[5];
   p.cache_stride_head = strides[6];
   p.num_tokens = num_tokens;
+  p.num_slots = num_slots;
   p.num_kv_heads = num_kv_heads;
   p.head_dim = head_dim;
   p.block_size = block_size;
@@ -41,7 +43,7 @@ int64_t emu_paged_decode_workspace_floats(int64_t num_seqs, int64_t num_qo_heads
 }
 
 // strides: query (seq, head), out (seq, head), cache (block, token, head), block_tables row.
-// sizes: B, Hq, Hkv, D, P, M. dtype: 0 float32, 1 float16, 2 bfloat16.
+// sizes: B, Hq, Hkv, D, P, M, N. dtype: 0 float32, 1 float16, 2 bfloat16.
 int emu_paged_decode(void* out, const void* query, const void* k_cache, const void* v_cache,
                      const int32_t* block_tables, const int32_t* seq_lens,
                      const float* alibi_slopes, float* workspace, const int64_t* strides,
@@ -69,6 +71,7 @@ int emu_paged_decode(void* out, const void* query, const void* k_cache, const vo
   p.head_dim = sizes[3];
   p.block_size = sizes[4];
   p.max_blocks_per_seq = sizes[5];
+  p.num_blocks = sizes[6];
   p.scale = scale;
   p.softcap = softcap;
   p.sliding_window = sliding_window;
@@ -80,19 +83,29 @@ int emu_paged_decode(void* out, const void* query, const void* k_cache, const vo
   return fk::paged_decode_attention(p, nullptr);
 }
 
-int64_t emu_sampling_scores_stride(int64_t vocab_size) {
-  return fk::sampling_scores_stride(vocab_size);
+int emu_sampling_num_splits(int64_t num_rows, int64_t vocab_size, int num_sms) {
+  return fk::sampling_num_splits(num_rows, vocab_size, num_sms);
 }
 
-int emu_sample(const void* logits, float* scores, int64_t* out, const float* temperature,
-               const int32_t* top_k, const float* top_p, const float* min_p,
-               const float* repetition_penalty, const int64_t* seen_tokens,
+int64_t emu_sampling_float_workspace(int64_t num_rows, int64_t vocab_size, int num_splits) {
+  return fk::sampling_float_workspace(num_rows, vocab_size, num_splits);
+}
+
+int64_t emu_sampling_int_workspace(int64_t num_rows, int num_splits) {
+  return fk::sampling_int_workspace(num_rows, num_splits);
+}
+
+// floats / ints: the two workspaces; tickets: [num_rows] zeros.
+int emu_sample(const void* logits, float* floats, int32_t* ints, uint32_t* tickets, int64_t* out,
+               const float* temperature, const int32_t* top_k, const float* top_p,
+               const float* min_p, const float* repetition_penalty, const int64_t* seen_tokens,
                const int64_t* seeds, const int64_t* offsets, int64_t logits_stride,
-               int64_t seen_stride, int num_rows, int vocab_size, int num_seen, int dtype) {
+               int64_t seen_stride, int num_rows, int vocab_size, int num_seen, int num_splits,
+               int dtype) {
   fk::SamplingParams p{};
   p.logits = logits;
-  p.scores = scores;
   p.out = out;
+  p.tickets = tickets;
   p.temperature = temperature;
   p.top_k = top_k;
   p.top_p = top_p;
@@ -107,8 +120,21 @@ int emu_sample(const void* logits, float* scores, int64_t* out, const float* tem
   p.num_rows = num_rows;
   p.vocab_size = vocab_size;
   p.num_seen = num_seen;
+  p.num_splits = num_splits;
   p.dtype = static_cast<fk::DType>(dtype);
+  fk::bind_sampling_workspace(p, floats, ints);
   return fk::sample(p, nullptr);
+}
+
+// The kernels' softcap tanh and the modelled fast-math tanhf, for the accuracy tests.
+float emu_accurate_tanh(float x) { return fk::accurate_tanh(x); }
+float emu_fast_math_tanhf(float x) { return emu::fast_math::tanhf(x); }
+int emu_models_fast_math() {
+#ifdef FASTDECODE_EMU_EXACT_MATH
+  return 0;
+#else
+  return 1;
+#endif
 }
 
 }  // extern "C"
