@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -51,8 +51,6 @@ class Probe:
     category: str
     run: Callable[[Target], None]  # raises AssertionError (or anything) on a wrong outcome
     backends: tuple[str, ...] = BACKENDS
-    # Why the probe is expected to fail in this tree on a backend, by backend name.
-    pending: Optional[dict] = None
 
 
 PROBES: list[Probe] = []
@@ -63,10 +61,10 @@ def _register(p: Probe) -> None:
     PROBES.append(p)
 
 
-def probe(category: str, backends: tuple[str, ...] = BACKENDS, pending: Optional[dict] = None):
+def probe(category: str, backends: tuple[str, ...] = BACKENDS):
     """Register the decorated ``fn(target)`` as a probe named after it."""
     def register(fn: Callable[[Target], None]) -> Callable[[Target], None]:
-        _register(Probe(fn.__name__, category, fn, backends, pending))
+        _register(Probe(fn.__name__, category, fn, backends))
         return fn
     return register
 

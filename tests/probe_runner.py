@@ -35,14 +35,12 @@ GPU_TARGETS = ("triton@cuda", "cuda@cuda", "triton@cuda+debug", "cuda@cuda+debug
 
 
 def probes_for(spec: str) -> list:
-    """The probes that run on target ``spec``, in a fixed order: those pending on its backend
-    last (an unguarded kernel may corrupt memory and spoil a later probe in the process)."""
+    """The probes that run on target ``spec``, in registration order."""
     from probe_kit import PROBES, Target
     for name in MODULES:
         importlib.import_module(name)
     backend = Target.parse(spec).backend
-    return sorted((p for p in PROBES if backend in p.backends),
-                  key=lambda p: backend in (p.pending or {}))
+    return [p for p in PROBES if backend in p.backends]
 
 
 def _child(spec: str, first: int, only: bool) -> None:
@@ -79,14 +77,11 @@ def run_batch(spec: str, probe_timeout_s: float = PROBE_TIMEOUT_S,
     pass, fail, skip, crash, hang (no result within ``probe_timeout_s``). ``command`` replaces
     the child's ``[python, this file]``.
 
-    A probe whose process dies is run again alone (unless it is pending on this backend): if it
+    A probe whose process dies is run again alone: if it
     then survives, the memory was corrupted by an earlier probe of the same process (heap damage
     often kills the process only at a later free), and the crash is charged to the probe run
     just before it."""
-    from probe_kit import Target
-    probes = probes_for(spec)
-    names = [p.name for p in probes]
-    backend = Target.parse(spec).backend
+    names = [p.name for p in probes_for(spec)]
     run = functools.partial(_run_child, spec, names, probe_timeout_s, command)
     results: dict[str, tuple[str, str]] = {}
     first = 0
@@ -95,8 +90,7 @@ def run_batch(spec: str, probe_timeout_s: float = PROBE_TIMEOUT_S,
         if running is None:
             break
         alone: dict[str, tuple[str, str]] = {}
-        pending = backend in (probes[running].pending or {})
-        if not pending and running > first and run(running, True, alone)[0] is None:
+        if running > first and run(running, True, alone)[0] is None:
             results[names[running]] = alone[names[running]]
             results[names[running - 1]] = ("crash", f"the process died in the next probe, "
                                            f"{names[running]}, which passes alone: {death}")
@@ -164,13 +158,11 @@ def summary(specs: list[str]) -> str:
         results = run_batch(spec)
         for p in probes_for(spec):
             result, detail = results.get(p.name, ("not run", ""))
-            if result != "pass" and p.pending and spec.split("@")[0] in p.pending:
-                result = "pending"
             rows[(p.category, spec)][result] += 1
             if result not in ("pass", "skip"):
                 problems.append(f"- {spec} {p.name}: {result}: {detail.splitlines()[0][:300]}"
                                 if detail else f"- {spec} {p.name}: {result}")
-    kinds = ["pass", "fail", "crash", "hang", "skip", "pending", "not run"]
+    kinds = ["pass", "fail", "crash", "hang", "skip", "not run"]
     lines = ["| category | target | probes | " + " | ".join(kinds) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in kinds) + " |"]
     for (category, spec), counts in sorted(rows.items()):

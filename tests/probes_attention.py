@@ -14,15 +14,12 @@ import torch
 
 import fastdecode.ops as ops
 import reference
-from probe_kit import Target, assert_close, assert_nan, expect_error, probe, rejects
+from probe_kit import Target, assert_close, assert_nan, expect_error, probe
 
 N, P, HKV, D, HQ = 8, 4, 2, 32, 4
 SEQ_LENS = (9, 4)
 TABLES = ((5, 2, 7), (1, 0, 3))
 CU = (0, 3, 5)  # packed form: 3 + 2 query tokens
-PENDING_GUARDS = {"triton": "device-side guards of the Triton kernels are a separate change"}
-
-
 def attn_args(t: Target, packed: bool = False, **change) -> dict:
     """The case's paged_attention arguments on ``t.device``; each ``change`` value replaces an
     argument (a callable gets the arguments and returns the replacement)."""
@@ -91,7 +88,7 @@ def bad_values(name: str, bad_rows, words, packed: bool = False, **change) -> No
             guarded(t, bad_rows, packed, True, **change)
 
     probe(category)(_named(checked, name))
-    probe("unchecked entry points", pending=PENDING_GUARDS)(_named(unchecked, "unchecked_" + name))
+    probe("unchecked entry points")(_named(unchecked, "unchecked_" + name))
 
 
 def _named(fn, name: str):
@@ -172,7 +169,7 @@ def bad_slot(name: str, slots: list[int], bad: int) -> None:
             expect_appended(t, slots, True)
 
     probe("out-of-range ids")(_named(checked, name))
-    probe("unchecked entry points", pending=PENDING_GUARDS)(_named(unchecked, "unchecked_" + name))
+    probe("unchecked entry points")(_named(unchecked, "unchecked_" + name))
 
 
 bad_slot("slot_one_past_end", [3, N * P, 7], 1)

@@ -8,7 +8,6 @@ import dataclasses
 import random
 
 import pytest
-import torch
 from test_engine import VOCAB, assert_same_greedy, prompts_of, single_thread, tiny_llama
 
 from fastdecode import Engine, SamplingParams

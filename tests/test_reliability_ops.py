@@ -34,8 +34,6 @@ def test_probe(spec, probe):
     result, detail = results(spec).get(probe.name, ("not run", ""))
     if result == "skip":
         pytest.skip(detail)
-    if result != "pass" and probe.pending and backend in probe.pending:
-        pytest.xfail(f"{probe.pending[backend]} ({result})")
     assert result == "pass", f"{result}: {detail}"
 
 
@@ -46,11 +44,7 @@ def test_probes_on_gpu(spec):
     the kernels to the guard contract; with +debug they expect the host errors."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    backend = Target.parse(spec).backend
-    pending = {p.name for p in probe_runner.probes_for(spec) if backend in (p.pending or {})}
     got = results(spec)
     bad = {name: r for name, r in got.items() if r[0] not in ("pass", "skip")}
     report = "\n".join(f"{name}: {r[0]}: {r[1][:500]}" for name, r in bad.items())
-    assert not bad.keys() - pending, report
-    if bad:
-        pytest.xfail(f"pending on {backend}:\n{report}")
+    assert not bad, report

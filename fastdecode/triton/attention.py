@@ -46,8 +46,18 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E), exp2 is th
 
 @triton.jit
 def _tanh(x):
-    # 1 - 2 / (e^2x + 1): saturates to +-1 without libdevice, identical in the interpreter.
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+    # 1 - 2 / (e^2|x| + 1) saturates to +-1 without libdevice, but cancels for small |x| (a large
+    # softcap maps every logit there), so below 0.625 an odd minimax polynomial takes over: the
+    # CUDA kernels' accurate_tanh. NaN stays NaN.
+    a = tl.abs(x)
+    z = x * x
+    poly = -5.70498872745e-3 * z + 2.06390887954e-2
+    poly = poly * z - 5.37397155531e-2
+    poly = poly * z + 1.33314422036e-1
+    poly = poly * z - 3.33332819422e-1
+    small = poly * z * x + x
+    big = 1.0 - 2.0 / (tl.exp2(a * 2.8853900817779268) + 1.0)
+    return tl.where(a < 0.625, small, tl.where(x < 0, -big, big))
 
 
 @triton.jit
@@ -382,6 +392,10 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                           block_tables.shape[1], block_size, query.dtype,
                           cu_seqlens_q is not None, partition_size)
     cfg = plan.config
+    if cfg.packed:
+        # Rows that no sequence owns (a cu_seqlens_q not from 0 to T on an unchecked call) are
+        # never visited by a tile: NaN, as the guard contract says, rather than stale memory.
+        out.fill_(float("nan"))
     # Pointers the kernel never dereferences (no split / no ALiBi) get a float32 view of
     # seq_lens, so every call of a variant has one signature and nothing is allocated.
     unused = seq_lens.view(torch.float32)
