@@ -23,6 +23,13 @@ def fd_generate(model, *args, **kwargs):
     return fastdecode.generate(model, *args, backend=BACKEND, **kwargs)
 
 
+def forbid_original_generate(monkeypatch, model):
+    """Make any call of the model class's own ``generate`` (the fallback) fail the test."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the original model.generate must not run")
+    monkeypatch.setattr(type(model), "generate", forbidden)
+
+
 def padded_batch(lengths, vocab: int, seed: int = 0, pad: int = 0):
     """Left-padded ``(input_ids [B, L], attention_mask [B, L])`` of random ids in [3, vocab)."""
     g = torch.Generator().manual_seed(seed)
