@@ -22,10 +22,12 @@ class BannedSequences:
 
     sequences: non-empty lists of token ids >= 0. Adding ``-inf`` (rather than overwriting) keeps
     HF's arithmetic: a NaN score stays NaN and ``+inf`` becomes NaN, exactly as in HF's processor.
+    whole_sequence_in_history: a sequence of n tokens applies only once the history holds n tokens
+    (older transformers releases), rather than its n - 1 prefix tokens.
     """
 
     def __init__(self, sequences: Sequence[Sequence[int]], vocab_size: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", whole_sequence_in_history: bool = False):
         sequences = [tuple(int(t) for t in s) for s in sequences]
         if not sequences or any(len(s) == 0 or min(s) < 0 for s in sequences):
             raise ValueError("banned sequences must be non-empty lists of token ids >= 0, got "
@@ -46,6 +48,8 @@ class BannedSequences:
                                      device=device).view(len(longer), width)
         self.wildcard = self.prefixes == _NO_TOKEN
         self.targets = torch.tensor([s[-1] for s in longer], dtype=torch.long, device=device)
+        extra = 1 if whole_sequence_in_history else 0
+        self.min_history = torch.tensor([len(s) - 1 + extra for s in longer], device=device)
 
     def bias(self, history: torch.Tensor) -> torch.Tensor:
         """history: [B, L] int64 ids so far, left-padded with -1 where rows are shorter (L may be
@@ -59,6 +63,8 @@ class BannedSequences:
         if tail.shape[1] < width:  # a prefix longer than the history never matches
             tail = torch.nn.functional.pad(tail, (width - tail.shape[1], 0), value=_NO_TOKEN)
         match = ((tail[:, None, :] == self.prefixes[None]) | self.wildcard[None]).all(-1)
+        lengths = (history != _NO_TOKEN).sum(-1)
+        match &= lengths[:, None] >= self.min_history[None]
         minus_inf = torch.full_like(match, float("-inf"), dtype=bias.dtype)
         bias.scatter_add_(1, self.targets.expand(batch, -1),
                           torch.where(match, minus_inf, torch.zeros_like(minus_inf)))

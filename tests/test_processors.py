@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers.generation import InfNanRemoveLogitsProcessor, NoBadWordsLogitsProcessor
 
+from fastdecode.hf import compat
 from fastdecode.processors import BannedSequences, remove_invalid_values
 
 V = 37
@@ -25,7 +26,9 @@ SEQUENCES = [[[4]], [[1, 0]], [[2, 3, 1], [5], [0, 0], [1, 2, 3, 4, 5]], [[3, 3]
 def test_banned_sequences_match_hf(sequences, length):
     history = _history(9, length, seed=length)
     scores = torch.randn(9, V, generator=torch.Generator().manual_seed(1))
-    ours = BannedSequences(sequences, V)(scores, history)
+    banned = BannedSequences(sequences, V,
+                             whole_sequence_in_history=compat.bad_words_need_whole_sequence())
+    ours = banned(scores, history)
     ref = NoBadWordsLogitsProcessor(sequences)(history, scores.clone())
     assert torch.equal(ours, ref)
     assert torch.isinf(ours).any() or length < 2  # something was banned
@@ -51,3 +54,12 @@ def test_remove_invalid_values_matches_hf():
     ref = InfNanRemoveLogitsProcessor()(None, scores.clone())
     assert torch.equal(remove_invalid_values(scores), ref)
     assert torch.isfinite(remove_invalid_values(scores)).all()
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_banned_sequence_history_rule(whole):
+    """A 2-token sequence on a 1-token history: banned with the prefix rule only."""
+    scores = torch.zeros(1, V)
+    out = BannedSequences([[3, 5]], V, whole_sequence_in_history=whole)(scores,
+                                                                       torch.tensor([[3]]))
+    assert (out[0, 5] == 0) == whole

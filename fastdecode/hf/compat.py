@@ -44,6 +44,14 @@ def penalty_skips_padding() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def bad_words_need_whole_sequence() -> bool:
+    """Whether this release applies a banned sequence of n tokens only once the ids so far hold n
+    tokens (older releases), rather than its n - 1 prefix tokens."""
+    source = inspect.getsource(hfgen.SequenceBiasLogitsProcessor.__call__)
+    return "len(sequence_ids) > input_ids.shape[1]" in source
+
+
+@functools.lru_cache(maxsize=None)
 def drops_all_ones_mask() -> bool:
     """Whether ``generate`` replaces an all-ones attention mask by None before the first forward
     (recording its length as ``generation_config._mask_length``)."""

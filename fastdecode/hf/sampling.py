@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from fastdecode import ops
+from fastdecode.hf import compat
 from fastdecode.hf.options import Options
 from fastdecode.processors import BannedSequences, remove_invalid_values
 
@@ -76,7 +77,8 @@ class TokenSelector:
         vocab = scores.shape[-1]
         if self.bad_words:
             if self._banned is None:
-                self._banned = BannedSequences(self.bad_words, vocab, scores.device)
+                self._banned = BannedSequences(self.bad_words, vocab, scores.device,
+                                               compat.bad_words_need_whole_sequence())
             scores = self._banned(scores, sequences)
         if ban_eos:
             if self._eos_ids is None:  # EOS ids outside the vocabulary are ignored, as in HF
