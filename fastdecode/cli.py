@@ -11,7 +11,8 @@ import argparse
 import math
 import sys
 import time
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -54,22 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="(default: cuda if available, else cpu)")
     common.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="(default: bfloat16 on cuda, float32 on cpu)")
-    common.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
-                        help="tokens to generate (default: %(default)s)")
-    common.add_argument("--temperature", type=float, default=0.8, metavar="T",
-                        help="sampling temperature, > 0 (default: %(default)s)")
-    common.add_argument("--top-k", type=int, default=50, metavar="K",
-                        help="keep the K most likely tokens, 0 = all (default: %(default)s)")
-    common.add_argument("--top-p", type=float, default=0.95, metavar="P",
-                        help="nucleus mass in (0, 1], 1 = off (default: %(default)s)")
-    common.add_argument("--min-p", type=float, default=0.0, metavar="P",
-                        help="relative probability floor in [0, 1], 0 = off (default: %(default)s)")
-    common.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                        help="> 0, 1 = off (default: %(default)s)")
+    _add_numbers(common, "common")
     common.add_argument("--greedy", action="store_true",
                         help="greedy decoding instead of sampling (default: sample)")
-    common.add_argument("--seed", type=int, default=None, metavar="S",
-                        help="random seed in [0, 2**63) (default: none, a different draw each run)")
     common.add_argument("--no-stream", action="store_true",
                         help="print only the final text (default: stream tokens as they come)")
     common.add_argument("--truncate-prompt", action="store_true",
@@ -86,35 +74,62 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common],
                            help="tokens/s of fastdecode.generate vs model.generate",
                            description=DESCRIPTION, formatter_class=fmt)
-    bench.add_argument("--prompt-len", type=int, default=32, metavar="N",
-                       help="random prompt tokens per row (default: %(default)s)")
-    bench.add_argument("--batch-size", type=int, default=1, metavar="B",
-                       help="rows per call (default: %(default)s)")
+    _add_numbers(bench, "bench")
     return parser
 
 
-# The CLI's range checks, all in this one table: option -> (valid(value), allowed range).
-_RANGES = {
-    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
-    "temperature": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0 (or use --greedy)"),
-    "top_k": (lambda v: v >= 0, ">= 0 (0 keeps every token)"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "repetition_penalty": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-    "seed": (lambda v: v is None or 0 <= v < 2**63, "in [0, 2**63)"),
-    "prompt_len": (lambda v: v >= 1, ">= 1"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
+@dataclass(frozen=True)
+class _Number:
+    """A numeric option: its parser (type, default, metavar, help) and its valid range."""
+
+    type: type
+    default: Optional[float]
+    metavar: str
+    help: str
+    valid: Callable[[Any], bool]
+    allowed: str
+    scope: str = "common"  # "common" (every command) or "bench"
+    sampling_only: bool = False  # ignored (and not checked) with --greedy
+
+
+# Every numeric option of the command line and its range check, in this one table.
+_NUMBERS = {
+    "max-new-tokens": _Number(int, 64, "N", "tokens to generate", lambda v: v >= 1, ">= 1"),
+    "temperature": _Number(float, 0.8, "T", "sampling temperature, > 0",
+                           lambda v: math.isfinite(v) and v > 0,
+                           "a finite number > 0 (or use --greedy)", sampling_only=True),
+    "top-k": _Number(int, 50, "K", "keep the K most likely tokens, 0 = all", lambda v: v >= 0,
+                     ">= 0 (0 keeps every token)", sampling_only=True),
+    "top-p": _Number(float, 0.95, "P", "nucleus mass in (0, 1], 1 = off", lambda v: 0 < v <= 1,
+                     "in (0, 1]", sampling_only=True),
+    "min-p": _Number(float, 0.0, "P", "relative probability floor in [0, 1], 0 = off",
+                     lambda v: 0 <= v <= 1, "in [0, 1]", sampling_only=True),
+    "repetition-penalty": _Number(float, 1.0, "R", "> 0, 1 = off",
+                                  lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "seed": _Number(int, None, "S", "random seed in [0, 2**63), None = a different draw each run",
+                    lambda v: v is None or 0 <= v < 2**63, "in [0, 2**63)"),
+    "prompt-len": _Number(int, 32, "N", "random prompt tokens per row", lambda v: v >= 1, ">= 1",
+                          scope="bench"),
+    "batch-size": _Number(int, 1, "B", "rows per call", lambda v: v >= 1, ">= 1", scope="bench"),
 }
-_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
+
+
+def _add_numbers(parser: argparse.ArgumentParser, scope: str) -> None:
+    for flag, number in _NUMBERS.items():
+        if number.scope == scope:
+            parser.add_argument(f"--{flag}", type=number.type, default=number.default,
+                                metavar=number.metavar,
+                                help=f"{number.help} (default: %(default)s)")
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name, (valid, allowed) in _RANGES.items():
-        if not hasattr(args, name) or (args.greedy and name in _SAMPLING_ONLY):
+    for flag, number in _NUMBERS.items():
+        name = flag.replace("-", "_")
+        if not hasattr(args, name) or (args.greedy and number.sampling_only):
             continue
         value = getattr(args, name)
-        if not valid(value):
-            raise UsageError(f"--{name.replace('_', '-')} must be {allowed}, got {value}")
+        if not number.valid(value):
+            raise UsageError(f"--{flag} must be {number.allowed}, got {value}")
     if getattr(args, "prompt", None) is not None and not args.prompt.strip():
         raise UsageError("--prompt must not be empty")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -1,8 +1,8 @@
 """Every calling form of ``model.generate`` on a patched model, and patched models that are copied.
 
 A patched model must accept exactly what ``model.generate`` accepts (positional ``inputs``,
-``inputs=``, ``input_ids=``, ``**tokenizer(...)``, ``generation_config=``, model kwargs) and give the
-same tokens; ``copy.deepcopy`` and pickle round trips must generate with their own weights;
+``inputs=``, ``input_ids=``, ``**tokenizer(...)``, ``generation_config=``, model kwargs) and give
+the same tokens; ``copy.deepcopy`` and pickle round trips must generate with their own weights;
 ``unpatch`` must leave the instance exactly as it was.
 """
 
