@@ -149,3 +149,16 @@ def test_chosen_fallbacks_warn_once_and_match_hf(kwargs, name):
     ours = [w for w in caught if "fastdecode" in str(w.message)]
     assert len(ours) == 1 and name in str(ours[0].message)
     assert torch.equal(getattr(out, "sequences", out), getattr(ref, "sequences", ref))
+
+
+def test_a_model_specific_generate_runs_as_it_is():
+    """A model class with its own ``generate`` (multimodal and speech models have them) prepares
+    its inputs its own way: fastdecode hands the call to it."""
+    base = tiny_model("llama")
+    own = type("LlamaWithOwnGenerate", (type(base),),
+               {"generate": lambda self, *args, **kwargs: "its own"})
+    base.__class__ = own
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fd_generate(base, torch.tensor([[5, 6]]), max_new_tokens=2) == "its own"
+    assert any("model-specific generate" in str(w.message) for w in caught)

@@ -16,7 +16,7 @@ import inspect
 import warnings
 
 import torch
-from transformers.generation import GenerateDecoderOnlyOutput
+from transformers.generation import GenerateDecoderOnlyOutput, GenerationMixin
 
 from fastdecode.hf import compat, loop
 from fastdecode.hf import options as _options
@@ -75,6 +75,8 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
 def _structural_reasons(model, call: dict) -> list[str]:
     if getattr(model.config, "is_encoder_decoder", False):
         return ["encoder-decoder model (cross-attention)"]
+    if type(model).generate is not GenerationMixin.generate:  # its own preparation steps
+        return [f"{type(model).__name__}.generate (a model-specific generate)"]
     return [name for name in _options.OTHER_METHODS if call.get(name) is not None]
 
 
