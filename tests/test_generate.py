@@ -33,7 +33,7 @@ def test_greedy_matches_hf_on_paged_path(family_model, lengths, monkeypatch):
     ids, mask = padded_batch(lengths, model.config.vocab_size, seed=len(lengths))
     ref = _hf(model, ids, mask, max_new_tokens=NEW, do_sample=False)
     attn_before = model.config._attn_implementation
-    forbid_original_generate(monkeypatch, model)
+    forbid_original_generate(monkeypatch)
     with count_paged_calls(monkeypatch) as counts:
         out = fd_generate(model, ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
     forwards = out.shape[1] - ids.shape[1]
@@ -119,7 +119,7 @@ def test_generic_families_match_hf(family, monkeypatch):
     model = tiny_model(family)
     ids, mask = padded_batch([9, 4], model.config.vocab_size, seed=5)
     ref = _hf(model, ids, mask, max_new_tokens=NEW, do_sample=False)
-    forbid_original_generate(monkeypatch, model)
+    forbid_original_generate(monkeypatch)
     with count_paged_calls(monkeypatch) as counts:
         out = fd_generate(model, ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
     paged = _routes_through_attention_interface(model) and family != "gpt_oss"

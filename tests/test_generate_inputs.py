@@ -33,7 +33,7 @@ def _both(model, monkeypatch, **kwargs):
     A cache argument is copied for each call (generate extends it in place)."""
     ref = model.generate(**copy.deepcopy(kwargs))
     with monkeypatch.context() as patch:
-        forbid_original_generate(patch, model)
+        forbid_original_generate(patch)
         out = fd_generate(model, **kwargs)
     return ref, out
 

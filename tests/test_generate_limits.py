@@ -30,7 +30,7 @@ def _same_as_hf(model, monkeypatch, **kwargs):
             fd_generate(model, **kwargs)
         return None
     with monkeypatch.context() as patch:
-        forbid_original_generate(patch, model)
+        forbid_original_generate(patch)
         out = fd_generate(model, **kwargs)
     assert torch.equal(out, ref)
     return out

@@ -68,13 +68,16 @@ class PagedStepper:
         tables = [list(range(b * m, (b + 1) * m)) for b in range(self.batch)]
         ctx = PagedContext.build(tables, self.lens, self.lens, self.block_size, self.device,
                                  self.backend)
+        dev = self.device
+
+        def packed(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:  # [B, S, ...] -> [T, ...]
+            return None if t is None else t[keep].to(dev)
+
         logits = self.runner.forward(
-            None if embeds is not None else p.input_ids[keep], positions[keep], ctx,
-            inputs_embeds=None if embeds is None else embeds[keep],
-            token_type_ids=None if types is None else types[keep])
+            packed(p.input_ids) if embeds is None else None, packed(positions), ctx,
+            inputs_embeds=packed(embeds), token_type_ids=packed(types))
         # Decode-step state, updated in place. Position ids continue from HF's last column; the
         # KV index of the next token is the row's token count.
-        dev = self.device
         self._pos = positions[:, -1].to(dev) + 1
         self._kv = torch.tensor(self.lens, dtype=torch.int64, device=dev)
         self._types = None if types is None else types[:, -1].to(dev)
@@ -95,7 +98,8 @@ class PagedStepper:
         block = self._tables.gather(1, (kv // size)[:, None])[:, 0].long()
         torch.add(block * size, kv % size, out=ctx.slot_mapping)
         ctx.seq_lens.copy_(kv + 1)
-        logits = self.runner.forward(tokens, self._pos, ctx, token_type_ids=self._types)
+        logits = self.runner.forward(tokens.to(self.device, non_blocking=True), self._pos, ctx,
+                                     token_type_ids=self._types)
         self._kv += 1
         self._pos += 1
         return logits
