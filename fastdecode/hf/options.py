@@ -34,6 +34,7 @@ _NEUTRAL = {
     "output_attentions": (None, False), "token_healing": (None, False), "low_memory": (None, False),
     "cache_implementation": (None, "dynamic"), "compile_config": (None,),
     "prefill_chunk_size": (None,), "use_mtp": (None, False), "speculation_type": (None,),
+    "is_assistant": (None, False),  # the draft model of assisted decoding: HF drives its cache
 }
 # Arguments of model.generate that select another decoding method.
 OTHER_METHODS = ("prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
