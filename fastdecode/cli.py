@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from fastdecode.ops import _rules
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FAILURE, USAGE_ERROR, INTERRUPTED = 1, 2, 130
 
@@ -86,31 +88,35 @@ class _Number:
     default: Optional[float]
     metavar: str
     help: str
-    valid: Callable[[Any], bool]
-    allowed: str
+    rule: Optional[str] = None  # the name of its range in fastdecode.ops._rules
+    valid: Optional[Callable[[Any], bool]] = None  # checked first: the command line's own range
+    allowed: str = ""  # ``valid`` in words
     scope: str = "common"  # "common" (every command) or "bench"
     sampling_only: bool = False  # ignored (and not checked) with --greedy
 
 
-# Every numeric option of the command line and its range check, in this one table.
+# Every numeric option of the command line and its range: sampling parameters follow the shared
+# rule table of the ops (`rule`); `valid` / `allowed` add what only the command line asks.
 _NUMBERS = {
-    "max-new-tokens": _Number(int, 64, "N", "tokens to generate", lambda v: v >= 1, ">= 1"),
-    "temperature": _Number(float, 0.8, "T", "sampling temperature, > 0",
-                           lambda v: math.isfinite(v) and v > 0,
-                           "a finite number > 0 (or use --greedy)", sampling_only=True),
-    "top-k": _Number(int, 50, "K", "keep the K most likely tokens, 0 = all", lambda v: v >= 0,
-                     ">= 0 (0 keeps every token)", sampling_only=True),
-    "top-p": _Number(float, 0.95, "P", "nucleus mass in (0, 1], 1 = off", lambda v: 0 < v <= 1,
-                     "in (0, 1]", sampling_only=True),
+    "max-new-tokens": _Number(int, 64, "N", "tokens to generate", rule="max_new_tokens"),
+    "temperature": _Number(float, 0.8, "T", "sampling temperature, > 0", rule="temperature",
+                           valid=lambda v: math.isfinite(v) and v > 0,
+                           allowed="a finite number > 0 (or use --greedy)",
+                           sampling_only=True),
+    "top-k": _Number(int, 50, "K", "keep the K most likely tokens, 0 = all", rule="top_k",
+                     valid=lambda v: v >= 0, allowed=">= 0 (0 keeps every token)",
+                     sampling_only=True),
+    "top-p": _Number(float, 0.95, "P", "nucleus mass in (0, 1], 1 = off", rule="top_p",
+                     sampling_only=True),
     "min-p": _Number(float, 0.0, "P", "relative probability floor in [0, 1], 0 = off",
-                     lambda v: 0 <= v <= 1, "in [0, 1]", sampling_only=True),
-    "repetition-penalty": _Number(float, 1.0, "R", "> 0, 1 = off",
-                                  lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+                     rule="min_p", sampling_only=True),
+    "repetition-penalty": _Number(float, 1.0, "R", "> 0, 1 = off", rule="repetition_penalty"),
     "seed": _Number(int, None, "S", "random seed in [0, 2**63), None = a different draw each run",
-                    lambda v: v is None or 0 <= v < 2**63, "in [0, 2**63)"),
-    "prompt-len": _Number(int, 32, "N", "random prompt tokens per row", lambda v: v >= 1, ">= 1",
+                    rule="seed"),
+    "prompt-len": _Number(int, 32, "N", "random prompt tokens per row", valid=lambda v: v >= 1,
+                          allowed=">= 1", scope="bench"),
+    "batch-size": _Number(int, 1, "B", "rows per call", valid=lambda v: v >= 1, allowed=">= 1",
                           scope="bench"),
-    "batch-size": _Number(int, 1, "B", "rows per call", lambda v: v >= 1, ">= 1", scope="bench"),
 }
 
 
@@ -128,8 +134,15 @@ def _check(args: argparse.Namespace) -> None:
         if not hasattr(args, name) or (args.greedy and number.sampling_only):
             continue
         value = getattr(args, name)
-        if not number.valid(value):
-            raise UsageError(f"--{flag} must be {number.allowed}, got {value}")
+        if value is None:  # an optional number left unset (--seed)
+            continue
+        if number.valid is not None and not number.valid(value):
+            raise UsageError(f"--{flag} must be {number.allowed}; got {value}")
+        if number.rule is not None:
+            try:
+                _rules.check(number.rule, value, label=f"--{flag}")
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
     if getattr(args, "prompt", None) is not None and not args.prompt.strip():
         raise UsageError("--prompt must not be empty")
     if args.device == "cuda" and not torch.cuda.is_available():
