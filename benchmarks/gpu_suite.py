@@ -45,8 +45,12 @@ from common import markdown_table  # noqa: E402
 REPLAYS = 20  # calls per graph / per timed stream of launches
 
 
-def device_time_ms(fn: Callable[[], object]) -> tuple[float, str]:
-    """(median ms per call, "graph" | "stream") of fn() on the current CUDA stream."""
+def device_time_ms(fn: Callable[[], object],
+                   rebuild: Callable[[], Callable[[], object]] | None = None) -> tuple[float, str]:
+    """(median ms per call, "graph" | "stream") of fn() on the current CUDA stream.
+
+    A failed graph capture can leave state fn uses unusable (a CUDA generator stays in capture
+    mode); ``rebuild``, if given, makes a fresh fn for the stream timing then."""
     for _ in range(3):  # warm-up: compiles, autotuning, allocator
         fn()
     torch.cuda.synchronize()
@@ -60,6 +64,10 @@ def device_time_ms(fn: Callable[[], object]) -> tuple[float, str]:
         run, how = graph.replay, "graph"
     except Exception:  # not capturable (a host sync inside): time the launches instead
         torch.cuda.synchronize()
+        if rebuild is not None:
+            fn = rebuild()
+            run = lambda: [fn() for _ in range(REPLAYS)]  # noqa: E731
+            fn()
     samples = []
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -169,15 +177,23 @@ def sampling_rows(batch: int, vocab: int) -> list[dict]:
     seeds = torch.arange(batch, device="cuda")
     params = dict(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1,
                   seen_tokens=seen, seeds=seeds, offsets=seeds)
-    methods = {"torch (sort)": lambda: ops.sample(logits, backend="torch", **params)}
+
+    def sampler(backend: str) -> Callable[[], Callable[[], torch.Tensor]]:
+        """A maker of sample calls, each maker call with its own generator (a failed capture
+        cannot break the next method's, or the stream timing's, random state)."""
+        def make():
+            own = torch.Generator(device="cuda")
+            return lambda: ops.sample(logits, backend=backend, generator=own, **params)
+        return make
+
+    makers = {"torch (sort)": sampler("torch")}
     for name in ("cuda", "triton"):
         if ops.is_available(name):
-            methods[f"fastdecode {name}"] = (
-                lambda b: lambda: ops.sample(logits, backend=b, **params))(name)
-    methods["read logits once"] = lambda: logits.amax()
+            makers[f"fastdecode {name}"] = sampler(name)
+    makers["read logits once"] = lambda: lambda: logits.amax()
     rows = []
-    for name, fn in methods.items():
-        ms, how = device_time_ms(fn)
+    for name, make in makers.items():
+        ms, how = device_time_ms(make(), rebuild=make)
         rows.append({"batch": batch, "vocab": vocab, "method": name, "us": round(ms * 1e3, 1),
                      "timing": how})
     base = rows[0]["us"]

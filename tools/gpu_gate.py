@@ -10,7 +10,9 @@ ran and all of them passed.
 
     python tools/gpu_gate.py --out DIR [--shards N] [--deadline SECONDS]
 
-Writes DIR/gate_summary.txt, DIR/gate_shard_<i>.log and DIR/gpu_validation.json (the previous
+Writes DIR/gate_summary.txt, DIR/gate_failures.txt (each failure's message; the first failure
+of each shard in full, since a sticky CUDA error fails the rest of its shard; the tail of the log
+of a shard that did not finish), DIR/gate_shard_<i>.log and DIR/gpu_validation.json (the previous
 record of other device families kept), and exits 0 when every op of both backends validated.
 """
 
@@ -78,8 +80,10 @@ def collect() -> list[str]:
     return ids
 
 
-def run_shards(ids: list[str], shards: int, deadline: float, out: Path) -> dict[str, str]:
-    """Test id -> "passed" | "failed" | "skipped: reason" | "not run", over parallel shards."""
+def run_shards(ids: list[str], shards: int, deadline: float,
+               out: Path) -> tuple[dict[str, str], list[str]]:
+    """(test id -> "passed" | "failed" | "skipped: reason" | "not run", failure report lines),
+    over parallel shards."""
     procs = []
     for i in range(shards):
         part = ids[i::shards]
@@ -92,6 +96,7 @@ def run_shards(ids: list[str], shards: int, deadline: float, out: Path) -> dict[
         procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
                       junit, part, log))
     outcomes = {test_id: "not run" for test_id in ids}
+    report = []
     for proc, junit, part, log in procs:
         try:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -99,27 +104,40 @@ def run_shards(ids: list[str], shards: int, deadline: float, out: Path) -> dict[
             proc.kill()
             proc.wait()
         log.close()
-        outcomes.update(read_junit(junit))
-    return outcomes
+        shard, failures = read_junit(junit)
+        outcomes.update(shard)
+        report.append(f"=== {junit.stem}: {len(shard)} of {len(part)} reported, "
+                      f"{len(failures)} failed, exit {proc.returncode}")
+        for n, (test_id, text) in enumerate(failures):
+            lines = text.splitlines()
+            report += [f"--- {test_id}"] + (lines[-60:] if n == 0 else
+                                            [line for line in lines if line.startswith("E ")][:3])
+        if len(shard) < len(part):
+            tail = Path(log.name).read_text(errors="replace").splitlines()[-30:]
+            report += [f"--- {junit.stem} did not finish; its log ends:"] + tail
+    return outcomes, report
 
 
-def read_junit(path: Path) -> dict[str, str]:
-    out = {}
+def read_junit(path: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """(test id -> outcome, [(failed test id, its failure text)]) of one shard's junit file."""
+    out, failures = {}, []
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
-        return out
+        return out, failures
     for case in root.iter("testcase"):
         module = case.get("classname", "").replace(".", "/")
         test_id = f"{module}.py::{case.get('name')}"
         children = {child.tag: child for child in case}
-        if "failure" in children or "error" in children:
+        bad = children.get("failure", children.get("error"))
+        if bad is not None:
             out[test_id] = "failed"
+            failures.append((test_id, bad.text or bad.get("message", "")))
         elif "skipped" in children:
             out[test_id] = "skipped: " + children["skipped"].get("message", "")
         else:
             out[test_id] = "passed"
-    return out
+    return out, failures
 
 
 def verdicts(outcomes: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -174,7 +192,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.deadline
     ids = collect()
-    outcomes = run_shards(ids, args.shards, deadline, args.out)
+    outcomes, report = run_shards(ids, args.shards, deadline, args.out)
+    (args.out / "gate_failures.txt").write_text("\n".join(report) + "\n")
     result = verdicts(outcomes)
     lines = [f"{len(ids)} tests in {args.shards} shards"]
     lines += [f"{k}: {sum(o.startswith(k) for o in outcomes.values())}"
