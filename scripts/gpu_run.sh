@@ -16,6 +16,7 @@
 # other log (build, steps, shards, per-test outcomes) is packed into logs.tgz.
 #
 #   bash scripts/gpu_run.sh                # on the GPU machine
+#   GPU_RUN_STEPS="info build gate" bash scripts/gpu_run.sh   # only these steps (in plan order)
 #   GPU_RUN_DRY=1 bash scripts/gpu_run.sh  # anywhere: print the steps, their limits, the total
 set -uo pipefail
 
@@ -28,12 +29,19 @@ DRY=${GPU_RUN_DRY:-0}
 
 # name, limit (s), command: the plan, in order.
 STEPS=(
-  "info|5|step_info"
+  "info|20|step_info"
   "build|140|step_build"
   "gate|150|$PY tools/gpu_gate.py --out $OUT_DIR --deadline 140"
   "bench_attention|45|$PY benchmarks/gpu_suite.py attention --out $OUT_DIR --budget 40"
   "bench_sampling|45|$PY benchmarks/gpu_suite.py sampling --out $OUT_DIR --budget 40"
 )
+if [[ -n ${GPU_RUN_STEPS:-} ]]; then
+  chosen=()
+  for step in "${STEPS[@]}"; do
+    [[ " $GPU_RUN_STEPS " == *" ${step%%|*} "* ]] && chosen+=("$step")
+  done
+  STEPS=("${chosen[@]}")
+fi
 
 total=0
 for step in "${STEPS[@]}"; do

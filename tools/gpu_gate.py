@@ -80,41 +80,65 @@ def collect() -> list[str]:
     return ids
 
 
+def start_shard(name: str, part: list[str], out: Path):
+    """(process, junit path, log file) of one pytest process over ``part``."""
+    junit = out / f"{name}.xml"
+    log = (out / f"{name}.log").open("w")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
+           f"--junitxml={junit}", *part]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), junit, log
+
+
+def crashed_test(log_text: str, part: list[str]) -> str | None:
+    """The test of ``part`` a crashed pytest process was in: the innermost test function of the
+    faulthandler's stack ("File ".../tests/x.py", line N in test_name"), matched to the first
+    not yet reported id of that function."""
+    frames = re.findall(r'File ".*?(tests/\w+\.py)", line \d+ in (test_\w+)', log_text)
+    if not frames:
+        return None
+    path, func = frames[0]
+    return next((t for t in part if t.startswith(f"{path}::{func}[") or t == f"{path}::{func}"),
+                None)
+
+
 def run_shards(ids: list[str], shards: int, deadline: float,
                out: Path) -> tuple[dict[str, str], list[str]]:
-    """(test id -> "passed" | "failed" | "skipped: reason" | "not run", failure report lines),
-    over parallel shards."""
-    procs = []
-    for i in range(shards):
-        part = ids[i::shards]
-        if not part:
-            continue
-        junit = out / f"gate_shard_{i}.xml"
-        log = (out / f"gate_shard_{i}.log").open("w")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-               f"--junitxml={junit}", *part]
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
-                      junit, part, log))
+    """(test id -> "passed" | "failed" | "skipped: reason" | "crashed" | "not run", failure
+    report lines), over parallel shards. A shard whose process crashes (a segfault loses its
+    junit file) is run again without the test it crashed in, while the deadline allows."""
+    pending = [(f"gate_shard_{i}", ids[i::shards]) for i in range(shards) if ids[i::shards]]
     outcomes = {test_id: "not run" for test_id in ids}
     report = []
-    for proc, junit, part, log in procs:
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shard, failures = read_junit(junit)
-        outcomes.update(shard)
-        report.append(f"=== {junit.stem}: {len(shard)} of {len(part)} reported, "
-                      f"{len(failures)} failed, exit {proc.returncode}")
-        for n, (test_id, text) in enumerate(failures):
+    while pending:
+        procs = [(name, part, *start_shard(name, part, out)) for name, part in pending]
+        pending = []
+        for name, part, proc, junit, log in procs:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+            shard, failures = read_junit(junit)
+            outcomes.update(shard)
+            report.append(f"=== {name}: {len(shard)} of {len(part)} reported, "
+                          f"{len(failures)} failed, exit {proc.returncode}")
+            for n, (test_id, text) in enumerate(failures):
+                lines = text.splitlines()
+                report += [f"--- {test_id}"] + (
+                    lines[-60:] if n == 0 else [ln for ln in lines if ln.startswith("E ")][:3])
+            if len(shard) == len(part):
+                continue
+            text = Path(log.name).read_text(errors="replace")
+            crash = crashed_test(text, part) if proc.returncode not in (0, 1) else None
             lines = text.splitlines()
-            report += [f"--- {test_id}"] + (lines[-60:] if n == 0 else
-                                            [line for line in lines if line.startswith("E ")][:3])
-        if len(shard) < len(part):
-            tail = Path(log.name).read_text(errors="replace").splitlines()[-30:]
-            report += [f"--- {junit.stem} did not finish; its log ends:"] + tail
+            fatal = next((i for i, ln in enumerate(lines) if "Fatal Python error" in ln), None)
+            report += [f"--- {name} did not finish (crashed in {crash}); its log:"]
+            report += lines[fatal:fatal + 12] if fatal is not None else lines[-30:]
+            if crash is not None and time.monotonic() < deadline - 10:
+                outcomes[crash] = "crashed"
+                rest = [t for t in part if t != crash]
+                pending.append((f"{name}r", rest))
     return outcomes, report
 
 
@@ -197,7 +221,7 @@ def main() -> int:
     result = verdicts(outcomes)
     lines = [f"{len(ids)} tests in {args.shards} shards"]
     lines += [f"{k}: {sum(o.startswith(k) for o in outcomes.values())}"
-              for k in ("passed", "failed", "skipped", "not run")]
+              for k in ("passed", "failed", "crashed", "skipped", "not run")]
     lines += [f"{b} {op}: {v}" for b, ops in result.items() for op, v in sorted(ops.items())]
     ok = all(v == "passed" for ops in result.values() for v in ops.values())
     lines.append("gate: " + ("VALIDATED (both GPU backends)" if ok else "NOT validated"))
