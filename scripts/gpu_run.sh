@@ -29,7 +29,7 @@ DRY=${GPU_RUN_DRY:-0}
 
 # name, limit (s), command: the plan, in order.
 STEPS=(
-  "info|20|step_info"
+  "info|10|step_info"
   "build|140|step_build"
   "gate|150|$PY tools/gpu_gate.py --out $OUT_DIR --deadline 140"
   "bench_attention|45|$PY benchmarks/gpu_suite.py attention --out $OUT_DIR --budget 40"

@@ -49,6 +49,11 @@ OPS_BY_TEST = [
     (r"test_sampling::test_process_logits", {"process_logits"}),
     (r"test_sampling::test_repetition_penalty", {"apply_repetition_penalty"}),
     (r"test_sampling(_stats)?::", {"sample", "process_logits"}),
+    (r"test_cuda_specific::test_(split_kv|batch_invariance|unaligned|unsupported_head_dim|"
+     r"packed_form|decode_guards)", {"paged_attention"}),
+    (r"test_cuda_specific::test_large_cache", {"append_kv", "paged_attention"}),
+    (r"test_cuda_specific::test_sample", {"sample"}),
+    (r"test_cuda_specific::test_append_kv", {"append_kv"}),
 ]
 
 
@@ -97,8 +102,7 @@ def crashed_test(log_text: str, part: list[str]) -> str | None:
     if not frames:
         return None
     path, func = frames[0]
-    return next((t for t in part if t.startswith(f"{path}::{func}[") or t == f"{path}::{func}"),
-                None)
+    return next((t for t in part if path in t and t.split("::")[-1].split("[")[0] == func), None)
 
 
 def run_shards(ids: list[str], shards: int, deadline: float,
@@ -119,7 +123,7 @@ def run_shards(ids: list[str], shards: int, deadline: float,
                 proc.kill()
                 proc.wait()
             log.close()
-            shard, failures = read_junit(junit)
+            shard, failures = read_junit(junit, part)
             outcomes.update(shard)
             report.append(f"=== {name}: {len(shard)} of {len(part)} reported, "
                           f"{len(failures)} failed, exit {proc.returncode}")
@@ -142,16 +146,17 @@ def run_shards(ids: list[str], shards: int, deadline: float,
     return outcomes, report
 
 
-def read_junit(path: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """(test id -> outcome, [(failed test id, its failure text)]) of one shard's junit file."""
+def read_junit(path: Path, part: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """(test id of ``part`` -> outcome, [(failed test id, its failure text)]) of one shard's
+    junit file."""
     out, failures = {}, []
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
         return out, failures
     for case in root.iter("testcase"):
-        module = case.get("classname", "").replace(".", "/")
-        test_id = f"{module}.py::{case.get('name')}"
+        tail = f"{case.get('classname', '').split('.')[-1]}.py::{case.get('name')}"
+        test_id = next((t for t in part if t.endswith(tail)), tail)
         children = {child.tag: child for child in case}
         bad = children.get("failure", children.get("error"))
         if bad is not None:
