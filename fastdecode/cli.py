@@ -1,4 +1,4 @@
-"""Command line: ``fastdecode generate | chat | bench``.
+"""Command line: ``fastdecode generate | chat | bench | serve``.
 
 Options follow ``model.generate``: ``--model PATH`` (a local checkpoint directory; without it the
 built-in default model), ``--prompt``, ``--max-new-tokens``, ``--temperature``, ``--top-k``,
@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="tokens/s of fastdecode.generate vs model.generate")
     bench.add_argument("--prompt-len", type=int, default=32)
     bench.add_argument("--batch-size", type=int, default=1)
+    from fastdecode.serving.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -161,6 +164,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from fastdecode.serving.cli import run
+
+        return run(args, load)
     _check(args)
     if args.seed is not None:
         torch.manual_seed(args.seed)

@@ -110,15 +110,13 @@ def test_full_queue_refuses_at_once(engine):
     assert limit == 4 + 2
 
     async def main():
-        gens = [engine.generate(p, params) for p in prompts_of([5] * (limit + 1))]
-        firsts = [asyncio.ensure_future(g.__anext__()) for g in gens[:limit]]
-        while engine.stats["in_flight"] < limit:  # the generators start on their first next
-            await asyncio.sleep(0.01)
+        gens = [engine.generate(p, params) for p in prompts_of([5] * limit)]
+        assert engine.stats["in_flight"] == limit
         with pytest.raises(QueueFullError, match="too many requests in flight"):
-            await gens[limit].__anext__()
-        for f in firsts:
-            f.cancel()
-        await asyncio.gather(*firsts, return_exceptions=True)
+            engine.generate([5, 6], params)
+        for g in gens:
+            await anext(g)  # started, then closed: aborted
+            await g.aclose()
 
     asyncio.run(main())
     wait_until(lambda: all_blocks_free(engine))

@@ -48,7 +48,8 @@ class _Stream:
 class AsyncEngine:
     """Serve an :class:`~fastdecode.Engine` to asyncio code.
 
-    ``AsyncEngine(model, **engine_kwargs)`` builds the Engine (or pass one: ``AsyncEngine(engine)``).
+    ``AsyncEngine(model, **engine_kwargs)`` builds the Engine (or pass one:
+    ``AsyncEngine(engine)``). ``generate`` queues a request at once (refusals raise there) and
     ``async for out in engine.generate(prompt_ids, params)`` yields the request's
     :class:`~fastdecode.RequestOutput` each step it gets tokens, the last one with
     ``finished=True``. When the consumer goes away (the generator is closed or cancelled, e.g. a
@@ -88,18 +89,22 @@ class AsyncEngine:
         self._thread.start()
 
     # ------------------------------------------------------------------ consumers
-    async def generate(self, prompt_ids, params: Optional[SamplingParams] = None,
-                       request_id: Optional[str] = None, *,
-                       timeout: Optional[float] = None) -> AsyncIterator[RequestOutput]:
-        """Queue a request and yield its outputs as they come, until it finishes.
+    def generate(self, prompt_ids, params: Optional[SamplingParams] = None,
+                 request_id: Optional[str] = None, *,
+                 timeout: Optional[float] = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request now; iterate the result (``async for``) for its outputs as they come,
+        until it finishes. Call it from a coroutine (it binds to the running event loop).
 
         Raises at once ValueError / TypeError for a bad request (as ``Engine.add_request``),
-        :class:`QueueFullError` when full, RuntimeError once closed; later
+        :class:`QueueFullError` when full, RuntimeError once closed; while iterating,
         :class:`RequestTimeoutError` or :class:`EngineStepError`.
         """
         stream = _Stream(asyncio.get_running_loop())
         rid = self._add(prompt_ids, params, request_id, stream)
-        timeout = self.request_timeout if timeout is None else timeout
+        return self._outputs(rid, stream, self.request_timeout if timeout is None else timeout)
+
+    async def _outputs(self, rid: str, stream: _Stream,
+                       timeout: Optional[float]) -> AsyncIterator[RequestOutput]:
         deadline = None if timeout is None else stream.loop.time() + timeout
         finished = False
         try:
@@ -168,6 +173,10 @@ class AsyncEngine:
                 stream = self._streams.get(rid)
                 if stream is None:
                     continue  # its consumer left; the engine already freed it
+                if not isinstance(payload, RequestOutput) or payload.finished:
+                    # Its last item: the request leaves the in-flight count even if its
+                    # consumer never iterates (that one still reads its queue).
+                    del self._streams[rid]
                 try:
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, payload)
                 except RuntimeError:  # the consumer's event loop is closed
