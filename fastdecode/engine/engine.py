@@ -58,6 +58,9 @@ class Engine:
     it; the others go on.
     """
 
+    # What runs each step; a subclass may run it elsewhere too (tensor parallelism broadcasts it).
+    runner_class: type[ModelRunner] = ModelRunner
+
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  max_num_seqs: int = 256, max_batch_tokens: int = 2048,
                  kv_dtype: Optional[torch.dtype] = None, device=None,
@@ -65,8 +68,9 @@ class Engine:
         if block_size < 1 or (num_blocks is not None and num_blocks < 1):
             raise ValueError(f"block_size and num_blocks must be >= 1, got {block_size}, "
                              f"{num_blocks}")
-        self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_blocks,
-                                  max_num_seqs=max_num_seqs, kv_dtype=kv_dtype, device=device)
+        self.runner = self.runner_class(model, block_size=block_size, num_blocks=num_blocks,
+                                        max_num_seqs=max_num_seqs, kv_dtype=kv_dtype,
+                                        device=device)
         cfg = model.config.get_text_config()
         self.vocab_size: int = cfg.vocab_size
         self.max_model_len: Optional[int] = getattr(cfg, "max_position_embeddings", None)
