@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from typing import Iterator
 
 import uvicorn
 
+from fastdecode.serving.tp import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "running", "wait_until"]
 
 
 @contextlib.contextmanager

@@ -82,7 +82,8 @@ def run_worker(model) -> None:
             logger.exception("tensor-parallel worker: a step failed")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for the process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -102,7 +103,7 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple) -> N
 def launch(fn: Callable, world: int, *args) -> None:
     """Run ``fn(rank, *args)`` in ``world`` local processes joined in one process group (gloo
     on CPU, NCCL with GPUs); returns when all are done, raises if one failed."""
-    mp.start_processes(_rank_main, args=(world, _free_port(), fn, args), nprocs=world,
+    mp.start_processes(_rank_main, args=(world, free_port(), fn, args), nprocs=world,
                        start_method="spawn")
 
 
