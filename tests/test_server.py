@@ -3,6 +3,12 @@ chat, streaming, stop strings, seeds, bad fields, API key, a full queue, client 
 
 from __future__ import annotations
 
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
 import openai
 import pytest
 import requests
@@ -12,7 +18,7 @@ from fastdecode import AsyncEngine, Engine, SamplingParams
 from fastdecode.hf.default_model import default_model_and_tokenizer
 from fastdecode.serving.server import build_app
 from fastdecode.serving.text import chat_prompt_ids
-from serving_helpers import running, wait_until
+from serving_helpers import free_port, running, wait_until
 
 PROMPT = "Return the"
 NAME = "tiny"
@@ -149,6 +155,8 @@ def test_seeded_sampling_is_reproducible(client):
     (dict(extra_body={"top_k": 1.5}), "top_k", "top_k must be an integer"),
     (dict(extra_body={"min_tokens": 9, "max_tokens": 3}), "min_tokens", "max_tokens=3"),
     (dict(extra_body={"tempreature": 0.5}), "tempreature", "Extra inputs"),
+    (dict(extra_body={"stop_token_ids": [-1]}), "stop_token_ids", "stop_token_ids must be"),
+    (dict(extra_body={"stop_token_ids": [10 ** 6]}), None, "vocabulary"),
 ])
 def test_bad_fields_get_openai_style_400(client, served, kwargs, param, match):
     with pytest.raises(openai.BadRequestError, match=match) as info:
@@ -205,3 +213,41 @@ def test_full_queue_gets_429(client, served):
         for s in streams:
             s.close()
     wait_until(lambda: idle(eng))
+
+
+def test_serve_command_starts_a_server_and_stops_on_ctrl_c():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fastdecode.cli", "serve", "--port",
+                             str(port), "--num-blocks", "64", "--max-num-seqs", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def healthy() -> bool:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                return requests.get(url + "/health", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(healthy, timeout=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["fastdecode-default"]
+        assert client.completions.create(model="x", prompt=PROMPT, max_tokens=4).choices[0].text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1"),
+    (["--request-timeout", "-1"], "--request-timeout must be > 0"),
+    (["--replicas", "2", "--tensor-parallel-size", "2"], "cannot be combined"),
+])
+def test_serve_command_refuses_bad_options(argv, message):
+    from fastdecode.cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["serve", *argv])

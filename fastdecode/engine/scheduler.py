@@ -7,8 +7,9 @@ full blocks are in the block manager's prefix cache starts after them (at least 
 always computed, to draw the first new token from). When a running request needs a block and
 none is free, the newest running request is preempted: its blocks are freed and it goes back to
 the front of the waiting queue, to be recomputed (prompt + generated tokens, from the prefix
-cache where its blocks are still there) once blocks are free again. ``postprocess`` applies a step's results: every change to a
-request's state after scheduling happens there. No torch here.
+cache where its blocks are still there) once blocks are free again. ``postprocess`` applies a
+step's results: every change to a request's state after scheduling happens there. No torch
+here.
 """
 
 from __future__ import annotations

@@ -108,14 +108,16 @@ class _Sampling(BaseModel):
                     kwargs[rule] = _rules.check(rule, value, label=field)
                 except ValueError as exc:
                     raise RequestError(str(exc), param=field) from None
+        low, high = kwargs.get("min_new_tokens", 0), kwargs.get("max_new_tokens", 16)
+        if low > high:
+            raise RequestError(f"min_tokens must be at most max_tokens={high}; got {low}",
+                               param="min_tokens")
         try:
             return SamplingParams(**kwargs, ignore_eos=self.ignore_eos,
                                   stop_token_ids=self.stop_token_ids)
-        except ValueError as exc:  # min_tokens > max_tokens, negative stop ids
-            message = str(exc).replace("SamplingParams.min_new_tokens", "min_tokens")
-            raise RequestError(message.replace("max_new_tokens", "max_tokens"),
-                               param="min_tokens" if "min_new" in str(exc) else
-                               "stop_token_ids") from None
+        except ValueError as exc:  # what is left to refuse: negative stop ids
+            raise RequestError(str(exc).replace("SamplingParams.", ""),
+                               param="stop_token_ids") from None
 
 
 class CompletionRequest(_Sampling):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Union
 
@@ -63,7 +64,7 @@ class OpenAIServer:
         text = IncrementalDetokenizer(self.tokenizer, prompt_ids)
         stop = StopStrings(stops)
         last = None
-        async with _closing(outputs):  # leaving early (a stop string, a disconnect) aborts
+        async with aclosing(outputs):  # leaving early (a stop string, a disconnect) aborts
             async for out in outputs:
                 now = time.perf_counter()
                 if out.new_ids:
@@ -84,19 +85,6 @@ class OpenAIServer:
                     return
                 if delta:
                     yield Chunk(delta, None, len(out.output_ids))
-
-
-class _closing:
-    """``contextlib.aclosing`` that tolerates a generator already closed."""
-
-    def __init__(self, gen) -> None:
-        self.gen = gen
-
-    async def __aenter__(self):
-        return self.gen
-
-    async def __aexit__(self, *exc) -> None:
-        await self.gen.aclose()
 
 
 def _error(exc: Exception) -> RequestError:
@@ -180,8 +168,8 @@ async def _respond(server: OpenAIServer, body, prompt_ids: list[int],
         chunks = server.start(prompt_ids, body, default_max_tokens)
     except Exception as exc:
         return _json_error(exc)
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": server.model_name}
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()), "model": server.model_name}
     usage = {"prompt_tokens": len(prompt_ids)}
     if body.stream:
         return StreamingResponse(_stream(chunks, head, usage, chat, body.include_usage()),
@@ -217,7 +205,7 @@ async def _stream(chunks: AsyncIterator[Chunk], head: dict, usage: dict, chat: b
             choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
         return _sse({**head, "object": obj, "choices": [choice]})
 
-    async with _closing(chunks):
+    async with aclosing(chunks):
         if chat:
             yield event(None, None, first=True)
         try:
