@@ -8,21 +8,12 @@ import contextlib
 import time
 
 import pytest
-import torch
 
 from fastdecode import AsyncEngine, Engine, SamplingParams
 from fastdecode.serving import EngineStepError, QueueFullError, RequestTimeoutError
-from test_engine import prompts_of, tiny_llama
+from test_engine import prompts_of, single_thread, tiny_llama  # noqa: F401 (autouse)
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -4,22 +4,13 @@ same greedy tokens with and without it; every block accounted for after preempti
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fastdecode import Engine, SamplingParams
 from fastdecode.engine.block_manager import BlockManager
-from fastdecode.engine.params import SamplingParams as Params
 from fastdecode.engine.scheduler import Scheduler
 from fastdecode.engine.sequence import Sequence
-from test_engine import VOCAB, assert_same_greedy, prompts_of, tiny_llama
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_engine import (VOCAB, assert_same_greedy, prompts_of,  # noqa: F401 (autouse)
+                         single_thread, tiny_llama)
 
 
 def assert_accounted(bm: BlockManager, tables: list[list[int]]) -> None:
@@ -91,7 +82,7 @@ def test_caching_off_registers_nothing():
 
 
 def sequence(rid: str, tokens: list[int], arrival: int) -> Sequence:
-    return Sequence(rid, tokens, Params(max_new_tokens=2), arrival, frozenset())
+    return Sequence(rid, tokens, SamplingParams(max_new_tokens=2), arrival, frozenset())
 
 
 @pytest.mark.parametrize("suffix", [0, 1, 3])
