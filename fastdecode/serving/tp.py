@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
 from datetime import timedelta
 from typing import Any, Callable
@@ -39,6 +40,7 @@ from fastdecode.engine.model_runner import ModelRunner, StepInputs
 
 logger = logging.getLogger("fastdecode.serving")
 _TIMEOUT = timedelta(minutes=30)  # a worker may wait this long for rank 0's next step
+_GRACE_S = 30.0  # after Ctrl-C, how long the ranks get to exit before they are terminated
 
 
 def _broadcast(obj: Any = None) -> Any:
@@ -90,6 +92,8 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
+    if rank != 0:  # Ctrl-C reaches every process of the terminal; rank 0 stops the others
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -103,8 +107,17 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple) -> N
 def launch(fn: Callable, world: int, *args) -> None:
     """Run ``fn(rank, *args)`` in ``world`` local processes joined in one process group (gloo
     on CPU, NCCL with GPUs); returns when all are done, raises if one failed."""
-    mp.start_processes(_rank_main, args=(world, free_port(), fn, args), nprocs=world,
-                       start_method="spawn")
+    ranks = mp.start_processes(_rank_main, args=(world, free_port(), fn, args), nprocs=world,
+                               start_method="spawn", join=False)
+    try:
+        while not ranks.join():
+            pass
+    except KeyboardInterrupt:  # rank 0 winds down (and stops the others); then, or at worst
+        for proc in ranks.processes:  # after a grace period, every rank is gone
+            proc.join(timeout=_GRACE_S)
+            if proc.is_alive():
+                proc.terminate()
+        raise
 
 
 def _serve_rank(rank: int, args) -> None:
@@ -116,6 +129,9 @@ def _serve_rank(rank: int, args) -> None:
     if rank != 0:
         run_worker(model)
         return
+    if tokenizer is None:
+        raise SystemExit(f"fastdecode serve: error: --model {args.model}: no tokenizer in the "
+                         "checkpoint directory")
     import uvicorn
 
     from fastdecode.serving.async_engine import AsyncEngine
@@ -139,5 +155,8 @@ def serve_tensor_parallel(args) -> int:
     if args.model is None:
         raise SystemExit("fastdecode serve: error: --tensor-parallel-size needs --model PATH "
                          "(a checkpoint directory every rank loads its shard from)")
-    launch(_serve_rank, args.tensor_parallel_size, args)
+    try:
+        launch(_serve_rank, args.tensor_parallel_size, args)
+    except KeyboardInterrupt:
+        pass
     return 0
