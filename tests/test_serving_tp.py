@@ -43,22 +43,44 @@ def save_tiny(name: str, path) -> None:
     getattr(transformers, f"{name}ForCausalLM")(cfg).eval().save_pretrained(path)
 
 
-def _greedy_rank(rank: int, path: str, prompts, out: str) -> None:
+PROMPTS = prompts_of([3, 11, 17], seed=5)
+
+
+def _greedy_rank(rank: int, paths: dict[str, str], out: str) -> None:
+    """Every family in turn on the same 2 ranks (one launch: starting ranks is the slow part)."""
     torch.set_num_threads(1)
-    model, _ = load_sharded(path)
-    if rank != 0:
-        run_worker(model)
-        return
-    local = model.model.layers[0].self_attn.k_proj.weight.to_local().shape[0]
-    engine = TensorParallelEngine(model, block_size=4, num_blocks=128)
-    try:
-        outs = engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0))
-    finally:
-        engine.stop_workers()
-    kv_heads = engine.runner.paged.k_caches[0].shape[2]
-    with open(out, "w") as f:
-        json.dump({"tokens": [o.output_ids for o in outs], "cache_kv_heads": kv_heads,
-                   "k_proj_rows": local}, f)
+    results = {}
+    for family, path in paths.items():
+        model, _ = load_sharded(path)
+        if rank != 0:
+            run_worker(model)
+            continue
+        engine = TensorParallelEngine(model, block_size=4, num_blocks=128)
+        try:
+            outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW,
+                                                           temperature=0.0))
+        finally:
+            engine.stop_workers()
+        results[family] = {
+            "tokens": [o.output_ids for o in outs],
+            "cache_kv_heads": engine.runner.paged.k_caches[0].shape[2],
+            "k_proj_rows": model.model.layers[0].self_attn.k_proj.weight.to_local().shape[0]}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory) -> tuple[dict, dict]:
+    """``(paths, results)``: each family's checkpoint and its 2-rank greedy run."""
+    tmp = tmp_path_factory.mktemp("tp")
+    paths = {family: str(tmp / family) for family in families()}
+    for family, path in paths.items():
+        save_tiny(family, path)
+    out = str(tmp / "tp.json")
+    launch(_greedy_rank, 2, paths, out)
+    with open(out) as f:
+        return paths, json.load(f)
 
 
 def assert_same_or_near_tie(model, prompt, got, ref, tol=1e-4):
@@ -77,18 +99,13 @@ def test_families_are_found():
 
 
 @pytest.mark.parametrize("family", families())
-def test_two_gloo_ranks_give_the_greedy_tokens_of_one_process(family, tmp_path):
-    path = str(tmp_path / family)
-    save_tiny(family, path)
-    prompts = prompts_of([3, 11, 17], seed=5)
-    model = getattr(transformers, f"{family}ForCausalLM").from_pretrained(path).eval()
+def test_two_gloo_ranks_give_the_greedy_tokens_of_one_process(family, sharded_runs):
+    paths, results = sharded_runs
+    model = getattr(transformers, f"{family}ForCausalLM").from_pretrained(paths[family]).eval()
     ref = Engine(model, block_size=4, num_blocks=128).generate(
-        prompts, SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0))
-    out = str(tmp_path / "tp.json")
-    launch(_greedy_rank, 2, path, prompts, out)
-    with open(out) as f:
-        got = json.load(f)
-    for prompt, tokens, r in zip(prompts, got["tokens"], ref):
+        PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0))
+    got = results[family]
+    for prompt, tokens, r in zip(PROMPTS, got["tokens"], ref):
         assert_same_or_near_tie(model, prompt, tokens, r.output_ids)
     # each rank caches only its own key/value heads (2 of them split over 2 ranks)
     assert got["cache_kv_heads"] == 1 and got["k_proj_rows"] == 16
