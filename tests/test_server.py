@@ -102,10 +102,14 @@ def test_chat_uses_the_fallback_format_and_streams(client, model_and_tokenizer, 
                                        temperature=0)
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == text_of(tok, reference[1])
-    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=24,
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"},
+                                          {"type": "text", "text": "lo"}]}]
+    stream = client.chat.completions.create(model=NAME, messages=parts, max_tokens=24,
                                             temperature=0, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream)
     assert text == r.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=NAME, messages=[], max_tokens=2)
 
 
 def test_chat_template_of_the_tokenizer_is_used(model_and_tokenizer):

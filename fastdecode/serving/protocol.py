@@ -144,12 +144,27 @@ class CompletionRequest(_Sampling):
         return p
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
+    """A message; content is a string or a list of text parts (no images or audio)."""
+
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    content: Union[str, list[TextPart]]
     name: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content)
+        return {"role": self.role, "content": content,
+                **({"name": self.name} if self.name else {})}
 
 
 class ChatCompletionRequest(_Sampling):

@@ -155,7 +155,7 @@ def build_app(engine: AsyncEngine, tokenizer, *, model_name: str = "fastdecode",
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest):
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        messages = [m.as_dict() for m in body.messages]
         ids = chat_prompt_ids(tokenizer, messages)
         return await _respond(server, body, ids, None, chat=True)
 
