@@ -151,3 +151,14 @@ def test_closed_engine_refuses_requests():
 def test_invalid_options(kwargs):
     with pytest.raises(ValueError):
         AsyncEngine(tiny_llama(0), block_size=4, num_blocks=16, **kwargs)
+
+
+def test_a_request_never_iterated_still_leaves_the_in_flight_count(engine):
+    async def main():
+        engine.generate(prompts_of([4])[0], GREEDY)  # queued, its outputs never read
+        while engine.stats["in_flight"]:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    wait_until(lambda: all_blocks_free(engine))
+    assert engine.stats["requests"] == 1
