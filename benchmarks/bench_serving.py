@@ -122,7 +122,11 @@ def run_vllm(model, prompts, args, prefix_caching: bool = True) -> dict:
                               timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"vLLM failed: {done.stderr.strip()[-1500:]}")
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    mark = "vllm_baseline result: "
+    line = next((x for x in done.stdout.splitlines() if x.startswith(mark)), None)
+    if line is None:
+        raise RuntimeError(f"vLLM printed no result: {done.stderr.strip()[-1500:]}")
+    out = json.loads(line[len(mark):])
     res = summarize(out["t0"], out["t_end"], out["token_times"])
     res["vllm"] = out["version"]
     return res
@@ -297,9 +301,14 @@ def main() -> None:
                "vllm-nocache": lambda *a: run_vllm(*a, prefix_caching=False)}
     rounds: dict[str, list[dict]] = {name: [] for name in systems}
     for r in range(args.rounds):
-        for name in systems:
-            with torch.no_grad():
-                res = runners[name](model, prompts, args)
+        for name in [n for n in systems if n in rounds]:
+            try:
+                with torch.no_grad():
+                    res = runners[name](model, prompts, args)
+            except RuntimeError as exc:  # e.g. no vLLM here: the other systems go on
+                print(f"{LABELS[name]}: not measured: {exc}", flush=True)
+                del rounds[name]
+                continue
             print(f"round {r}, {LABELS[name]}: {json.dumps(res)}", flush=True)
             rounds[name].append(res)
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}

