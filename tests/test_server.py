@@ -255,3 +255,13 @@ def test_serve_command_refuses_bad_options(argv, message):
 
     with pytest.raises(SystemExit, match=message):
         main(["serve", *argv])
+
+
+def test_client_disconnect_aborts_a_non_streaming_request(served):
+    eng = served[0]
+    before = eng.stats["generated_tokens"]
+    body = {"prompt": PROMPT, "max_tokens": 900, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(requests.Timeout):  # the client gives up and closes its connection
+        requests.post(served[1] + "/v1/completions", json=body, timeout=0.5)
+    wait_until(lambda: idle(eng))
+    assert eng.stats["generated_tokens"] - before < 900

@@ -5,12 +5,13 @@ server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prom
 an API key, the ``/v1`` routes need ``Authorization: Bearer KEY``. Errors have OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request (unknown field, value
 out of range, prompt too long), 401 without the key, 429 when the queue is full, 408 past the
-request timeout, 500 when the engine fails. A streaming client that disconnects aborts its
-request (its blocks are freed at once).
+request timeout, 500 when the engine fails. A client that disconnects (streaming or not) has
+its request aborted and its blocks freed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -29,6 +30,7 @@ from fastdecode.serving.protocol import ChatCompletionRequest, CompletionRequest
 from fastdecode.serving.text import IncrementalDetokenizer, StopStrings, chat_prompt_ids
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat: the rest of the context
+_DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
 
 
 @dataclass
@@ -148,21 +150,21 @@ def build_app(engine: AsyncEngine, tokenizer, *, model_name: str = "fastdecode",
                                             "created": 0, "owned_by": "fastdecode"}]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompt = body.single_prompt()
         ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
-        return await _respond(server, body, ids, COMPLETION_MAX_TOKENS, chat=False)
+        return await _respond(server, request, body, ids, COMPLETION_MAX_TOKENS, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = [m.as_dict() for m in body.messages]
         ids = chat_prompt_ids(tokenizer, messages)
-        return await _respond(server, body, ids, None, chat=True)
+        return await _respond(server, request, body, ids, None, chat=True)
 
     return app
 
 
-async def _respond(server: OpenAIServer, body, prompt_ids: list[int],
+async def _respond(server: OpenAIServer, request: Request, body, prompt_ids: list[int],
                    default_max_tokens: Optional[int], *, chat: bool):
     try:
         chunks = server.start(prompt_ids, body, default_max_tokens)
@@ -174,10 +176,10 @@ async def _respond(server: OpenAIServer, body, prompt_ids: list[int],
     if body.stream:
         return StreamingResponse(_stream(chunks, head, usage, chat, body.include_usage()),
                                  media_type="text/event-stream")
-    text, last = [], None
     try:
-        async for last in chunks:
-            text.append(last.text)
+        text, last = await _collect(chunks, request)
+    except asyncio.CancelledError:  # the client left; the request was aborted
+        return Response(status_code=499)
     except Exception as exc:
         return _json_error(exc)
     usage.update(completion_tokens=last.completion_tokens,
@@ -188,6 +190,24 @@ async def _respond(server: OpenAIServer, body, prompt_ids: list[int],
     return {**head, "object": "chat.completion" if chat else "text_completion",
             "choices": [{"index": 0, **choice, "finish_reason": last.finish_reason}],
             "usage": usage}
+
+
+async def _collect(chunks: AsyncIterator[Chunk], request: Request) -> tuple[list[str], Chunk]:
+    """Every chunk's text and the last chunk; if the client disconnects meanwhile, the
+    collection is cancelled (which closes ``chunks``, aborting the request) and
+    CancelledError raised."""
+    async def consume() -> tuple[list[str], Chunk]:
+        text, last = [], None
+        async with aclosing(chunks):
+            async for last in chunks:
+                text.append(last.text)
+        return text, last
+
+    task = asyncio.ensure_future(consume())
+    while not (await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S))[0]:
+        if await request.is_disconnected():
+            task.cancel()
+    return await task
 
 
 async def _stream(chunks: AsyncIterator[Chunk], head: dict, usage: dict, chat: bool,
