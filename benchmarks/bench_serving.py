@@ -275,6 +275,8 @@ def main() -> None:
                     help=f"comma-separated subset of {', '.join(LABELS)}")
     ap.add_argument("--skip-baselines", action="store_true", help="same as --systems engine")
     ap.add_argument("--rounds", type=int, default=1, help="alternated rounds of all systems")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild the table, CSV and plot of this workload from serving_raw.json")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, default=2048)
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
@@ -299,6 +301,10 @@ def main() -> None:
     runners = {"engine": run_engine, "hf": run_hf, "ct2": run_ct2, "vllm": run_vllm,
                "engine-nocache": lambda *a: run_engine(*a, prefix_caching=False),
                "vllm-nocache": lambda *a: run_vllm(*a, prefix_caching=False)}
+    stem = "serving" if args.workload == "random" else "serving_shared_prefix"
+    if args.report_only:
+        report(json.loads(raw_path.read_text()), key, stem)
+        return
     rounds: dict[str, list[dict]] = {name: [] for name in systems}
     for r in range(args.rounds):
         for name in [n for n in systems if n in rounds]:
@@ -318,7 +324,7 @@ def main() -> None:
         res["env"] = environment()
         raw.setdefault(key, {})[name] = res
     raw_path.write_text(json.dumps(raw, indent=1) + "\n")
-    report(raw, key, "serving" if args.workload == "random" else "serving_shared_prefix")
+    report(raw, key, stem)
 
 
 if __name__ == "__main__":
