@@ -199,3 +199,81 @@ def test_vocab_sized_prompts_hash_without_overflow():
     hashes: list[bytes] = []
     bm.hash_blocks([VOCAB - 1, 2 ** 62, 0, 1], hashes)
     assert len(hashes) == 2 and len(set(hashes)) == 2
+
+
+def test_blocks_a_step_fills_are_shared_within_that_step_only():
+    bm = BlockManager(16, 4, enable_caching=True)
+    tokens = list(range(3, 14))  # two full blocks and a partial one
+    owner: list[int] = []
+    hashes: list[bytes] = []
+    bm.append_slots(owner, 0, len(tokens))
+    bm.hash_blocks(tokens, hashes)
+    bm.expect(owner, hashes, 0, len(tokens))
+    assert bm.lookup(hashes, 5) == owner[:2] and bm.num_cached_blocks == 0
+    bm.clear_expected()  # the next step: only what the results registered counts
+    assert bm.lookup(hashes, 5) == []
+    bm.expect(owner, hashes, 0, 4)  # a chunk that fills the first block only
+    assert bm.lookup(hashes, 5) == owner[:1]
+    bm.free(owner)  # its writer gave it up (preempted): nobody fills it
+    assert bm.lookup(hashes, 5) == [] and bm.num_free_blocks == 16
+
+
+@pytest.mark.parametrize("suffix", [0, 2])
+def test_a_burst_shares_the_prefix_its_first_request_computes(suffix):
+    bm = BlockManager(32, 4, enable_caching=True)
+    sched = Scheduler(bm, max_num_seqs=4, max_batch_tokens=64)
+    shared = list(range(3, 15))  # three full blocks
+    seqs = [sequence(f"r{i}", shared + [40 + i] * suffix, i) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    batch = sched.schedule()  # one step admits all three
+    hit_blocks = 3 if suffix else 2
+    assert batch.seqs == seqs
+    assert batch.num_new == [12 + suffix] + [12 + suffix - 4 * hit_blocks] * 2
+    assert all(s.block_table[:hit_blocks] == seqs[0].block_table[:hit_blocks] for s in seqs)
+    assert_accounted(bm, [s.block_table for s in seqs])
+
+
+def test_same_greedy_tokens_for_a_burst_with_and_without_prefix_caching():
+    prompts = shared_prefix_prompts(6, 23, seed=7)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    engines = {on: tiny_engine(num_blocks=96, enable_prefix_caching=on) for on in (True, False)}
+    outs, first_prefill = {}, {}
+    for on, engine in engines.items():
+        ids = [engine.add_request(p, params) for p in prompts]  # all before the first step
+        done = {}
+        while engine.has_unfinished():
+            done.update({o.request_id: o.output_ids for o in engine.step() if o.finished})
+            first_prefill.setdefault(on, engine.stats["prefill_tokens"])
+        outs[on] = [done[i] for i in ids]
+    for p, a, b in zip(prompts, outs[True], outs[False]):
+        assert_same_greedy(0, p, a, b)
+    # the 5 full blocks of the system prompt are computed once, in the first step
+    assert first_prefill[True] == first_prefill[False] - 5 * 4 * 5
+    assert_accounted(engines[True].blocks, [])
+
+
+def test_a_failed_step_does_not_leave_requests_on_unfilled_shared_blocks(monkeypatch):
+    prompts = shared_prefix_prompts(4, 17, seed=9)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    ref = tiny_engine(num_blocks=96, enable_prefix_caching=False).generate(prompts, params)
+    engine = tiny_engine(num_blocks=96)
+    run, calls = engine.runner.run, {"n": 0}
+
+    def fails_first(step):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected forward failure")
+        return run(step)
+
+    monkeypatch.setattr(engine.runner, "run", fails_first)
+    ids = [engine.add_request(p, params) for p in prompts]
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    engine.abort(ids[0])  # the request that was to fill the shared blocks leaves
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o.output_ids for o in engine.step() if o.finished})
+    for p, i, r in list(zip(prompts, ids, ref))[1:]:
+        assert_same_greedy(0, p, done[i], r.output_ids)
+    assert_accounted(engine.blocks, [])

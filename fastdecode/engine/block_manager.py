@@ -12,7 +12,13 @@ values computed is registered under a hash chain of the tokens up to its end (bl
 covers tokens ``[0, (i + 1) * block_size)``, so equal hashes mean equal prefixes). A new
 sequence whose first blocks hash the same takes those blocks by reference instead of computing
 them again. A registered block nobody holds stays cached; it is reused for another content only
-when no plain free block is left, least recently freed first. No torch here.
+when no plain free block is left, least recently freed first.
+
+Blocks that the step being scheduled will fill are *expected* (:meth:`expect`): a request
+admitted later in the same step may take them too, since a layer appends every new key and value
+of the step before any attention of that layer reads the cache. Expectations last until the next
+``clear_expected()`` (the next schedule), when the step's results have registered the blocks for
+good. No torch here.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class BlockManager:
         self._refs = [0] * num_blocks
         self._hash_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
+        self._expected: dict[bytes, int] = {}  # filled by the step being scheduled
+        self._expected_hash: dict[int, bytes] = {}
         self.num_queried_tokens = 0  # tokens of admitted sequences looked up in the cache
         self.num_hit_tokens = 0      # of those, tokens found cached
 
@@ -127,6 +135,9 @@ class BlockManager:
         """Drop the table's references. Blocks nobody else holds become free; cached ones stay
         cached until reused, the table's last blocks first (they are the least shared)."""
         for b in reversed(table):
+            # Only a block's writer frees it while a step is scheduled (a preempted request):
+            # it will not be filled.
+            self._forget_expected(b)
             self._refs[b] -= 1
             if self._refs[b] == 0:
                 if b in self._hash_of:
@@ -157,14 +168,40 @@ class BlockManager:
             hashes.append(h.digest())
 
     def lookup(self, hashes: list[bytes], max_blocks: int) -> list[int]:
-        """The cached blocks holding the longest run of ``hashes[:max_blocks]`` from the start."""
+        """The cached (or expected) blocks holding the longest run of ``hashes[:max_blocks]``
+        from the start."""
         found = []
         for h in hashes[:max(0, max_blocks)]:
-            b = self._block_of.get(h)
+            b = self._block_of.get(h, self._expected.get(h))
             if b is None:
                 break
             found.append(b)
         return found
+
+    def expect(self, table: list[int], hashes: list[bytes], num_cached: int,
+               num_tokens: int) -> None:
+        """The step being scheduled fills the table's blocks up to ``num_tokens // block_size``:
+        offer those not cached yet to the requests admitted after it in the same step."""
+        if not self.enable_caching:
+            return
+        for i in range(num_cached, min(num_tokens // self.block_size, len(hashes), len(table))):
+            b, h = table[i], hashes[i]
+            if b not in self._hash_of and h not in self._block_of and h not in self._expected:
+                self._expected[h] = b
+                self._expected_hash[b] = h
+
+    def is_expected(self, block: int) -> bool:
+        return block in self._expected_hash
+
+    def clear_expected(self) -> None:
+        """A new step is scheduled: the last step's blocks are registered or were not filled."""
+        self._expected.clear()
+        self._expected_hash.clear()
+
+    def _forget_expected(self, block: int) -> None:
+        h = self._expected_hash.pop(block, None)
+        if h is not None:
+            del self._expected[h]
 
     def unheld(self, blocks: list[int]) -> int:
         """How many of ``blocks`` nobody holds: taking them uses up that many free blocks."""
@@ -172,7 +209,8 @@ class BlockManager:
 
     def share(self, table: list[int], blocks: list[int], num_queried_tokens: int) -> None:
         """Start the empty ``table`` of a sequence with ``num_queried_tokens`` tokens with the
-        cached ``blocks`` (from :meth:`lookup`), by reference; counts the hit rate."""
+        cached or expected ``blocks`` (from :meth:`lookup`), by reference; counts the hit
+        rate."""
         assert not table, "share() starts a new table"
         for b in blocks:
             if self._refs[b] == 0:

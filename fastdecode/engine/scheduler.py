@@ -3,8 +3,8 @@
 Each step packs, under ``max_batch_tokens``: first one decode token per running request
 (oldest first), then the next chunks of prompts being prefilled, then chunks of waiting prompts
 admitted in FIFO order while ``max_num_seqs`` and the free blocks allow. A prompt whose first
-full blocks are in the block manager's prefix cache starts after them (at least one token is
-always computed, to draw the first new token from). When a running request needs a block and
+full blocks are in the block manager's prefix cache (or are filled earlier in the same step)
+starts after them (at least one token is always computed, to draw the first new token from). When a running request needs a block and
 none is free, the newest running request is preempted: its blocks are freed and it goes back to
 the front of the waiting queue, to be recomputed (prompt + generated tokens, from the prefix
 cache where its blocks are still there) once blocks are free again. ``postprocess`` applies a
@@ -61,6 +61,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_generated = 0
+        # Requests admitted on blocks a step was to fill, until that step's results come.
+        self._unconfirmed: list[Sequence] = []
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -78,6 +80,7 @@ class Scheduler:
         seq.finish(reason, error)
 
     def schedule(self) -> ScheduledBatch:
+        self._recover()
         batch: dict[Sequence, int] = {}
         copies: list[tuple[int, int]] = []
         budget = self.max_batch_tokens
@@ -99,7 +102,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                copies += self.blocks.append_slots(seq.block_table, seq.num_computed, n)
+                copies += self._append(seq, n)
                 batch[seq] = n
                 budget -= n
         # After a preemption blocks are short: admitting more would only thrash.
@@ -115,7 +118,9 @@ class Scheduler:
             self.blocks.share(seq.block_table, hits, seq.num_tokens)
             seq.num_cached_blocks = len(hits)
             seq.num_computed = len(hits) * self.blocks.block_size
-            copies += self.blocks.append_slots(seq.block_table, seq.num_computed, n)
+            if any(self.blocks.is_expected(b) for b in hits):
+                self._unconfirmed.append(seq)
+            copies += self._append(seq, n)
             batch[seq] = n
             budget -= n
         out = ScheduledBatch(list(batch), list(batch.values()), copies)
@@ -125,6 +130,25 @@ class Scheduler:
             else:
                 out.num_prefill_tokens += n
         return out
+
+    def _append(self, seq: Sequence, n: int) -> list[tuple[int, int]]:
+        """Give ``seq`` room for ``n`` more tokens this step; the blocks they fill are expected
+        (later admissions of the step may share them)."""
+        copies = self.blocks.append_slots(seq.block_table, seq.num_computed, n)
+        self.blocks.hash_blocks(seq.token_ids, seq.block_hashes)
+        self.blocks.expect(seq.block_table, seq.block_hashes, seq.num_cached_blocks,
+                           seq.num_computed + n)
+        return copies
+
+    def _recover(self) -> None:
+        """Start a step. If the last one never reached ``postprocess`` (its forward pass
+        failed), the blocks it was to fill may hold nothing: requests admitted on them start
+        again from scratch."""
+        self.blocks.clear_expected()
+        for seq in self._unconfirmed:
+            if seq.status is Status.RUNNING:
+                self._preempt(seq)
+        self._unconfirmed.clear()
 
     def _admission(self, seq: Sequence, budget: int) -> tuple[list[int], int]:
         """``(cached blocks to start from, tokens to compute now)`` for the head of the queue;
@@ -151,6 +175,7 @@ class Scheduler:
         could not be sampled. A failure ends that request alone, with finish_reason "error" and
         a message naming it; a request ended while the step ran (aborted) is left as it is.
         """
+        self._unconfirmed.clear()
         changed = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             if seq.is_finished:
