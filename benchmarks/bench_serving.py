@@ -275,6 +275,9 @@ def main() -> None:
                     help=f"comma-separated subset of {', '.join(LABELS)}")
     ap.add_argument("--skip-baselines", action="store_true", help="same as --systems engine")
     ap.add_argument("--rounds", type=int, default=1, help="alternated rounds of all systems")
+    ap.add_argument("--stem", default=None,
+                    help="result file names under results/ (default: serving, or "
+                         "serving_shared_prefix for that workload)")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild the table, CSV and plot of this workload from serving_raw.json")
     ap.add_argument("--block-size", type=int, default=16)
@@ -301,7 +304,7 @@ def main() -> None:
     runners = {"engine": run_engine, "hf": run_hf, "ct2": run_ct2, "vllm": run_vllm,
                "engine-nocache": lambda *a: run_engine(*a, prefix_caching=False),
                "vllm-nocache": lambda *a: run_vllm(*a, prefix_caching=False)}
-    stem = "serving" if args.workload == "random" else "serving_shared_prefix"
+    stem = args.stem or ("serving" if args.workload == "random" else "serving_shared_prefix")
     if args.report_only:
         report(json.loads(raw_path.read_text()), key, stem)
         return

@@ -35,7 +35,9 @@ class Engine:
     Prefix caching (``enable_prefix_caching``, on by default): full KV blocks are kept, keyed by
     a hash chain of their tokens, and shared by reference with later requests whose prompts
     start with the same tokens (a shared system prompt, a conversation's earlier turns, a
-    request sent again); cached blocks nobody holds are reused least recently freed first.
+    request sent again), also blocks that the same step fills for an earlier request (a burst
+    with one system prompt computes it once); cached blocks nobody holds are reused least
+    recently freed first.
     ``stats["prefix_cache_hit_rate"]``: the fraction of the admitted requests' tokens found
     cached.
 
