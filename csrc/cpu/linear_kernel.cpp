@@ -1,0 +1,137 @@
+// Weight-streaming linear product for the few rows of a decode step (see linear_kernel.h).
+//
+// With T tokens of a decode step the product does 2 * T flops per weight element read, so its
+// speed is the speed at which one pass over the weights streams from memory. The kernel makes
+// that pass exactly once per call, whatever T is: every panel's stream is read once and all T rows
+// are accumulated from it (rows beyond what the registers hold re-read the panel from L2, not from
+// memory). Threads split the panels into contiguous ranges, so each thread's reads stay one
+// sequential stream. Accumulation is float32, along k in order, like a plain dot product.
+#include "vec.h"  // first: it selects at::vec's instruction set
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <utility>
+
+#include "linear_kernel.h"
+
+namespace fastdecode::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+constexpr int64_t kPanel = 2 * kVec;
+constexpr int64_t kPanelBytes = kPanel * static_cast<int64_t>(sizeof(float));
+// Rows accumulated in registers per pass over a panel: 2 accumulators per row, leaving a few of
+// the 32 (AVX-512) / 16 (AVX2 and narrower) vector registers for the weights and the broadcast.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kMaxRows = 12;
+#else
+constexpr int kMaxRows = 6;
+#endif
+// The k sum runs in chunks of kChunk terms added into a running total: a single running sum over
+// all in_features terms loses about twice the precision of BLAS's blocked dot products.
+constexpr int64_t kChunk = 32;
+// How far ahead of the loads the panel stream is prefetched. Hardware prefetchers stop at 4 KiB
+// page boundaries; prefetching a few KiB ahead keeps the next page's lines (and its address
+// translation) in flight while the current one is consumed.
+constexpr int64_t kPrefetchBytes = 4096;
+// Weight bytes a thread must have to itself before a product is split across threads: smaller
+// products (the layers of tiny models) cost less than waking the team.
+constexpr int64_t kMinBytesPerThread = 256 << 10;
+
+// out[r, n0 + j] = sum_k x[r, k] * panel[k, j] (+ bias[n0 + j]) for r < R, j < width.
+template <int R>
+void panel_rows(const PackedLinearParams& p, const float* panel, const float* x, float* out,
+                int64_t n0) {
+  // Running totals live in L1, not in registers: the chunk accumulators need those.
+  alignas(64) float total[R][kPanel] = {};
+  const auto* ahead = reinterpret_cast<const char*>(panel) + kPrefetchBytes;
+  for (int64_t k0 = 0; k0 < p.in_features; k0 += kChunk) {
+    Vec lo[R], hi[R];
+    for (int r = 0; r < R; ++r) lo[r] = hi[r] = Vec(0.f);
+    const int64_t k1 = std::min(k0 + kChunk, p.in_features);
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t b = 0; b < kPanelBytes; b += 64) {
+        __builtin_prefetch(ahead + k * kPanelBytes + b);
+      }
+      const Vec w_lo = Vec::loadu(panel + k * kPanel);
+      const Vec w_hi = Vec::loadu(panel + k * kPanel + kVec);
+      for (int r = 0; r < R; ++r) {
+        const Vec xr(x[r * p.x_stride + k]);
+        lo[r] = at::vec::fmadd(xr, w_lo, lo[r]);
+        hi[r] = at::vec::fmadd(xr, w_hi, hi[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      (Vec::loadu(total[r]) + lo[r]).store(total[r]);
+      (Vec::loadu(total[r] + kVec) + hi[r]).store(total[r] + kVec);
+    }
+  }
+  const int64_t width = std::min(kPanel, p.out_features - n0);
+  const int64_t w_lo = std::min(width, kVec), w_hi = width - w_lo;
+  const Vec b_lo = p.bias != nullptr ? Vec::loadu(p.bias + n0, w_lo) : Vec(0.f);
+  const Vec b_hi = p.bias != nullptr && w_hi > 0 ? Vec::loadu(p.bias + n0 + kVec, w_hi) : Vec(0.f);
+  for (int r = 0; r < R; ++r) {
+    const Vec lo = Vec::loadu(total[r]) + b_lo, hi = Vec::loadu(total[r] + kVec) + b_hi;
+    float* o = out + r * p.out_stride + n0;
+    if (width == kPanel) {
+      lo.store(o);
+      hi.store(o + kVec);
+    } else {
+      lo.store(o, w_lo);
+      if (w_hi > 0) hi.store(o + kVec, w_hi);
+    }
+  }
+}
+
+using PanelFn = void (*)(const PackedLinearParams&, const float*, const float*, float*, int64_t);
+
+template <int... Rs>
+constexpr std::array<PanelFn, sizeof...(Rs)> panel_table(std::integer_sequence<int, Rs...>) {
+  return {&panel_rows<Rs + 1>...};
+}
+constexpr auto kPanelRows = panel_table(std::make_integer_sequence<int, kMaxRows>{});
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+int64_t linear_panel_width() { return kPanel; }
+
+void pack_linear_weight_kernel(float* packed, const float* weight, int64_t out_features,
+                               int64_t in_features, int64_t weight_stride) {
+  at::parallel_for(0, ceil_div(out_features, kPanel), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = begin; panel < end; ++panel) {
+      float* dst = packed + panel * in_features * kPanel;
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const int64_t n = panel * kPanel + j;
+        for (int64_t k = 0; k < in_features; ++k) {
+          dst[k * kPanel + j] = n < out_features ? weight[n * weight_stride + k] : 0.f;
+        }
+      }
+    }
+  });
+}
+
+void packed_linear_kernel(const PackedLinearParams& p) {
+  if (p.num_tokens == 0 || p.out_features == 0) return;
+  const int64_t panels = ceil_div(p.out_features, kPanel);
+  // Rows are split into passes of near-equal size (13 rows: 7 + 6, not 12 + 1).
+  const int64_t passes = ceil_div(p.num_tokens, kMaxRows);
+  const int64_t rows_per_pass = ceil_div(p.num_tokens, passes);
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / (p.in_features * kPanelBytes));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const float* weights = p.packed + panel * p.in_features * kPanel;
+      for (int64_t r0 = 0; r0 < p.num_tokens; r0 += rows_per_pass) {
+        const int64_t rows = std::min(rows_per_pass, p.num_tokens - r0);
+        kPanelRows[rows - 1](p, weights, p.x + r0 * p.x_stride, p.out + r0 * p.out_stride,
+                             panel * kPanel);
+      }
+    }
+  });
+}
+
+}  // namespace fastdecode::cpu
