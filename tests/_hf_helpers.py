@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 
 import torch
@@ -21,6 +22,14 @@ NEAR_TIE = 1e-5
 
 def fd_generate(model, *args, **kwargs):
     return fastdecode.generate(model, *args, backend=BACKEND, **kwargs)
+
+
+def forbid_original_generate(monkeypatch):
+    """Make fastdecode's fallback to the original ``model.generate`` fail the test."""
+    def forbidden(model):
+        raise AssertionError("the original model.generate must not run")
+    monkeypatch.setattr(importlib.import_module("fastdecode.hf.generate"), "original_generate",
+                        forbidden)
 
 
 def padded_batch(lengths, vocab: int, seed: int = 0, pad: int = 0):

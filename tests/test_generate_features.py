@@ -1,15 +1,13 @@
-"""fastdecode.generate: stop strings, streamer, dict outputs, processors, patching, fallback, errors."""
+"""fastdecode.generate: stop strings, streamer, dict outputs, processors, fallback, errors."""
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
-import fastdecode
 from _hf_helpers import RecordingStreamer, fd_generate, padded_batch
 from fastdecode.hf import FallbackError
 from fastdecode.hf.tiny import byte_tokenizer, tiny_model
@@ -127,27 +125,6 @@ def test_user_stopping_criteria(llama, batch):
     assert torch.equal(out, ref) and out.shape[1] == ids.shape[1] + 4
 
 
-def test_patch_unpatch_round_trip(llama, batch, monkeypatch):
-    ids, mask = batch
-    ref = llama.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
-    calls = []
-    gen_module = importlib.import_module("fastdecode.hf.generate")  # the module, not the function
-    original = gen_module._decode
-    monkeypatch.setattr(gen_module, "_decode", lambda *a, **k: calls.append(1) or original(*a, **k))
-    assert fastdecode.patch(llama) is llama
-    fastdecode.patch(llama)  # idempotent
-    try:
-        out = llama.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
-        out_positional = llama.generate(ids, None, attention_mask=mask, max_new_tokens=NEW)
-    finally:
-        assert fastdecode.unpatch(llama) is llama
-    assert calls == [1, 1]
-    assert torch.equal(out, ref) and torch.equal(out_positional, ref)
-    assert "generate" not in llama.__dict__
-    assert torch.equal(llama.generate(ids, attention_mask=mask, max_new_tokens=NEW), ref)
-    assert calls == [1, 1]
-
-
 def test_fallback_warns_once_naming_the_option(llama, batch):
     ids, mask = batch
     ref = llama.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2)
@@ -199,3 +176,48 @@ def test_attention_implementation_restored_on_error(llama):
     with pytest.raises(Exception):
         runner.forward(torch.tensor([3, 4, 5]), torch.arange(3), bad)  # 3 tokens, 2 slots
     assert llama.config._attn_implementation == before
+
+
+def _banned_for(model, ids, mask):
+    """bad_words_ids that hit what greedy decoding would produce: its first new token, and the
+    pair (first, second) so the second one is banned only after the first."""
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    first, second = int(plain[0, -2]), int(plain[1, -1])
+    return [[first], [int(plain[1, -2]), second], [1, 0]]
+
+
+@pytest.mark.parametrize("output_scores", [False, True], ids=["fused", "scores"])
+def test_bad_words_ids(llama, batch, output_scores):
+    ids, mask = batch
+    bad = _banned_for(llama, ids, mask)
+    kwargs = dict(max_new_tokens=NEW, do_sample=False, bad_words_ids=bad,
+                  return_dict_in_generate=True, output_scores=output_scores)
+    ref = llama.generate(ids, attention_mask=mask, **kwargs)
+    out = fd_generate(llama, ids, attention_mask=mask, fallback="error", **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert not (out.sequences[:, ids.shape[1]:] == bad[0][0]).any()
+    if output_scores:
+        for ours, theirs in zip(out.scores, ref.scores):
+            assert torch.equal(ours.isinf(), theirs.isinf())
+    sampled = fd_generate(llama, ids, attention_mask=mask, fallback="error", do_sample=True,
+                          top_k=0, max_new_tokens=NEW, bad_words_ids=bad, num_return_sequences=3)
+    assert not (sampled[:, ids.shape[1]:] == bad[0][0]).any()
+
+
+def test_remove_invalid_values(batch):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[7].fill_(float("nan"))
+        model.lm_head.weight[9].fill_(float("inf"))
+    ids, mask = batch
+    kwargs = dict(max_new_tokens=4, remove_invalid_values=True, return_dict_in_generate=True,
+                  output_scores=True)
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
+    out = fd_generate(model, ids, attention_mask=mask, fallback="error", do_sample=False, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    for ours, theirs in zip(out.scores, ref.scores):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    drawn = fd_generate(model, ids, attention_mask=mask, fallback="error", do_sample=True,
+                        max_new_tokens=4, remove_invalid_values=True)  # no NaN error
+    assert drawn.shape == out.sequences.shape

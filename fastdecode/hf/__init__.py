@@ -6,7 +6,8 @@
 """
 
 from fastdecode.hf.context import PagedContext
-from fastdecode.hf.generate import FallbackError, generate, patch, unpatch
+from fastdecode.hf.generate import FallbackError, generate
+from fastdecode.hf.patching import patch, unpatch
 from fastdecode.hf.runner import PagedRunner
 
 __all__ = ["generate", "patch", "unpatch", "FallbackError", "PagedRunner", "PagedContext"]

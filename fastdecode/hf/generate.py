@@ -1,27 +1,30 @@
-"""``fastdecode.generate`` / ``patch`` / ``unpatch``: a drop-in ``model.generate``.
+"""``fastdecode.generate``: a drop-in ``model.generate`` for decoder-only models.
 
 Same arguments, defaults, return types and output layout as ``model.generate`` for greedy and
-sampling decoding; the model runs over fastdecode's paged KV cache (or, for architectures whose
-attention does not go through ``AttentionInterface``, over its own cache) and tokens are chosen by
-fastdecode's sampling ops. Anything else falls back to the original ``model.generate`` with one
-warning naming the options responsible (or raises with ``fallback="error"``).
+sampling decoding. The call is prepared by HF's own steps (:mod:`fastdecode.hf.prepare`); the model
+then runs over fastdecode's paged KV cache (:class:`~fastdecode.hf.steppers.PagedStepper`) or, when
+the call needs HF's own masks and cache (right padding, holes in the mask, a cache passed in, hidden
+states, attention outside ``AttentionInterface``), through HF's model-feeding helpers
+(:class:`~fastdecode.hf.steppers.CacheStepper`); tokens are always chosen by fastdecode's loop and
+sampling ops. Anything else falls back to the original ``model.generate`` with one warning naming
+the options responsible (or raises with ``fallback="error"``).
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import warnings
 
 import torch
-from transformers.generation import GenerateDecoderOnlyOutput, StopStringCriteria
+from transformers.generation import GenerateDecoderOnlyOutput, GenerationMixin
 
+from fastdecode.hf import compat, loop
 from fastdecode.hf import options as _options
+from fastdecode.hf.patching import original_generate
+from fastdecode.hf.prepare import Prepared, prepare, prepare_cache
 from fastdecode.hf.runner import has_unsupported_attention, uses_attention_interface
 from fastdecode.hf.sampling import TokenSelector
 from fastdecode.hf.steppers import CacheStepper, PagedStepper
-
-_ORIGINAL = "_fastdecode_original_generate"
 
 
 class FallbackError(ValueError):
@@ -33,7 +36,10 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
              fallback: str = "hf", backend: str = "auto", **kwargs):
     """Drop-in ``model.generate(input_ids, attention_mask=..., **kwargs)`` (decoder-only models).
 
-    input_ids: [B, L] int64 (left padding); attention_mask: [B, L] (1 = token, 0 = padding).
+    input_ids: [B, L] int64 (also accepted as ``inputs=``, as ``model.generate`` names it);
+    attention_mask: [B, L] (1 = token, 0 = padding, anywhere). Every other argument of
+    ``model.generate`` is accepted: generation options, ``inputs_embeds``, ``position_ids``,
+    ``token_type_ids``, ``past_key_values`` / ``cache``, ``logits_to_keep``, ...
     Returns a LongTensor [B * num_return_sequences, L + new] (finished rows padded with
     pad_token_id) or a ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``.
     fallback: "hf" (run unsupported requests through model.generate, warning once) or "error".
@@ -41,172 +47,102 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
     """
     if fallback not in ("hf", "error"):
         raise ValueError(f"fallback must be 'hf' or 'error', got {fallback!r}")
-    if input_ids is None:
-        input_ids = kwargs.pop("inputs", None)
-    call = dict(attention_mask=attention_mask, generation_config=generation_config,
-                streamer=streamer, logits_processor=logits_processor,
-                stopping_criteria=stopping_criteria, **kwargs)
-    if tokenizer is not None:
-        call["tokenizer"] = tokenizer
-    other = {k: kwargs.pop(k) for k in _options.OTHER_METHODS if k in kwargs}
-    reasons = _structural_reasons(model, input_ids, attention_mask)
+    call = dict(kwargs, generation_config=generation_config, streamer=streamer,
+                logits_processor=logits_processor, stopping_criteria=stopping_criteria)
+    for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                        ("tokenizer", tokenizer)):
+        if value is not None:
+            call[name] = value
+    reasons = _structural_reasons(model, call)
     if not reasons:
-        opts, config, model_kwargs = _options.resolve(model, input_ids.shape[-1],
-                                                      generation_config, kwargs)
-        reasons = _options.unsupported(config, other) + sorted(model_kwargs)
+        prepared = prepare(model, **_prepare_arguments(call))
+        if prepared.mode_kwargs.get("synced_gpus"):
+            reasons.append("synced_gpus")
+        more, criteria = _options.unsupported(model, prepared, logits_processor,
+                                              stopping_criteria, tokenizer)
+        reasons += more
     if reasons:
         if fallback == "error":
             raise FallbackError(f"fastdecode.generate does not implement: {', '.join(reasons)}")
         warnings.warn(f"fastdecode.generate: running model.generate instead, because of: "
                       f"{', '.join(reasons)}", stacklevel=2)
-        return original_generate(model)(input_ids, **call)
+        return original_generate(model)(**call)
+    opts = _options.options(prepared, criteria)
     with torch.no_grad():
-        return _decode(model, input_ids, attention_mask, opts, streamer, logits_processor,
-                       stopping_criteria, tokenizer, backend)
+        return _decode(model, prepared, opts, streamer, logits_processor, backend)
 
 
-def _structural_reasons(model, input_ids, attention_mask) -> list[str]:
+def _structural_reasons(model, call: dict) -> list[str]:
     if getattr(model.config, "is_encoder_decoder", False):
         return ["encoder-decoder model (cross-attention)"]
-    if input_ids is None:
-        return ["no input_ids (inputs_embeds)"]
-    if input_ids.dim() != 2:
-        return [f"input_ids of shape {tuple(input_ids.shape)} (expected [batch, length])"]
-    if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            return [f"attention_mask of shape {tuple(attention_mask.shape)} (custom mask)"]
-        if bool((attention_mask[:, -1] == 0).any()):
-            return ["right-padded attention_mask"]
-    return []
+    if type(model).generate is not GenerationMixin.generate:  # its own preparation steps
+        return [f"{type(model).__name__}.generate (a model-specific generate)"]
+    return [name for name in _options.OTHER_METHODS if call.get(name) is not None]
 
 
-def _attention_mask(input_ids: torch.Tensor, opts: _options.Options) -> torch.Tensor:
-    """HF's inference of a missing mask: pad tokens are padding unless pad is also EOS."""
-    pad = opts.pad
-    if pad is not None and pad not in (opts.eos or []) and bool((input_ids == pad).any()):
-        return input_ids.ne(pad).long()
-    return torch.ones_like(input_ids)
+def _prepare_arguments(call: dict) -> dict:
+    """The arguments of :func:`prepare`: the call less what it does not take, with a cache passed
+    under the deprecated name ``past_key_values`` renamed as this release's ``generate`` does."""
+    skip = ("logits_processor", "stopping_criteria", *_options.OTHER_METHODS)
+    args = {k: v for k, v in call.items() if k not in skip}
+    name = compat.cache_name()
+    if name != "past_key_values" and "past_key_values" in args:
+        if args.get(name) is not None:
+            raise ValueError(f"You cannot specify both `{name}` and `past_key_values`. "
+                             f"Use `{name}` only.")
+        args[name] = args.pop("past_key_values")
+    return args
 
 
-def _decode(model, input_ids, attention_mask, opts, streamer, logits_processor,
-            stopping_criteria, tokenizer, backend):
-    if attention_mask is None:
-        attention_mask = _attention_mask(input_ids, opts)
-    n = opts.num_return_sequences
-    if n > 1:
-        input_ids = input_ids.repeat_interleave(n, dim=0)
-        attention_mask = attention_mask.repeat_interleave(n, dim=0)
+def _left_padded(mask: torch.Tensor) -> bool:
+    """Every row is zeros then at least one one (no holes, no padding on the right)."""
+    return bool(mask[:, -1].all() and (mask[:, 1:] >= mask[:, :-1]).all())
+
+
+# Model kwargs the paged path feeds itself (anything else needs HF's own model feeding).
+_PAGED_KWARGS = {"attention_mask", "position_ids", "inputs_embeds", "use_cache", "logits_to_keep",
+                 "token_type_ids", *compat.cache_names()}
+
+
+def _paged(model, prepared: Prepared, user_cache: bool) -> bool:
+    """Whether the paged path reproduces this call exactly."""
+    kwargs = prepared.model_kwargs
+    if (user_cache or not uses_attention_interface(model) or has_unsupported_attention(model)
+            or prepared.config.output_hidden_states or set(kwargs) - _PAGED_KWARGS):
+        return False
+    if not isinstance(kwargs.get("logits_to_keep", 1), int):
+        return False
+    if (kwargs.get("token_type_ids") is not None
+            and "token_type_ids" not in inspect.signature(model.forward).parameters):
+        return False
+    width = prepared.input_ids.shape[1]
+    return width in (0, prepared.mask.shape[1]) and _left_padded(prepared.mask)
+
+
+def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_processor,
+            backend: str):
+    paged = _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name()) is not None)
+    if not paged or opts.return_dict:  # the paged path fills HF's cache only to return it
+        prepare_cache(model, prepared)
+    input_ids = prepared.input_ids
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    criteria = list(stopping_criteria or [])
-    if opts.stop_strings is not None:
-        if tokenizer is None:
-            raise ValueError("There are one or more stop strings, either in the arguments to "
-                             "`generate` or in the model's generation config, but we could not "
-                             "locate a tokenizer. When generating with stop strings, you must pass "
-                             "the model's tokenizer to the `tokenizer` argument of `generate`.")
-        criteria.append(StopStringCriteria(stop_strings=opts.stop_strings, tokenizer=tokenizer))
-    want_scores = opts.return_dict and opts.output_scores
-    selector = TokenSelector(opts, logits_processor, want_scores or bool(stopping_criteria),
-                             backend)
-    total = input_ids.shape[1] + opts.max_new_tokens
-    if uses_attention_interface(model) and has_unsupported_attention(model) is None:
-        stepper = PagedStepper(model, input_ids.shape[0], total, backend=backend)
+    if paged:
+        stepper = PagedStepper(model, prepared, opts.max_new_tokens, backend=backend)
     else:
-        stepper = CacheStepper(model)
+        stepper = CacheStepper(model, prepared)
+    selector = TokenSelector(opts, logits_processor, opts.return_dict and opts.output_scores,
+                             backend)
     with stepper.session():
-        sequences, scores, logits = _loop(stepper, selector, criteria, opts, streamer, input_ids,
-                                          attention_mask)
+        result = loop.run(stepper, selector, opts, streamer, input_ids,
+                          prepared.model_kwargs.get("attention_mask"))
     if streamer is not None:
         streamer.end()
     if not opts.return_dict:
-        return sequences
-    return GenerateDecoderOnlyOutput(
-        sequences=sequences, scores=tuple(scores) if opts.output_scores else None,
-        logits=tuple(logits) if opts.output_logits else None)
-
-
-def _loop(stepper, selector, criteria, opts, streamer, input_ids, attention_mask):
-    """Prefill, then one token per step until every row finished or the length limit.
-
-    Returns (sequences [B, L + new], per-step processed scores, per-step raw logits).
-    """
-    batch, cur = input_ids.shape
-    device = input_ids.device
-    seqs = torch.full((batch, cur + opts.max_new_tokens),
-                      opts.pad if opts.pad is not None else 0, dtype=torch.long, device=device)
-    seqs[:, :cur] = input_ids
-    seen = None
-    if opts.repetition_penalty != 1.0:  # the penalty's id set: prompt (+ padding?) + new tokens
-        seen = seqs.clone()
-        if _options.penalty_skips_padding():
-            seen[:, :cur] = torch.where(attention_mask.bool(), input_ids, -1)
-    eos = torch.tensor(opts.eos, device=device) if opts.eos else None
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    scores_out, logits_out = [], []
-    logits = stepper.prefill(input_ids, attention_mask)
-    while True:
-        tokens, scores = selector(logits, seqs[:, :cur], seen[:, :cur] if seen is not None else None,
-                                  ban_eos=eos is not None and cur < opts.min_length)
-        if opts.return_dict:
-            scores_out.append(scores)
-            logits_out.append(logits)
-        invalid = (tokens < 0).any()
-        if eos is not None:  # finished rows get padding, as in HF
-            tokens = torch.where(unfinished, tokens, opts.pad)
-        seqs[:, cur] = tokens
-        if seen is not None:
-            seen[:, cur] = tokens
-        cur += 1
-        if streamer is not None:
-            streamer.put(tokens.cpu())
-        if eos is not None:
-            unfinished &= ~torch.isin(tokens, eos)
-        for criterion in criteria:
-            unfinished &= ~criterion(seqs[:, :cur], scores if scores is not None else logits)
-        running, bad = torch.stack([unfinished.any(), invalid]).tolist()  # the one host sync
-        if bad:
-            raise ValueError("sampling found no valid token (NaN logits, or every token "
-                             "filtered out) in at least one row")
-        if not running or cur == seqs.shape[1]:
-            return seqs[:, :cur], scores_out, logits_out
-        logits = stepper.decode(tokens)
-
-
-def original_generate(model):
-    """The model's own ``generate`` (bound), also while the model is patched."""
-    saved = model.__dict__.get(_ORIGINAL)
-    if saved is not None:
-        return saved
-    return model.generate
-
-
-def patch(model):
-    """Make ``model.generate`` run :func:`generate`; returns the model. Idempotent."""
-    if _ORIGINAL in model.__dict__:
-        return model
-    original = model.generate
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def patched(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        extra = bound.pop("kwargs", {})
-        input_ids = bound.pop("inputs", None)
-        return generate(model, input_ids, **bound, **extra)
-
-    model.__dict__[_ORIGINAL] = original
-    model.generate = patched
-    return model
-
-
-def unpatch(model):
-    """Undo :func:`patch` (no-op on a model that is not patched); returns the model."""
-    original = model.__dict__.pop(_ORIGINAL, None)
-    if original is not None:
-        if getattr(original, "__self__", None) is model and original.__func__ is getattr(
-                type(model), "generate", None):
-            del model.generate  # the class method shows through again
-        else:
-            model.generate = original
-    return model
+        return result.sequences
+    fields = dict(sequences=result.sequences,
+                  scores=tuple(result.scores) if opts.output_scores else None,
+                  logits=tuple(result.logits) if opts.output_logits else None,
+                  hidden_states=tuple(result.hidden_states) if opts.output_hidden_states else None)
+    fields[compat.output_cache_field()] = stepper.cache()
+    return GenerateDecoderOnlyOutput(**fields)

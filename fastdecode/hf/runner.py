@@ -11,6 +11,7 @@ Interface shared with the Engine (keep it stable)::
         # returns [B, V] float32: the logits of each sequence's last new token.
     with runner.session():             # optional: switch the model once around many steps
         ...
+    runner.grow(num_blocks)            # a larger pool; block ids and cached tokens stay valid
 
 The model object is left as it was: the ``"fastdecode"`` attention implementation is switched on
 only for the duration of a call or of a ``with runner.session():`` block (restored on exit, also
@@ -28,6 +29,7 @@ import torch
 from fastdecode.hf import attention as _attention
 from fastdecode.hf import transform
 from fastdecode.hf.context import PagedContext
+from fastdecode.hf.tp import local_kv_heads
 from fastdecode.ops.memory import allocate_kv_cache
 
 
@@ -53,14 +55,15 @@ def has_unsupported_attention(model: torch.nn.Module) -> Optional[str]:
 
 
 def kv_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of a decoder, from its text config."""
+    """``(num_layers, num_kv_heads, head_dim)`` of a decoder, from its text config; under tensor
+    parallelism, this rank's key/value heads."""
     cfg = model.config.get_text_config()
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     if getattr(cfg, "multi_query", False):
         kv_heads = 1
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, kv_heads, head_dim
+    return cfg.num_hidden_layers, local_kv_heads(model, kv_heads), head_dim
 
 
 class PagedRunner:
@@ -89,11 +92,11 @@ class PagedRunner:
         self.block_size = block_size
         self.backend = backend
         self.device = torch.device(device) if device is not None else param.device
-        layers, kv_heads, head_dim = kv_shape(model)
+        layers, self._kv_heads, self._head_dim = kv_shape(model)
         self.num_layers = layers
-        shape = (num_blocks, block_size, kv_heads, head_dim)
-        dtype = kv_dtype or param.dtype
-        pools = [allocate_kv_cache(*shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        self.kv_dtype = kv_dtype or param.dtype
+        self.num_blocks = num_blocks
+        pools = [self._allocate(num_blocks) for _ in range(layers)]
         self.k_caches = [k for k, _ in pools]
         self.v_caches = [v for _, v in pools]
         self._kv = _attention.LayerCaches(self.k_caches, self.v_caches)
@@ -105,6 +108,23 @@ class PagedRunner:
         if fast_linears is None:
             fast_linears = transform.worth_it(model)
         self._layout = transform.LinearLayout(model) if fast_linears else None
+
+    def _allocate(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return allocate_kv_cache(num_blocks, self.block_size, self._kv_heads, self._head_dim,
+                                 dtype=self.kv_dtype, device=self.device)
+
+    def grow(self, num_blocks: int) -> None:
+        """Enlarge every layer's pool to ``num_blocks`` blocks, keeping blocks ``0 ..
+        self.num_blocks - 1`` (ids and contents). The pools are new tensors afterwards."""
+        if num_blocks <= self.num_blocks:
+            return
+        for layer in range(self.num_layers):
+            k, v = self._allocate(num_blocks)
+            k[:self.num_blocks].copy_(self.k_caches[layer])
+            v[:self.num_blocks].copy_(self.v_caches[layer])
+            # In place: the LayerCaches handed to the attention shares these lists.
+            self.k_caches[layer], self.v_caches[layer] = k, v
+        self.num_blocks = num_blocks
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -129,17 +149,27 @@ class PagedRunner:
                 c._attn_implementation_internal = name
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: PagedContext) -> torch.Tensor:
-        """input_ids, positions: [T] int64 -> [B, V] float32 logits at ``ctx.logits_indices``."""
+    def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor,
+                ctx: PagedContext, *, inputs_embeds: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids, positions: [T] int64 -> [B, V] float32 logits at ``ctx.logits_indices``.
+
+        inputs_embeds: [T, hidden_size] in place of input_ids (then None); token_type_ids: [T]
+        int64, for models whose forward takes them.
+        """
         extra = {}
         keep_all = ctx.decode_only  # one token per sequence: every row is a last token
         if self._takes_logits_to_keep and not keep_all:
             extra["logits_to_keep"] = ctx.logits_indices
+        if inputs_embeds is not None:
+            extra["inputs_embeds"] = inputs_embeds[None]
+        if token_type_ids is not None:
+            extra["token_type_ids"] = token_type_ids[None]
         self._kv.calls = 0
         with self.session():
-            out = self.model(input_ids=input_ids[None], position_ids=positions[None],
-                             use_cache=False, fastdecode_ctx=ctx, fastdecode_kv=self._kv, **extra)
+            out = self.model(input_ids=None if input_ids is None else input_ids[None],
+                             position_ids=positions[None], use_cache=False, fastdecode_ctx=ctx,
+                             fastdecode_kv=self._kv, **extra)
         if not self._verified:
             if self._kv.calls != self.num_layers:
                 raise RuntimeError(

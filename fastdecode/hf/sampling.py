@@ -1,8 +1,10 @@
 """Next-token selection with HF's processor order, through fastdecode's sampling ops.
 
-HF order: repetition penalty -> min-length EOS ban -> user logits processors -> temperature ->
-top-k -> top-p -> min-p -> draw (``do_sample``) or argmax. Without user processors and without
-``output_scores`` the whole chain is one fused ``ops.sample`` call.
+HF order: repetition penalty -> bad words -> min-length EOS ban -> remove invalid values -> user
+logits processors -> temperature -> top-k -> top-p -> min-p -> draw (``do_sample``) or argmax.
+Without user processors, ``output_scores`` or ``remove_invalid_values`` the whole chain is one
+fused ``ops.sample`` call (the bad-words bias and the EOS ban are applied to the raw logits first:
+both only add ``-inf``, which commutes with the penalty).
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from typing import Optional
 import torch
 
 from fastdecode import ops
+from fastdecode.hf import compat
 from fastdecode.hf.options import Options
+from fastdecode.processors import BannedSequences, remove_invalid_values
 
 
 class TokenSelector:
     """Maps a step's raw logits [B, V] float32 to (next tokens [B] int64, scores [B, V] | None).
 
-    ``scores`` (HF's processed scores) are computed only when ``need_scores`` or when user
-    processors run; otherwise sampling is one fused kernel call.
+    ``scores`` (HF's processed scores) are computed only when ``need_scores``, when user processors
+    run or with ``remove_invalid_values``; otherwise sampling is one fused kernel call.
     """
 
     def __init__(self, opts: Options, user_processors, need_scores: bool, backend: str):
@@ -30,19 +34,22 @@ class TokenSelector:
         self.warp = dict(temperature=opts.temperature, top_k=max(opts.top_k, 0), top_p=top_p,
                          min_p=opts.min_p)
         self.user = list(user_processors or [])
-        self.need_scores = need_scores or bool(self.user)
+        self.remove_invalid = opts.remove_invalid_values
+        self.need_scores = need_scores or bool(self.user) or self.remove_invalid
         self.eos = opts.eos
+        self.bad_words = opts.bad_words
         self.backend = backend
+        self._banned: Optional[BannedSequences] = None
+        self._eos_ids: Optional[torch.Tensor] = None
 
-    def __call__(self, logits: torch.Tensor, sequences: torch.Tensor, seen: torch.Tensor,
+    def __call__(self, logits: torch.Tensor, sequences: torch.Tensor, seen: Optional[torch.Tensor],
                  ban_eos: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """logits: [B, V] float32 (not modified); sequences: [B, cur_len] ids so far (with
-        left padding, as HF's processors see them); seen: [B, cur_len] ids, -1 = padding;
-        ban_eos: the min-length rule forbids EOS this step."""
+        padding, as HF's processors see them); seen: [B, cur_len] ids for the repetition penalty,
+        -1 = not penalised; ban_eos: the min-length rule forbids EOS this step."""
         penalised = self.penalty != 1.0
         if not self.need_scores:
-            if ban_eos:
-                logits = self._ban_eos(logits.clone())
+            logits = self._mask(logits, sequences, ban_eos)
             if self.do_sample:
                 return ops.sample(logits, **self.warp, repetition_penalty=self.penalty,
                                   seen_tokens=seen if penalised else None,
@@ -52,9 +59,12 @@ class TokenSelector:
                                                       backend=self.backend)
             return logits.argmax(-1), None
         scores = (ops.apply_repetition_penalty(logits, seen, self.penalty, backend=self.backend)
-                  if penalised else logits.clone())
-        if ban_eos:
-            scores = self._ban_eos(scores)
+                  if penalised else logits)
+        scores = self._mask(scores, sequences, ban_eos)
+        if self.remove_invalid:
+            scores = remove_invalid_values(scores)
+        if scores is logits:
+            scores = logits.clone()  # HF returns the processed scores as a new tensor
         for processor in self.user:
             scores = processor(sequences, scores)
         if not self.do_sample:
@@ -62,6 +72,17 @@ class TokenSelector:
         scores = ops.process_logits(scores, **self.warp, backend=self.backend)
         return ops.sample(scores, backend=self.backend), scores
 
-    def _ban_eos(self, scores: torch.Tensor) -> torch.Tensor:
-        scores[:, self.eos] = float("-inf")
+    def _mask(self, scores: torch.Tensor, sequences: torch.Tensor, ban_eos: bool) -> torch.Tensor:
+        """Bad words and the min-length EOS ban; returns a new tensor when it changes anything."""
+        vocab = scores.shape[-1]
+        if self.bad_words:
+            if self._banned is None:
+                self._banned = BannedSequences(self.bad_words, vocab, scores.device,
+                                               compat.bad_words_need_whole_sequence())
+            scores = self._banned(scores, sequences)
+        if ban_eos:
+            if self._eos_ids is None:  # EOS ids outside the vocabulary are ignored, as in HF
+                ids = torch.tensor(self.eos, device=scores.device)
+                self._eos_ids = ids[(ids >= 0) & (ids < vocab)]
+            scores = scores.index_fill(1, self._eos_ids, float("-inf"))
         return scores

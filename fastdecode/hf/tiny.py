@@ -25,10 +25,12 @@ _FAMILIES: dict[str, tuple[str, dict]] = {
     "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=1,
                                       sliding_window=7)),
+    # Eager attention: some releases default Gemma2 to SDPA, which silently drops the softcap.
     "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=256,
                                     sliding_window=6, attn_logit_softcapping=5.0,
-                                    final_logit_softcapping=30.0, query_pre_attn_scalar=64)),
+                                    final_logit_softcapping=30.0, query_pre_attn_scalar=64,
+                                    attn_implementation="eager")),
     "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
