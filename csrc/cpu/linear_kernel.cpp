@@ -23,23 +23,27 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
 constexpr int64_t kPanel = 2 * kVec;
 constexpr int64_t kPanelBytes = kPanel * static_cast<int64_t>(sizeof(float));
-// Rows accumulated in registers per pass over a panel: 2 accumulators per row, leaving a few of
-// the 32 (AVX-512) / 16 (AVX2 and narrower) vector registers for the weights and the broadcast.
+// Rows accumulated in registers per pass over a panel: 4 accumulators per row (chunk and total,
+// two vectors each), leaving a few of the 32 (AVX-512) / 16 (AVX2 and narrower) vector registers
+// for the weights and the broadcast. Rows beyond re-read the panel from L2, not from memory.
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kMaxRows = 12;
-#else
 constexpr int kMaxRows = 6;
+#else
+constexpr int kMaxRows = 3;
 #endif
-// The k sum runs in chunks of kChunk terms, whose sums are added up in groups of kGroup chunks,
-// whose sums make the total: a single running sum over all in_features terms loses precision
-// like sqrt(in_features) and was 2-3x further from float64 than BLAS's blocked dot products.
+// The k sum runs in chunks of kChunk terms whose sums make the total: a single running sum over
+// all in_features terms loses precision like sqrt(in_features) and was 2-3x further from float64
+// than BLAS's blocked dot products. Both levels stay in registers: running totals kept in L1
+// (stored and reloaded every chunk) cost ~10% of the read rate at one row.
 constexpr int64_t kChunk = 16;
-constexpr int64_t kGroup = 8;
-// How far ahead of the loads the panel stream is prefetched (into L1: the rows beyond the
-// registers' re-read the panel). Hardware prefetchers stop at 4 KiB page boundaries; software
-// prefetches keep the next page's lines in flight while the current one is consumed. 1-4 KiB
-// ahead were within noise of each other at 1 and 8 rows; no prefetch read ~10% slower.
-constexpr int64_t kPrefetchBytes = 2048;
+// How far ahead of the loads the panel stream is prefetched, and into which cache level. One
+// core's read rate is bounded by the misses it keeps in flight: hardware prefetchers stop at
+// 4 KiB page boundaries, and L1 has few miss buffers, so software prefetches into L2 (locality
+// 1: prefetcht2) keep the next pages' lines in flight while the L1 streamer feeds the loads from
+// L2. At one row, 8 KiB ahead into L2 read ~8% faster than 2 KiB ahead into L1 and ~5% faster
+// than no prefetch (process CPU time over the 135M model's products, interleaved runs).
+constexpr int64_t kPrefetchBytes = 8192;
+constexpr int kPrefetchLocality = 1;
 // Weight bytes a thread must have to itself before a product is split across threads: smaller
 // products (the layers of tiny models) cost less than waking the team.
 constexpr int64_t kMinBytesPerThread = 256 << 10;
@@ -48,18 +52,16 @@ constexpr int64_t kMinBytesPerThread = 256 << 10;
 template <int R>
 void panel_rows(const PackedLinearParams& p, const float* panel, const float* x, float* out,
                 int64_t n0) {
-  // Two levels of running totals, kept in L1 (the registers hold the chunk accumulators): a
-  // chunk's sum goes into `group`, and every kGroup chunks `group` goes into `total`.
-  alignas(64) float total[R][kPanel] = {};
-  alignas(64) float group[R][kPanel] = {};
+  Vec total_lo[R], total_hi[R];
+  for (int r = 0; r < R; ++r) total_lo[r] = total_hi[r] = Vec(0.f);
   const auto* ahead = reinterpret_cast<const char*>(panel) + kPrefetchBytes;
-  for (int64_t k0 = 0, chunk = 1; k0 < p.in_features; k0 += kChunk, ++chunk) {
+  for (int64_t k0 = 0; k0 < p.in_features; k0 += kChunk) {
     Vec lo[R], hi[R];
     for (int r = 0; r < R; ++r) lo[r] = hi[r] = Vec(0.f);
     const int64_t k1 = std::min(k0 + kChunk, p.in_features);
     for (int64_t k = k0; k < k1; ++k) {
       for (int64_t b = 0; b < kPanelBytes; b += 64) {
-        __builtin_prefetch(ahead + k * kPanelBytes + b);
+        __builtin_prefetch(ahead + k * kPanelBytes + b, 0, kPrefetchLocality);
       }
       const Vec w_lo = Vec::loadu(panel + k * kPanel);
       const Vec w_hi = Vec::loadu(panel + k * kPanel + kVec);
@@ -69,17 +71,9 @@ void panel_rows(const PackedLinearParams& p, const float* panel, const float* x,
         hi[r] = at::vec::fmadd(xr, w_hi, hi[r]);
       }
     }
-    const bool flush = chunk % kGroup == 0 || k1 == p.in_features;
     for (int r = 0; r < R; ++r) {
-      for (int64_t j = 0; j < kPanel; j += kVec) {
-        const Vec sum = Vec::loadu(group[r] + j) + (j == 0 ? lo[r] : hi[r]);
-        if (flush) {
-          (Vec::loadu(total[r] + j) + sum).store(total[r] + j);
-          Vec(0.f).store(group[r] + j);
-        } else {
-          sum.store(group[r] + j);
-        }
-      }
+      total_lo[r] = total_lo[r] + lo[r];
+      total_hi[r] = total_hi[r] + hi[r];
     }
   }
   const int64_t width = std::min(kPanel, p.out_features - n0);
@@ -87,7 +81,7 @@ void panel_rows(const PackedLinearParams& p, const float* panel, const float* x,
   const Vec b_lo = p.bias != nullptr ? Vec::loadu(p.bias + n0, w_lo) : Vec(0.f);
   const Vec b_hi = p.bias != nullptr && w_hi > 0 ? Vec::loadu(p.bias + n0 + kVec, w_hi) : Vec(0.f);
   for (int r = 0; r < R; ++r) {
-    const Vec lo = Vec::loadu(total[r]) + b_lo, hi = Vec::loadu(total[r] + kVec) + b_hi;
+    const Vec lo = total_lo[r] + b_lo, hi = total_hi[r] + b_hi;
     float* o = out + r * p.out_stride + n0;
     if (width == kPanel) {
       lo.store(o);
@@ -131,7 +125,7 @@ void pack_linear_weight_kernel(float* packed, const float* weight, int64_t out_f
 void packed_linear_kernel(const PackedLinearParams& p) {
   if (p.num_tokens == 0 || p.out_features == 0) return;
   const int64_t panels = ceil_div(p.out_features, kPanel);
-  // Rows are split into passes of near-equal size (13 rows: 7 + 6, not 12 + 1).
+  // Rows are split into passes of near-equal size (8 rows: 4 + 4, not 6 + 2).
   const int64_t passes = ceil_div(p.num_tokens, kMaxRows);
   const int64_t rows_per_pass = ceil_div(p.num_tokens, passes);
   const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / (p.in_features * kPanelBytes));
