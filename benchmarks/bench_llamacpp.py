@@ -41,16 +41,21 @@ from fastdecode.hf.tiny import default_model
 NAMES = {"fd": "fastdecode.generate", "hf": "model.generate", "llama": "llama.cpp"}
 
 
+def _now() -> tuple[float, float]:
+    """(wall time, process CPU time summed over threads), in seconds."""
+    return time.perf_counter(), time.process_time()
+
+
 class _Stamps:
     """A ``model.generate`` streamer that keeps the arrival time of each generated token."""
 
     def __init__(self):
-        self.times: list[float] = []
+        self.times: list[tuple[float, float]] = []
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if self.prompt_seen:
-            self.times.append(time.perf_counter())
+            self.times.append(_now())
         self.prompt_seen = True
 
     def end(self) -> None:
@@ -102,7 +107,7 @@ def _convert(model, source: Path, directory: Path) -> Path:
 
 def _llama_runner(gguf: Path, threads: int, prompt: list[int], new_tokens: int):
     """A callable decoding ``new_tokens`` greedily after ``prompt`` with llama.cpp; it returns
-    (token ids, arrival time of each)."""
+    (token ids, arrival (wall, CPU) times of each)."""
     import llama_cpp
 
     llm = llama_cpp.Llama(str(gguf), n_threads=threads, n_threads_batch=threads,
@@ -114,14 +119,14 @@ def _llama_runner(gguf: Path, threads: int, prompt: list[int], new_tokens: int):
         logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(logits, shape=(vocab,))))
 
-    def run() -> tuple[list[int], list[float]]:
+    def run() -> tuple[list[int], list[tuple[float, float]]]:
         llm.reset()
         llm.eval(prompt)
-        tokens, times = [next_token()], [time.perf_counter()]
+        tokens, times = [next_token()], [_now()]
         while len(tokens) < new_tokens:
             llm.eval(tokens[-1:])
             tokens.append(next_token())
-            times.append(time.perf_counter())
+            times.append(_now())
         return tokens, times
 
     return run
@@ -131,7 +136,7 @@ def _hf_runner(fn: Callable, model, ids: torch.Tensor, new_tokens: int):
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids))
 
-    def run() -> tuple[list[int], list[float]]:
+    def run() -> tuple[list[int], list[tuple[float, float]]]:
         stamps = _Stamps()
         out = fn(model, ids, streamer=stamps, **kwargs)
         return out[0, ids.shape[1]:].tolist(), stamps.times
@@ -174,11 +179,14 @@ def main() -> None:
                 runs["llama"] = _llama_runner(gguf, threads, prompt[0].tolist(), args.new_tokens)
             tokens = {k: fn()[0] for k, fn in runs.items()}  # warm-up, and the tokens compared
             rates: dict[str, list[float]] = {k: [] for k in runs}
+            cpu_ms: dict[str, list[float]] = {k: [] for k in runs}
             order = list(runs)
             for r in range(args.rounds):
                 for key in order[r % len(order):] + order[:r % len(order)]:
                     _, times = runs[key]()
-                    rates[key].append((len(times) - 1) / (times[-1] - times[0]))
+                    (wall0, cpu0), (wall1, cpu1) = times[0], times[-1]
+                    rates[key].append((len(times) - 1) / (wall1 - wall0))
+                    cpu_ms[key].append((cpu1 - cpu0) / (len(times) - 1) * 1e3)
             bandwidth = measure_read_bandwidth("cpu")
             median = {k: statistics.median(v) for k, v in rates.items()}
             for key, values in rates.items():
@@ -186,6 +194,7 @@ def main() -> None:
                            decode_tok_s=round(median[key], 2),
                            tok_s_range=f"{min(values):.1f}-{max(values):.1f}",
                            ms_per_step=round(1e3 / median[key], 1),
+                           cpu_ms_per_step=round(statistics.median(cpu_ms[key]), 1),
                            weights_gb_s=round(weight_bytes * median[key] / 1e9, 2),
                            vs_model_generate=round(median[key] / median["hf"], 2))
                 if "llama" in median:
@@ -205,7 +214,9 @@ def main() -> None:
         f"Batch-1 greedy decoding of the 135M Llama-shaped model (random weights, float32, "
         f"{weight_bytes / 2**20:.0f} MiB of parameters), {args.prompt_len}-token prompt, "
         f"{args.new_tokens} new tokens; {versions}. Median of {args.rounds} rounds; each round "
-        "runs every system once (order rotated per round). Decode rate excludes the prefill."
+        "runs every system once (order rotated per round). Decode rate excludes the prefill. "
+        "cpu_ms_per_step: process CPU time per decode step, all threads summed (at 1 thread, "
+        "what the step would take on an idle core; spinning threads count too)."
         + (f" llama.cpp skipped: {skipped}." if skipped else
            " llama.cpp reads the same weights as GGUF f32 made by its own convert_hf_to_gguf.py."))
     report.add_note(f"Load average (1 min): {load_start:.2f} at start, "

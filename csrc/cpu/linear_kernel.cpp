@@ -5,7 +5,7 @@
 // that pass exactly once per call, whatever T is: every panel's stream is read once and all T rows
 // are accumulated from it (rows beyond what the registers hold re-read the panel from L2, not from
 // memory). Threads split the panels into contiguous ranges, so each thread's reads stay one
-// sequential stream. Accumulation is float32, along k in order, like a plain dot product.
+// sequential stream. Accumulation is float32, in order along k (in chunks, see kChunk).
 #include "vec.h"  // first: it selects at::vec's instruction set
 
 #include <ATen/Parallel.h>
