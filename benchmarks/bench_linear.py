@@ -75,8 +75,7 @@ def main() -> None:
         "/ streaming CPU time at the same row count.")
     report.add_table("Products per row count", rows_out)
     report.add_plot("weights read (CPU time)", rows_out, x="rows", y="cpu_gb_s", series="method")
-    for path in report.write(Path(args.out)):
-        print("wrote", path)
+    print("wrote", *report.write(Path(args.out)))
 
 
 if __name__ == "__main__":
