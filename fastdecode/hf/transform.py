@@ -1,11 +1,12 @@
 """Faster linear layers for small-batch decoding on CPU, without touching the user's model.
 
 A decode step multiplies a few rows (one per sequence) by every weight matrix, so its time is
-the time one pass over the weights takes to stream from memory. nn.Linear's products (MKL sgemm
-on an ``[out, in]`` weight) and oneDNN's on pre-packed weights fall well short of that from two
-rows on; the C++ extension's weight-streaming kernel (``fastdecode::packed_linear``, see
-csrc/cpu/linear_kernel.cpp) reads weights packed into panels once per call whatever the row
-count, and fusing the q/k/v and gate/up projections turns 5 products into 2. Without the
+the time one pass over the weights takes to stream from memory. The C++ extension's
+weight-streaming kernel (``fastdecode::packed_linear``, see csrc/cpu/linear_kernel.cpp) reads
+weights packed into panels once per call whatever the row count. Over the 135M model's products
+(``benchmarks/bench_linear.py``, one thread) nn.Linear's MKL product matches it at one row but
+takes 1.4-1.9x its time from 4 to 16 rows, and oneDNN on its pre-packed layout 1.05-1.25x
+up to 16 rows. Fusing the q/k/v and gate/up projections turns 5 products into 2. Without the
 extension, a contiguous ``[in, out]`` copy (``x @ W.T``) is used.
 
 :class:`LinearLayout` holds packed (and fused) copies of the float32 weights and, inside
@@ -62,8 +63,9 @@ def _streaming() -> bool:
 
 
 # Rows up to which the streaming kernel runs; nn.Linear's own product on the original weight
-# beyond, where the product turns compute bound and the kernel stops gaining (see the README's
-# fast-linear table for the measurements behind this constant).
+# beyond, where products turn compute bound. At 32 rows the kernel and oneDNN were even, at 64
+# oneDNN was 8-17% faster (benchmarks/bench_linear.py), but it needs one more copy of the
+# weights and keeps a compiled kernel per row count; from 64 rows on nn.Linear is within ~10%.
 _STREAM_MAX_ROWS = 64
 
 
