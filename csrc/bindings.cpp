@@ -22,6 +22,10 @@ TORCH_LIBRARY(fastdecode, m) {
         "Tensor min_p, Tensor repetition_penalty, Tensor? seen_tokens) -> Tensor");
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
         "Tensor repetition_penalty, Tensor? seen_tokens, Tensor seeds, Tensor offsets) -> Tensor");
+  // CPU only: the weight-streaming linear product of the fast-linear path.
+  m.def("packed_linear_panel_width() -> int", &fastdecode::cpu::packed_linear_panel_width);
+  m.def("pack_linear_weight(Tensor(a!) packed, Tensor weight) -> ()");
+  m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdecode, CPU, m) {
@@ -30,4 +34,6 @@ TORCH_LIBRARY_IMPL(fastdecode, CPU, m) {
   m.impl("apply_repetition_penalty", &fastdecode::cpu::apply_repetition_penalty);
   m.impl("process_logits", &fastdecode::cpu::process_logits);
   m.impl("sample", &fastdecode::cpu::sample);
+  m.impl("pack_linear_weight", &fastdecode::cpu::pack_linear_weight);
+  m.impl("packed_linear", &fastdecode::cpu::packed_linear);
 }

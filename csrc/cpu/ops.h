@@ -44,4 +44,15 @@ at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
                   const std::optional<at::Tensor>& seen_tokens, const at::Tensor& seeds,
                   const at::Tensor& offsets);
 
+// Weight-streaming linear product for few rows (linear_kernel.h has the packed layout).
+// The output features per panel of the packed layout this build uses.
+int64_t packed_linear_panel_width();
+// packed: [ceil(out_features / panel), in_features, panel] float32, filled from
+// weight [out_features, in_features] float32.
+void pack_linear_weight(at::Tensor& packed, const at::Tensor& weight);
+// x: [..., in_features] float32; bias: [out_features] float32. Returns x @ weight^T + bias,
+// [..., out_features] float32.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed,
+                         const std::optional<at::Tensor>& bias, int64_t out_features);
+
 }  // namespace fastdecode::cpu

@@ -1,19 +1,21 @@
 """Faster linear layers for small-batch decoding on CPU, without touching the user's model.
 
-Decode steps multiply a few rows by every weight matrix. For such skinny products on CPU,
-nn.Linear's default path (MKL sgemm on an ``[out, in]`` weight) is far from the machine's limits:
-on the benchmark machine (AMD EPYC, AVX-512) oneDNN on weights pre-packed into its blocked layout
-(``torch.ops.mkldnn._reorder_linear_weight``, the path torch.compile's CPU freezing uses) ran the
-135M model's products 1.7x faster at 1 row and 2.3x faster at 8 rows, and fusing the q/k/v and
-gate/up projections turns 5 products into 2. Without oneDNN, a contiguous ``[in, out]`` copy
-(``x @ W.T``) still reads ~25% faster than the ``[out, in]`` layout at 1 row.
+A decode step multiplies a few rows (one per sequence) by every weight matrix, so its time is
+the time one pass over the weights takes to stream from memory. The C++ extension's
+weight-streaming kernel (``fastdecode::packed_linear``, see csrc/cpu/linear_kernel.cpp) reads
+weights packed into panels once per call whatever the row count. Over the 135M model's products
+(``benchmarks/bench_linear.py``, one thread) nn.Linear's MKL product matches it at one row but
+takes 1.4-1.9x its time from 4 to 16 rows, and oneDNN on its pre-packed layout 1.05-1.25x
+up to 16 rows. Fusing the q/k/v and gate/up projections turns 5 products into 2. Without the
+extension, a contiguous ``[in, out]`` copy (``x @ W.T``) is used.
 
 :class:`LinearLayout` holds packed (and fused) copies of the float32 weights and, inside
 ``with layout.active():``, routes each exact ``nn.Linear`` through them by setting an instance
 ``forward`` that is removed again on exit (also on error). Parameters are never modified; the
 copies cost the linear weights' memory once more, so :func:`worth_it` limits them to CPU models
 that fit comfortably. Copies are cached per model and rebuilt when any weight changes
-(``Tensor._version``), so repeated ``generate`` calls do not pay the transposition again.
+(``Tensor._version``), so repeated ``generate`` calls do not pay the packing again. No state
+depends on the row count: memory stays flat whatever batch sizes a server forms.
 """
 
 from __future__ import annotations
@@ -54,59 +56,56 @@ def _plain(linear: nn.Module) -> bool:
             and not linear._forward_pre_hooks and "forward" not in linear.__dict__)
 
 
-def _onednn() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                            "_reorder_linear_weight")
+def _streaming() -> bool:
+    """Whether the C++ extension with the weight-streaming linear kernel is built."""
+    from fastdecode.ops import _backends
+    return _backends.is_available("cpu") and hasattr(torch.ops.fastdecode, "packed_linear")
 
 
-# Row count the packed layout is tuned for: 8 was fastest at 1, 8 and 32 rows alike.
-_PACK_ROWS = 8
-# oneDNN builds (and keeps, in its primitive cache) one kernel per distinct row count, about
-# 0.6 MiB each: fed every batch size a server sees, a process grew by hundreds of MiB. So the
-# packed path sees a bounded set of row counts (15 per weight shape): exact up to _EXACT_ROWS,
-# where a product costs about the same at any row count (the weight read dominates), then
-# padded to a multiple of _ROW_STEP up to _PACKED_MAX_ROWS (at most 1.3x the exact cost, ~1.15x
-# on average); beyond that nn.Linear's own product on the original weight, within 5% of the
-# packed one from 64 rows on, where padding to coarser buckets cost 10-30%.
-_EXACT_ROWS = 8
-_ROW_STEP = 8
-_PACKED_MAX_ROWS = 64
+# Rows up to which the streaming kernel runs; nn.Linear's own product on the original weight
+# beyond, where products turn compute bound. At 32 rows the kernel and oneDNN were even, at 64
+# oneDNN was 8-17% faster (benchmarks/bench_linear.py), but it needs one more copy of the
+# weights and keeps a compiled kernel per row count; from 64 rows on nn.Linear is within ~10%.
+_STREAM_MAX_ROWS = 64
 
 
-def packed_rows(rows: int) -> int:
-    """The row count the packed product runs ``rows`` rows at (``rows <= _PACKED_MAX_ROWS``)."""
-    return rows if rows <= _EXACT_ROWS else -(-rows // _ROW_STEP) * _ROW_STEP
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] float32 -> the streaming kernel's panels [ceil(out / panel), in, panel],
+    in huge pages where the machine allows (the whole copy is streamed once per step)."""
+    from fastdecode.ops import _extension  # noqa: F401  (registers the op's fake)
+    from fastdecode.ops.memory import zeros
+    panel = torch.ops.fastdecode.packed_linear_panel_width()
+    out_features, in_features = weight.shape
+    packed = zeros((-(-out_features // panel), in_features, panel), dtype=torch.float32)
+    torch.ops.fastdecode.pack_linear_weight(packed, weight.detach())
+    return packed
 
 
 class _Product:
-    """``y = x @ weight.T (+ bias)``; weight: [out, in] float32 (copied into a faster layout).
+    """``y = x @ weight.T (+ bias)``; weight: [out, in] float32, copied into the streaming
+    kernel's packed layout (or, without the C++ extension, transposed to a contiguous [in, out]).
 
     Callers check :meth:`fits` first and run the original nn.Linear product otherwise.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         self.bias = None if bias is None else bias.detach().contiguous()
-        if _onednn():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS)
-            self.weight_t = None
+        self.out_features = weight.shape[0]
+        if _streaming():
+            self.packed, self.weight_t = _pack(weight), None
         else:
             self.packed, self.weight_t = None, weight.detach().t().contiguous()
 
     def fits(self, x: torch.Tensor) -> bool:
-        return self.packed is None or x.numel() <= _PACKED_MAX_ROWS * x.shape[-1]
+        return self.packed is None or x.numel() <= _STREAM_MAX_ROWS * x.shape[-1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.fastdecode.packed_linear(x, self.packed, self.bias,
+                                                      self.out_features)
         flat = x.reshape(-1, x.shape[-1])
-        if self.packed is None:
-            y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat,
-                                                                              self.weight_t)
-        else:
-            rows = flat.shape[0]
-            pad = packed_rows(rows) - rows
-            if pad:
-                flat = torch.nn.functional.pad(flat, (0, 0, 0, pad))
-            y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, self.bias,
-                                                   "none", [], "")[:rows]
+        y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat,
+                                                                          self.weight_t)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -50,6 +50,17 @@ def _sample_fake(logits, temperature, top_k, top_p, min_p, repetition_penalty, s
     return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
 
+@torch.library.register_fake(_LIB + "pack_linear_weight")
+def _pack_linear_weight_fake(packed, weight) -> None:
+    same_device(weight.device, packed=packed)
+
+
+@torch.library.register_fake(_LIB + "packed_linear")
+def _packed_linear_fake(x, packed, bias, out_features):
+    same_device(x.device, packed=packed, bias=bias)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 def has_cuda_kernels() -> bool:
     """Whether this build of the extension carries the CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(_LIB + "paged_attention", "CUDA")
