@@ -73,7 +73,7 @@ def test_packed_products_see_a_bounded_set_of_row_counts():
 def test_fast_linears_are_exact_at_every_row_count(rows):
     """Exact rows, padded rows and the nn.Linear fallback all give the float32 product (the
     fused q/k/v with bias included): within twice plain float32's error of float64."""
-    from fastdecode.hf.tiny import tiny_model
+    from tiny import tiny_model
 
     model = tiny_model("qwen2")
     attn = model.model.layers[0].self_attn

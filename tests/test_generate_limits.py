@@ -13,7 +13,7 @@ from transformers import StoppingCriteria
 
 from _hf_helpers import assert_greedy_match, fd_generate, forbid_original_generate, padded_batch
 from fastdecode.hf import runner as runner_module
-from fastdecode.hf.tiny import tiny_model
+from tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ _PEAK_RSS = textwrap.dedent("""
     import torch
     from transformers import StoppingCriteria
     import fastdecode
-    from fastdecode.hf.tiny import tiny_model
+    from tiny import tiny_model
 
     class StopAfter(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
