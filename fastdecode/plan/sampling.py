@@ -75,10 +75,11 @@ class SamplingBatch:
 
 
 @dataclass(frozen=True)
-class _Neutral:
-    """Greedy parameters standing in for a row whose own break the rules."""
+class Row:
+    """One row's parameters (a :class:`RowParams`), for callers without ``SamplingParams``;
+    the values must pass :mod:`fastdecode.ops._rules` (nothing here checks them)."""
 
-    temperature: float = 0.0
+    temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
@@ -86,7 +87,19 @@ class _Neutral:
     seed: Optional[int] = None
 
 
-_NEUTRAL = _Neutral()
+_NEUTRAL = Row(temperature=0.0)  # stands in for a row whose own parameters break the rules
+
+
+def rule_error(p: RowParams) -> Optional[str]:
+    """Why ``p`` breaks :mod:`fastdecode.ops._rules`, or None."""
+    try:
+        for name in _PER_ROW:
+            _rules.check(name, getattr(p, name))
+        if p.seed is not None:
+            _rules.check("seed", p.seed)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 class Sampler:
@@ -99,23 +112,19 @@ class Sampler:
         self._valid: set[tuple] = set()  # parameter values known to pass the rules
 
     def _check(self, p: RowParams) -> Optional[str]:
-        """Why ``p`` breaks the rules (None if it does not); a value set is checked once."""
+        """:func:`rule_error`, each set of values checked once."""
         values = tuple(getattr(p, name) for name in _PER_ROW) + (p.seed,)
         try:
             if values in self._valid:
                 return None
-        except TypeError:  # an unhashable value: checked below, and refused there
+        except TypeError:  # an unhashable value: rule_error refuses it
             pass
-        try:
-            for name, value in zip(_PER_ROW + ("seed",), values):
-                if value is not None or name != "seed":
-                    _rules.check(name, value)
-        except ValueError as exc:
-            return str(exc)
-        if len(self._valid) > 4096:
-            self._valid.clear()
-        self._valid.add(values)
-        return None
+        why = rule_error(p)
+        if why is None:
+            if len(self._valid) > 4096:
+                self._valid.clear()
+            self._valid.add(values)
+        return why
 
     def shared(self, batch: int, p: RowParams, seen_tokens: Optional[torch.Tensor] = None
                ) -> SamplingBatch:

@@ -32,12 +32,12 @@ class Field:
     offset: int
 
     @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
     def nbytes(self) -> int:
-        return self.capacity * _itemsize(self.dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+        return self.capacity * self.itemsize
 
 
 class Staging:
@@ -61,13 +61,14 @@ class Staging:
         offset = 0
         for name, (dtype, capacity) in self._spec.items():
             self.fields[name] = Field(dtype, capacity, offset)
-            offset += -(-capacity * _itemsize(dtype) // _ALIGN) * _ALIGN
+            offset += -(-capacity * dtype.itemsize // _ALIGN) * _ALIGN
         pin = self.device.type == "cuda"
         self._host = torch.zeros(offset, dtype=torch.uint8, pin_memory=pin)
         self._dev = (self._host if self.device.type == "cpu"
                      else torch.zeros(offset, dtype=torch.uint8, device=self.device))
         self._host_views = {n: self._typed(self._host, f).numpy() for n, f in self.fields.items()}
         self._dev_views = {n: self._typed(self._dev, f) for n, f in self.fields.items()}
+        self._dev_slices: dict[tuple[str, int], torch.Tensor] = {}
         for name, values in old.items():  # what this step wrote before growing stays
             self._host_views[name][:len(values)] = values
         self._end = self._host.numel() if old else 0  # bytes to upload
@@ -100,12 +101,16 @@ class Staging:
         if count > f.capacity:
             raise ValueError(f"staging field {name!r}: {count} elements exceed its capacity "
                              f"{f.capacity} (reserve first)")
-        self._end = max(self._end, f.offset + count * _itemsize(f.dtype))
+        self._end = max(self._end, f.offset + count * f.itemsize)
         return self._host_views[name][:count]
 
     def device_view(self, name: str, count: int) -> torch.Tensor:
-        """The first ``count`` elements of a field on the device (valid after ``upload``)."""
-        return self._dev_views[name][:count]
+        """The first ``count`` elements of a field on the device (valid after ``upload``); the
+        same tensor object for the same field and count until the buffers are reallocated."""
+        view = self._dev_slices.get((name, count))
+        if view is None:
+            view = self._dev_slices[name, count] = self._dev_views[name][:count]
+        return view
 
     def upload(self) -> None:
         """Send everything written since the last upload in one non-blocking copy."""

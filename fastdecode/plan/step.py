@@ -9,6 +9,7 @@ nothing in a layer's call reads device data on the host.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
@@ -75,6 +76,18 @@ class StepPlan:
 # Staging fields of a plan, small ones first (an upload copies up to the last one written).
 _FIELDS = {"seq_lens": torch.int32, "cu_seqlens_q": torch.int32, "logits_indices": torch.int64,
            "input_ids": torch.int64, "positions": torch.int64, "slot_mapping": torch.int64}
+
+
+@functools.lru_cache(maxsize=64)
+def _arange_cached(n: int) -> np.ndarray:
+    a = np.arange(n, dtype=np.int64)
+    a.flags.writeable = False
+    return a
+
+
+def _arange(n: int) -> np.ndarray:
+    """``np.arange(n)`` (int64, read-only), cached for the small sizes steps repeat."""
+    return _arange_cached(n) if n <= 4096 else np.arange(n, dtype=np.int64)
 
 
 class StepPlanner:
@@ -156,16 +169,22 @@ class StepPlanner:
             tables[seq_of, np.arange(len(flat)) - starts[seq_of]] = flat
 
         cu = stg.host("cu_seqlens_q", rows + 1)
-        cu[0] = 0
-        np.cumsum(q, out=cu[1:b + 1])
-        cu[b + 1:] = cu[b] + np.arange(1, rows - b + 1)  # padding rows: one inert token each
         lens = stg.host("seq_lens", rows)
         lens[:b] = kv
         lens[b:] = 0
-        seq_of = np.repeat(np.arange(b), q)
-        kv_index = np.arange(tokens) - cu[seq_of] + (kv - q)[seq_of]
         slots = stg.host("slot_mapping", t_rows)
-        slots[:tokens] = tables[seq_of, kv_index // size].astype(np.int64) * size + kv_index % size
+        decode = tokens == b
+        if decode:  # the common step: one token per sequence, at KV index kv - 1
+            cu[:] = _arange(rows + 1)  # padding rows: one inert token each
+            kv_index = kv - 1
+            slots[:b] = tables[_arange(b), kv_index // size] * size + kv_index % size
+        else:
+            cu[0] = 0
+            np.cumsum(q, out=cu[1:])
+            seq_of = np.repeat(_arange(b), q)
+            kv_index = _arange(tokens) - cu[seq_of] + (kv - q)[seq_of]
+            slots[:tokens] = (tables[seq_of, kv_index // size].astype(np.int64) * size
+                              + kv_index % size)
         slots[tokens:] = -1
         on_device = isinstance(positions, torch.Tensor)
         if not on_device:
@@ -191,7 +210,6 @@ class StepPlanner:
             ids_dev = stg.device_view("input_ids", t_rows)
             if input_ids is not None:
                 ids_dev[:tokens].copy_(input_ids, non_blocking=True)
-        decode = tokens == b
         workspace = None
         if decode and self.kv is not None:
             workspace = self.kv.workspace(rows, width)
