@@ -10,8 +10,9 @@ step to step: what a captured graph reads.
   attention calls the ops' custom-op entry points, nothing reads a device value on the host).
   Runs on CPU and CUDA; one compilation per bucket.
 - :class:`CudaGraphDecode`: one CUDA graph per bucket, captured from the largest bucket down
-  (sharing one memory pool) and replayed; recaptured when the caches or the staging buffer
-  were reallocated (their ``version`` changed).
+  (sharing one memory pool) and replayed. A step finding the graphs stale (never captured, or
+  the caches or the staging buffer reallocated since: their ``version`` changed) runs eagerly,
+  then recaptures.
 
 Both call the runner eagerly the first time they see a bucket: that call runs the ops'
 argument checks of every layer, which the traced code skips.
@@ -143,8 +144,10 @@ class CudaGraphDecode(_Static):
     def __call__(self, plan: StepPlan) -> torch.Tensor:
         """plan: from :meth:`plan` -> [B, V] float32 logits of the real rows (a view of the
         graph's output: valid until the next step)."""
-        if self._stale():
+        if self._stale():  # capturing now would overwrite this plan: run it eagerly first
+            logits = self.runner.forward(plan.input_ids, plan.positions, plan)
             self.capture()
+            return logits[:plan.num_real]
         graph, static, out = self._graphs[plan.num_seqs]
         # Plans of one bucket share the staging regions; device tensors passed by the caller
         # (the previous step's tokens) are copied into the graph's inputs.
