@@ -77,7 +77,9 @@ class PagedRunner:
     device: cache device (default: the model's); backend: ops backend for every call.
     fast_linears: run float32 linear layers on packed / fused weight copies and Llama-style
     RMSNorms fused (:mod:`fastdecode.hf.transform`); default: when
-    :func:`~fastdecode.hf.transform.worth_it` (CPU models whose weights fit RAM comfortably).
+    :func:`~fastdecode.hf.transform.worth_it` (CPU models whose weights fit RAM comfortably) and
+    the median linear layer holds at least 2**18 weights (smaller products lose to plain
+    ``nn.Linear``).
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int = 16,
@@ -110,7 +112,7 @@ class PagedRunner:
         self._verified = False
         self._active = False
         if fast_linears is None:
-            fast_linears = transform.worth_it(model)
+            fast_linears = transform.worth_it(model) and _large_linears(model)
         self._layout = transform.LinearLayout(model) if fast_linears else None
 
     @property
@@ -187,6 +189,17 @@ class PagedRunner:
         if pick is not None and "logits_to_keep" not in extra:
             logits = logits[pick]
         return logits.float()
+
+
+# Median weights of a model's linear layers below which the packed copies lose: oneDNN's fixed
+# cost per call exceeds the product itself (64- and 256-wide models decode faster with plain
+# nn.Linear; the 135M model's 576 x 576 and 576 x 1536 products gain).
+_FAST_LINEAR_MIN_WEIGHTS = 1 << 18
+
+
+def _large_linears(model: torch.nn.Module) -> bool:
+    sizes = sorted(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return bool(sizes) and sizes[len(sizes) // 2] >= _FAST_LINEAR_MIN_WEIGHTS
 
 
 def _configs(model: torch.nn.Module) -> list:

@@ -54,6 +54,8 @@ class PagedStepper:
         self.session = self.runner.session
         self.hidden_states = None
         self._kv = np.array(self.lens, dtype=np.int64)  # KV length of each row (host)
+        self._longest = longest  # of self._kv
+        self._ones = np.ones(self.batch, np.int64)  # new tokens per row in a decode step
         m = self.blocks_per_row
         self._tables = np.arange(self.batch * m, dtype=np.int32).reshape(self.batch, m)
 
@@ -84,10 +86,11 @@ class PagedStepper:
 
     def decode(self, tokens: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
         """tokens: [B] int64, one new token per row -> [B, V] float32."""
-        if self._kv.max() >= self.blocks_per_row * self.block_size:
+        if self._longest >= self.blocks_per_row * self.block_size:
             self._grow()
         self._kv += 1
-        plan = self.planner.build(np.ones(self.batch, np.int64), self._kv, self._tables,
+        self._longest += 1
+        plan = self.planner.build(self._ones, self._kv, self._tables,
                                   input_ids=tokens.to(self.device, non_blocking=True),
                                   positions=self._pos)
         self._pos += 1
