@@ -13,7 +13,6 @@ from fastdecode import Engine, SamplingParams, ops
 from fastdecode.hf.context import PagedContext
 from fastdecode.ops import _backends, _params
 from fastdecode.plan import Sampler, Staging, StepPlanner, attention as plan_attention, sampling
-from fastdecode.plan.sampling import Row
 
 P = 4
 
@@ -172,9 +171,10 @@ def test_staged_rows_draw_what_ops_sample_draws():
 
 def test_a_row_breaking_the_rules_is_reported_and_sampled_neutrally():
     sampler = Sampler(11, "cpu")
-    bad = Row(temperature=float("nan"))
+    bad = SamplingParams(temperature=0.0)
+    object.__setattr__(bad, "temperature", float("nan"))  # past the checks, as a bug would
     stg = _staging()
-    batch = sampler.stage(stg, [Row(temperature=0.0), bad, Row(temperature=0.0)], [0, 0, 0])
+    batch = sampler.stage(stg, [SamplingParams(temperature=0.0), bad, SamplingParams(temperature=0.0)], [0, 0, 0])
     stg.upload()
     assert list(batch.errors) == [1] and "temperature" in batch.errors[1]
     assert batch.params.all_greedy  # the bad row is greedy too: the batch runs as one

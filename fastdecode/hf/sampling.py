@@ -18,7 +18,8 @@ import torch
 from fastdecode import ops
 from fastdecode.hf import compat
 from fastdecode.hf.options import Options
-from fastdecode.plan.sampling import Row, Sampler, rule_error
+from fastdecode.engine.params import SamplingParams
+from fastdecode.plan.sampling import Sampler
 from fastdecode.processors import BannedSequences, remove_invalid_values
 
 
@@ -45,8 +46,12 @@ class TokenSelector:
         self._banned: Optional[BannedSequences] = None
         self._eos_ids: Optional[torch.Tensor] = None
         # The fused draw's parameters, if they pass the rules (else ops.sample raises its error).
-        row = Row(**self.warp, repetition_penalty=self.penalty)
-        self._row = row if self.do_sample and rule_error(row) is None else None
+        self._row: Optional[SamplingParams] = None
+        if self.do_sample:
+            try:
+                self._row = SamplingParams(**self.warp, repetition_penalty=self.penalty)
+            except ValueError:
+                pass
         self._sampler: Optional[Sampler] = None
 
     def __call__(self, logits: torch.Tensor, sequences: torch.Tensor, seen: Optional[torch.Tensor],

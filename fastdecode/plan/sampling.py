@@ -15,6 +15,7 @@ from typing import Optional, Protocol, Sequence
 
 import torch
 
+from fastdecode.engine.params import SamplingParams
 from fastdecode.ops import _backends, _rules
 from fastdecode.ops._params import SamplingTensors, from_host, seeds_and_offsets
 from fastdecode.plan.staging import Staging
@@ -74,20 +75,8 @@ class SamplingBatch:
                              {0: self.errors[j]} if j in self.errors else {})
 
 
-@dataclass(frozen=True)
-class Row:
-    """One row's parameters (a :class:`RowParams`), for callers without ``SamplingParams``;
-    the values must pass :mod:`fastdecode.ops._rules` (nothing here checks them)."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: Optional[int] = None
-
-
-_NEUTRAL = Row(temperature=0.0)  # stands in for a row whose own parameters break the rules
+# Stands in for a row whose own parameters break the rules.
+_NEUTRAL = SamplingParams(temperature=0.0)
 
 
 def rule_error(p: RowParams) -> Optional[str]:
