@@ -10,7 +10,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from _hf_helpers import RecordingStreamer, fd_generate, padded_batch
 from fastdecode.hf import FallbackError
-from fastdecode.hf.tiny import byte_tokenizer, tiny_model
+from tiny import byte_tokenizer, tiny_model
 
 NEW = 10
 

@@ -17,7 +17,7 @@ from transformers import CompileConfig
 
 from _hf_helpers import fd_generate, forbid_original_generate, padded_batch
 from fastdecode.hf import compat
-from fastdecode.hf.tiny import tiny_model
+from tiny import tiny_model
 
 NEW = 6
 BASE = dict(max_new_tokens=NEW, do_sample=False)

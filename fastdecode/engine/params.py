@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -70,12 +71,44 @@ def _stop_ids(ids: Optional[Iterable[int]]) -> Optional[tuple[int, ...]]:
     return tuple(int(i) for i in values)
 
 
+class TokenView(abc.Sequence):
+    """A read-only view of ``tokens[start:stop]`` of a list that only ever grows: what a step
+    reports costs nothing however long the request is (no copy of its tokens). Compares equal
+    to a list of the same ids; ``list(view)`` copies."""
+
+    __slots__ = ("_tokens", "_start", "_stop")
+
+    def __init__(self, tokens: list[int], start: int, stop: int) -> None:
+        self._tokens, self._start, self._stop = tokens, start, stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._tokens[self._start + i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("TokenView index out of range")
+        return self._tokens[self._start + index]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (TokenView, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self[:])
+
+
 @dataclass
 class RequestOutput:
     """What one ``Engine.step()`` reports for a request.
 
     output_ids: every generated token so far (not the prompt), including the EOS / stop token that
-    finished the request; new_ids: the tokens this step added. finish_reason: None while
+    finished the request, as a read-only :class:`TokenView` (a sequence; ``list()`` copies it);
+    new_ids: the tokens this step added. finish_reason: None while
     running, then "stop" (EOS or a stop id), "length" (max_new_tokens or the model's context),
     "abort" or "error". error: with "error", what went wrong, naming the request id (e.g. the
     sampler found no finite logit); None otherwise.
@@ -83,7 +116,7 @@ class RequestOutput:
 
     request_id: str
     prompt_ids: list[int]
-    output_ids: list[int]
+    output_ids: abc.Sequence
     new_ids: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: Optional[str] = None

@@ -3,8 +3,10 @@
 HF order: repetition penalty -> bad words -> min-length EOS ban -> remove invalid values -> user
 logits processors -> temperature -> top-k -> top-p -> min-p -> draw (``do_sample``) or argmax.
 Without user processors, ``output_scores`` or ``remove_invalid_values`` the whole chain is one
-fused ``ops.sample`` call (the bad-words bias and the EOS ban are applied to the raw logits first:
-both only add ``-inf``, which commutes with the penalty).
+fused sampling call (the bad-words bias and the EOS ban are applied to the raw logits first:
+both only add ``-inf``, which commutes with the penalty), through a
+:class:`fastdecode.plan.Sampler`: the parameters, checked once, are cached scalars and the
+backend is resolved once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 from fastdecode import ops
 from fastdecode.hf import compat
 from fastdecode.hf.options import Options
+from fastdecode.engine.params import SamplingParams
+from fastdecode.plan.sampling import Sampler
 from fastdecode.processors import BannedSequences, remove_invalid_values
 
 
@@ -41,6 +45,14 @@ class TokenSelector:
         self.backend = backend
         self._banned: Optional[BannedSequences] = None
         self._eos_ids: Optional[torch.Tensor] = None
+        # The fused draw's parameters, if they pass the rules (else ops.sample raises its error).
+        self._row: Optional[SamplingParams] = None
+        if self.do_sample:
+            try:
+                self._row = SamplingParams(**self.warp, repetition_penalty=self.penalty)
+            except ValueError:
+                pass
+        self._sampler: Optional[Sampler] = None
 
     def __call__(self, logits: torch.Tensor, sequences: torch.Tensor, seen: Optional[torch.Tensor],
                  ban_eos: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -50,6 +62,12 @@ class TokenSelector:
         penalised = self.penalty != 1.0
         if not self.need_scores:
             logits = self._mask(logits, sequences, ban_eos)
+            if self._row is not None:
+                if self._sampler is None:
+                    self._sampler = Sampler(logits.shape[-1], logits.device, self.backend)
+                seen = seen.contiguous() if penalised else None
+                return self._sampler.sample(logits, self._sampler.shared(
+                    logits.shape[0], self._row, seen)), None
             if self.do_sample:
                 return ops.sample(logits, **self.warp, repetition_penalty=self.penalty,
                                   seen_tokens=seen if penalised else None,
