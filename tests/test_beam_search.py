@@ -97,3 +97,14 @@ def test_beam_sampling_with_a_seed_matches_hf(family, warpers, monkeypatch):
         assert_beams_match(model, monkeypatch, ids, attention_mask=mask, num_beams=3,
                            max_new_tokens=8, do_sample=True, num_return_sequences=2, seed=seed,
                            **warpers)
+
+
+def test_right_padded_beams_fall_back_with_a_warning(monkeypatch):
+    monkeypatch.undo()  # the original generate may run here
+    model = tiny_model("llama")
+    ids, mask = padded_batch([6, 3], model.config.vocab_size, seed=4)
+    ids, mask = ids.flip(1), mask.flip(1)  # right padding: only HF's cache takes it
+    kwargs = dict(attention_mask=mask, num_beams=2, max_new_tokens=4)
+    with pytest.warns(UserWarning, match="num_beams"):
+        out = fd_generate(model, ids, **kwargs)
+    assert torch.equal(out, model.generate(ids, **kwargs))
