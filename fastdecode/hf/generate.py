@@ -23,6 +23,7 @@ from fastdecode.hf import compat, loop
 from fastdecode.hf import options as _options
 from fastdecode.hf.beam import BeamSearch
 from fastdecode.hf.beam_cache import BeamKV
+from fastdecode.hf.beam_groups import GroupBeamSearch, check_groups
 from fastdecode.hf.patching import original_generate
 from fastdecode.hf.prepare import Prepared, prepare, prepare_cache
 from fastdecode.hf.runner import has_unsupported_attention, uses_attention_interface
@@ -162,13 +163,16 @@ def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_
 def _decode_beams(model, prepared: Prepared, opts: _options.Options, logits_processor,
                   backend: str):
     """Beam search / beam sampling on the paged cache (the caller checked it takes the call)."""
+    if opts.num_beam_groups > 1:
+        check_groups(opts)
     if opts.return_dict:
         prepare_cache(model, prepared)
     kv = BeamKV(model, prepared, opts.num_beams, opts.max_new_tokens, backend=backend)
     selector = TokenSelector(opts, logits_processor, True, backend)
+    search = (GroupBeamSearch(kv, selector, opts) if opts.num_beam_groups > 1
+              else BeamSearch(kv, selector, opts))
     with kv.session():
-        result = BeamSearch(kv, selector, opts).run(prepared.input_ids,
-                                                    prepared.model_kwargs.get("attention_mask"))
+        result = search.run(prepared.input_ids, prepared.model_kwargs.get("attention_mask"))
     if not opts.return_dict:
         return result.sequences
     fields = dict(sequences=result.sequences, beam_indices=result.beam_indices,

@@ -22,7 +22,6 @@ from fastdecode.hf.prepare import Prepared
 # Generation-config attributes that only matter when they differ from these neutral values.
 # Anything listed here and set to something else runs through the original model.generate.
 _NEUTRAL = {
-    "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0),
     "penalty_alpha": (None,), "dola_layers": (None,), "prompt_lookup_num_tokens": (None,),
     "guidance_scale": (None, 1.0), "sequence_bias": (None,),
     "encoder_no_repeat_ngram_size": (None, 0), "encoder_repetition_penalty": (None, 1.0),
@@ -40,7 +39,7 @@ _NEUTRAL = {
 OTHER_METHODS = ("prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
                  "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer")
 _NATIVE_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.BEAM_SEARCH,
-                 GenerationMode.BEAM_SAMPLE)
+                 GenerationMode.BEAM_SAMPLE, GenerationMode.GROUP_BEAM_SEARCH)
 # HF processors fastdecode implements itself (by class name: the classes move between modules).
 _BUILT_IN = {"RepetitionPenaltyLogitsProcessor", "NoBadWordsLogitsProcessor",
              "NoRepeatNGramLogitsProcessor",
@@ -60,7 +59,8 @@ class Options:
     is forbidden; eos / pad: token ids (pad defaults to eos[0]); bad_words: HF's bad_words_ids
     without the single-token EOS entries; no_repeat_ngram_size: 0 = off; criteria: stopping
     criteria besides length and EOS. Beam search (``num_beams > 1``): early_stopping (True, False
-    or "never"), length_penalty, num_return_sequences (the best beams returned per prompt).
+    or "never"), length_penalty, num_return_sequences (the best beams returned per prompt);
+    diverse beam search: num_beam_groups > 1, diversity_penalty > 0.
     """
 
     max_length: float
@@ -86,6 +86,8 @@ class Options:
     early_stopping: bool | str = False
     length_penalty: float = 1.0
     num_return_sequences: int = 1
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
 
 
 def options(prepared: Prepared, criteria: list) -> Options:
@@ -111,7 +113,9 @@ def options(prepared: Prepared, criteria: list) -> Options:
         output_hidden_states=bool(config.output_hidden_states), criteria=criteria,
         num_beams=int(config.num_beams or 1), early_stopping=config.early_stopping,
         length_penalty=_float(config.length_penalty, 1.0),
-        num_return_sequences=int(config.num_return_sequences or 1))
+        num_return_sequences=int(config.num_return_sequences or 1),
+        num_beam_groups=int(config.num_beam_groups or 1),
+        diversity_penalty=_float(config.diversity_penalty, 0.0))
 
 
 def _float(value, default: float) -> float:
