@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _hf_helpers import NEAR_TIE, fd_generate, forbid_original_generate, padded_batch
+from _hf_helpers import (NEAR_TIE, RecordingStreamer, fd_generate, forbid_original_generate,
+                         padded_batch)
 from beam_reference import group_beam_search
 from fastdecode.hf import compat
 from fastdecode.hf.tiny import tiny_model
@@ -78,6 +79,8 @@ def test_diversity_changes_the_beams():
     (dict(num_beams=4, num_beam_groups=3, diversity_penalty=1.0), "multiple"),
     (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.0), "diversity_penalty"),
     (dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, do_sample=True), "do_sample"),
+    (dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, streamer=RecordingStreamer()),
+     "streaming"),
 ])
 def test_invalid_group_options_raise(options, message):
     model = tiny_model("llama")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _beam_helpers import assert_beams_match
-from _hf_helpers import fd_generate, forbid_original_generate, padded_batch
+from _hf_helpers import RecordingStreamer, fd_generate, forbid_original_generate, padded_batch
 from fastdecode.hf.tiny import tiny_model
 
 FAMILIES = ["llama", "qwen2", "gpt2", "opt"]
@@ -108,3 +108,14 @@ def test_right_padded_beams_fall_back_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="num_beams"):
         out = fd_generate(model, ids, **kwargs)
     assert torch.equal(out, model.generate(ids, **kwargs))
+
+
+def test_beam_sampling_streams_the_prompt_only_like_hf():
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    calls = []
+    for run in (model.generate, lambda *a, **k: fd_generate(model, *a, fallback="error", **k)):
+        streamer = RecordingStreamer()
+        run(ids, num_beams=2, do_sample=True, max_new_tokens=3, streamer=streamer)
+        calls.append([(kind, None if v is None else v.tolist()) for kind, v in streamer.calls])
+    assert calls[0] == calls[1] and len(calls[0]) >= 1

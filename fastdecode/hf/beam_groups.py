@@ -36,8 +36,10 @@ from fastdecode.hf.sampling import TokenSelector
 _NEG = -1.0e9
 
 
-def check_groups(opts: Options) -> None:
+def check_groups(opts: Options, streamer=None) -> None:
     """Raises ValueError, as transformers 4.5x did, for options diverse beam search rejects."""
+    if streamer is not None:
+        raise ValueError("diverse beam search (num_beam_groups > 1) does not support streaming")
     groups, beams = opts.num_beam_groups, opts.num_beams
     if groups > beams or beams % groups:
         raise ValueError(f"num_beams ({beams}) must be a multiple of num_beam_groups ({groups})")

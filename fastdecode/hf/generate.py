@@ -132,7 +132,7 @@ def _paged(model, prepared: Prepared, user_cache: bool) -> bool:
 def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_processor,
             backend: str):
     if opts.num_beams > 1:
-        return _decode_beams(model, prepared, opts, logits_processor, backend)
+        return _decode_beams(model, prepared, opts, streamer, logits_processor, backend)
     paged = _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name()) is not None)
     if not paged or opts.return_dict:  # the paged path fills HF's cache only to return it
         prepare_cache(model, prepared)
@@ -160,11 +160,13 @@ def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_
     return GenerateDecoderOnlyOutput(**fields)
 
 
-def _decode_beams(model, prepared: Prepared, opts: _options.Options, logits_processor,
+def _decode_beams(model, prepared: Prepared, opts: _options.Options, streamer, logits_processor,
                   backend: str):
     """Beam search / beam sampling on the paged cache (the caller checked it takes the call)."""
     if opts.num_beam_groups > 1:
-        check_groups(opts)
+        check_groups(opts, streamer)
+    elif streamer is not None:  # model.generate sends the prompt, then streams no beam
+        streamer.put(prepared.input_ids.cpu())
     if opts.return_dict:
         prepare_cache(model, prepared)
     kv = BeamKV(model, prepared, opts.num_beams, opts.max_new_tokens, backend=backend)
