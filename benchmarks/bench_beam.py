@@ -50,13 +50,13 @@ def blocks_held(found: list):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--num-beams", type=int, default=5)
+    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--num-beams", type=int, default=5)
-    parser.add_argument("--batches", default="1,4")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=3, help="paired runs per batch size")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--backend", default="auto", help="fastdecode ops backend")
     parser.add_argument("--out", default="benchmarks/results")
@@ -103,12 +103,12 @@ def main() -> None:
         f"blocks_held: KV blocks ({BLOCK} tokens) the beams hold after the last step, from the "
         "block manager; blocks_five_copies: what one private cache per beam would take.")
     report.add_table("Beam search", rows)
-    report.add_plot("seconds per call", [dict(batch=r["batch"], s=r[k], system=name)
-                                         for name, k in (("model.generate", "hf_s"),
-                                                         ("fastdecode", "fd_s")) for r in rows],
-                    x="batch", y="s", series="system")
-    for path in report.write(Path(args.out)):
-        print("wrote", path)
+    blocks = []
+    for r in rows:
+        blocks.append(dict(batch=r["batch"], blocks=r["blocks_held"], cache="shared beams"))
+        blocks.append(dict(batch=r["batch"], blocks=r["blocks_five_copies"], cache="five copies"))
+    report.add_plot("KV blocks held", blocks, x="batch", y="blocks", series="cache")
+    print("\n".join(f"wrote {path}" for path in report.write(Path(args.out))))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,16 @@ def warp(scores: torch.Tensor, opts: Options, min_keep: int) -> torch.Tensor:
     return scores.masked_fill(drop, float("-inf"))
 
 
+def start(kv: BeamKV, opts: Options, input_ids: torch.Tensor,
+          penalty_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Prefill -> (logits [B * K, V] float32, the prompt's ids as the repetition penalty sees
+    them [B * K, L], or None without a penalty)."""
+    logits = kv.prefill()
+    if opts.repetition_penalty == 1.0:
+        return logits, None
+    return logits, _penalty_ids(input_ids, penalty_mask, logits.shape[-1])
+
+
 class _Beams:
     """The search state of B prompts x K beams (all tensors on the device).
 
@@ -124,10 +134,7 @@ class BeamSearch:
         rows = (torch.arange(batch, device=dev) * k)[:, None]
         keep_scores = opts.return_dict and opts.output_scores
         result = BeamResult(input_ids, None, None)
-        prompt_seen = None
-        logits = kv.prefill()
-        if opts.repetition_penalty != 1.0:
-            prompt_seen = _penalty_ids(input_ids, penalty_mask, logits.shape[-1])
+        logits, prompt_seen = start(kv, opts, input_ids, penalty_mask)
         cur = length
         while True:
             flat = state.run_seq[:, :, :cur].reshape(batch * k, cur)

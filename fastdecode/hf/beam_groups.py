@@ -27,9 +27,8 @@ from typing import Optional
 
 import torch
 
-from fastdecode.hf.beam import BeamResult, _gather
+from fastdecode.hf.beam import BeamResult, _gather, start
 from fastdecode.hf.beam_cache import BeamKV
-from fastdecode.hf.loop import _penalty_ids
 from fastdecode.hf.options import Options
 from fastdecode.hf.sampling import TokenSelector
 
@@ -81,10 +80,7 @@ class GroupBeamSearch:
         self.hyp_idx = idx.new_full((batch, self.groups, s, width - length), -1)
         self.done = torch.zeros(batch, self.groups, dtype=torch.bool, device=dev)
         result = BeamResult(input_ids, None, None)
-        prompt_seen = None
-        logits = kv.prefill()
-        if opts.repetition_penalty != 1.0:
-            prompt_seen = _penalty_ids(input_ids, penalty_mask, logits.shape[-1])
+        logits, prompt_seen = start(kv, opts, input_ids, penalty_mask)
         cur = length
         rows = torch.arange(batch, device=dev)[:, None] * k
         while True:
