@@ -61,9 +61,8 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="fastdecode ops backend")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     model = default_model(getattr(torch, args.dtype)).to(device)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
