@@ -119,3 +119,11 @@ def test_beam_sampling_streams_the_prompt_only_like_hf():
         run(ids, num_beams=2, do_sample=True, max_new_tokens=3, streamer=streamer)
         calls.append([(kind, None if v is None else v.tolist()) for kind, v in streamer.calls])
     assert calls[0] == calls[1] and len(calls[0]) >= 1
+
+
+def test_beams_from_inputs_embeds(monkeypatch):
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch([5, 8], model.config.vocab_size, seed=3)
+    embeds = model.get_input_embeddings()(ids).detach()
+    assert_beams_match(model, monkeypatch, inputs_embeds=embeds, attention_mask=mask,
+                       num_beams=3, max_new_tokens=6, num_return_sequences=2, do_sample=False)
