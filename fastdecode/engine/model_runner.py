@@ -14,6 +14,7 @@ import torch
 
 from fastdecode import ops
 from fastdecode.engine.block_manager import cdiv
+from fastdecode.engine.history_masks import HistoryMasks
 from fastdecode.engine.scheduler import ScheduledBatch
 from fastdecode.engine.sequence import Sequence
 
@@ -96,6 +97,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.paged = PagedRunner(model, num_blocks=num_blocks, block_size=block_size,
                                  kv_dtype=kv_dtype, device=self.device)
+        self._history_masks = HistoryMasks(self.device)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The step's forward inputs, read from the requests now.
@@ -165,6 +167,8 @@ class ModelRunner:
             logits = logits.clone()  # the runner's buffer is not ours to modify
             for i, stop in banned:
                 logits[i, torch.tensor(stop, device=dev)] = float("-inf")
+        if HistoryMasks.needed(seqs):
+            logits = self._history_masks(logits, seqs)
         seen = None
         if any(p.repetition_penalty != 1.0 for p in params):
             width = max(s.num_tokens for s in seqs)
