@@ -11,11 +11,12 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from fastdecode.engine.block_manager import cdiv
+from fastdecode.engine.history_masks import HistoryMasks
 from fastdecode.engine.scheduler import ScheduledBatch
 from fastdecode.plan import Sampler, SamplingBatch, StepPlan, sampling
 
@@ -59,7 +60,8 @@ def default_num_blocks(model, block_size: int, kv_dtype: torch.dtype, device: to
 class StepInputs:
     """One step, ready to run. plan: the forward pass (its logits_indices: the entries that
     draw a token); sampling: their parameters; copies: copy-on-write ``(src, dst)`` blocks to
-    apply first; rows: the batch entries that draw a token; num_entries: the batch's entries.
+    apply first; rows: the batch entries that draw a token; num_entries: the batch's entries;
+    masks: n-gram / bad-words bans of the drawing rows' logits (None when no row asks).
     Everything was read from the requests by ``prepare``: ``run`` touches no request."""
 
     plan: StepPlan
@@ -67,6 +69,7 @@ class StepInputs:
     copies: list[tuple[int, int]]
     rows: list[int]
     num_entries: int
+    masks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 class ModelRunner:
@@ -86,6 +89,7 @@ class ModelRunner:
                                  kv_dtype=kv_dtype, device=self.device)
         self.planner = self.paged.planner(sampling.FIELDS)
         self.sampler = Sampler(model.config.get_text_config().vocab_size, self.device)
+        self._history_masks = HistoryMasks(self.device)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The step's plan, read from the requests now and sent to the device in one copy.
@@ -112,8 +116,9 @@ class ModelRunner:
                 s.token_ids[s.num_computed:s.num_computed + n] for s, n in zip(seqs, num_new)),
             logits_rows=None if len(rows) == len(seqs) else rows,
             stage_more=stage if rows else None)
+        masks = (self._history_masks.prepare(drawing) if HistoryMasks.needed(drawing) else None)
         return StepInputs(plan, staged[0] if staged else None, list(batch.block_copies), rows,
-                          len(seqs))
+                          len(seqs), masks)
 
     @torch.inference_mode()
     def run(self, step: StepInputs) -> tuple[list[Optional[int]], dict[int, str]]:
@@ -129,6 +134,8 @@ class ModelRunner:
         tokens: list[Optional[int]] = [None] * step.num_entries
         errors: dict[int, str] = {}
         if step.rows and step.sampling is not None:
+            if step.masks is not None:
+                logits = step.masks(logits)
             drawn, failed = self._sample_rows(logits, step.sampling)
             failed.update((j, f"sampling failed: {why}") for j, why in
                           step.sampling.errors.items())

@@ -23,6 +23,8 @@ class SamplingParams:
     draws come from torch's global RNG. ``stop_token_ids`` end the request like EOS (the token
     is kept in the output). ``ignore_eos`` keeps generating through EOS; ``min_new_tokens``
     forbids EOS and the stop ids until that many tokens were generated.
+    ``no_repeat_ngram_size`` (0 = off) and ``bad_words_ids`` (token sequences, multi-token
+    too) are HF's processors over the request's prompt + generated ids.
 
     Immutable (assigning a field raises ``dataclasses.FrozenInstanceError``; derive a variant
     with ``dataclasses.replace``) and validated at construction against the same ranges as
@@ -42,6 +44,8 @@ class SamplingParams:
     seed: Optional[int] = None
     stop_token_ids: Optional[tuple[int, ...]] = None
     ignore_eos: bool = False
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: Optional[tuple[tuple[int, ...], ...]] = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p",
@@ -57,6 +61,28 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos must be a bool; got "
                              f"{self.ignore_eos!r}")
+        n = self.no_repeat_ngram_size
+        if not _is_int(n) or n < 0:
+            raise ValueError(f"SamplingParams.no_repeat_ngram_size must be an integer >= 0 "
+                             f"(0 = off); got {_rules.short_repr(n)}")
+        object.__setattr__(self, "bad_words_ids", _bad_words(self.bad_words_ids))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _bad_words(words) -> Optional[tuple[tuple[int, ...], ...]]:
+    if words is None:
+        return None
+    try:
+        values = tuple(tuple(w) for w in words)
+    except TypeError:
+        values = None
+    if not values or not all(w and all(_is_int(t) and t >= 0 for t in w) for w in values):
+        raise ValueError(f"SamplingParams.bad_words_ids must be None or a non-empty list of "
+                         f"non-empty lists of token ids >= 0; got {_rules.short_repr(words)}")
+    return tuple(tuple(int(t) for t in w) for w in values)
 
 
 def _stop_ids(ids: Optional[Iterable[int]]) -> Optional[tuple[int, ...]]:

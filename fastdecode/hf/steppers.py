@@ -114,18 +114,29 @@ class PagedStepper:
         if cache is None:
             return None
         width = self.prepared.mask.shape[1] + int(self._kv[0]) - self.lens[0]
-        pad = torch.tensor([width - int(n) for n in self._kv], device=self.device)
-        index = torch.arange(width, device=self.device)[None, :] - pad[:, None]  # KV index
-        valid = index >= 0
-        index = index.clamp(min=0)
-        size = self.block_size
-        tables = torch.from_numpy(self._tables).to(self.device).long()
-        slots = tables.gather(1, index // size) * size + index % size  # [B, W]
-        for layer, (k, v) in enumerate(zip(self.runner.k_caches, self.runner.v_caches)):
-            keys, values = (c.flatten(0, 1)[slots] * valid[..., None, None] for c in (k, v))
-            cache.update(keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous(),
-                         layer)
-        return cache
+        return fill_hf_cache(cache, self.runner, torch.from_numpy(self._tables).to(self.device),
+                             torch.from_numpy(self._kv), width)
+
+
+def fill_hf_cache(cache, runner: PagedRunner, tables: torch.Tensor, kv_lens: torch.Tensor,
+                  width: int):
+    """Writes the paged rows into HF's ``cache`` (empty) as ``[R, Hkv, width, D]`` per layer,
+    each row right-aligned and left-padded with zeros; returns ``cache``.
+
+    tables: [R, M] int32 block tables; kv_lens: [R] int64 tokens cached per row (<= width).
+    """
+    device = tables.device
+    index = (torch.arange(width, device=device)[None, :]
+             - (width - kv_lens.to(device))[:, None])  # KV index of each column
+    valid = index >= 0
+    index = index.clamp(min=0)
+    size = runner.block_size
+    slots = tables.long().gather(1, index // size) * size + index % size  # [R, width]
+    for layer, (k, v) in enumerate(zip(runner.k_caches, runner.v_caches)):
+        keys, values = (c.flatten(0, 1)[slots] * valid[..., None, None] for c in (k, v))
+        cache.update(keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous(),
+                     layer)
+    return cache
 
 
 class CacheStepper:
