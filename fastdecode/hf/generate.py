@@ -18,7 +18,7 @@ import warnings
 import torch
 from transformers.generation import GenerateDecoderOnlyOutput, GenerationMixin
 
-from fastdecode.hf import compat, loop
+from fastdecode.hf import compat, loop, strategies
 from fastdecode.hf import options as _options
 from fastdecode.hf.patching import original_generate
 from fastdecode.hf.prepare import Prepared, prepare, prepare_cache
@@ -61,6 +61,14 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
         more, criteria = _options.unsupported(model, prepared, logits_processor,
                                               stopping_criteria, tokenizer)
         reasons += more
+        if not reasons and strategies.requested(prepared):
+            opts = _options.options(prepared, criteria)
+            paged = _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name())
+                           is not None)
+            reasons += strategies.reasons(prepared, opts, paged, streamer, logits_processor)
+            if not reasons:
+                with torch.no_grad():
+                    return strategies.decode(model, prepared, opts, backend)
     if reasons:
         if fallback == "error":
             raise FallbackError(f"fastdecode.generate does not implement: {', '.join(reasons)}")

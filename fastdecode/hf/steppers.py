@@ -104,6 +104,43 @@ class PagedStepper:
         self._pos += 1
         return logits
 
+    def extend(self, tokens: torch.Tensor, counts: list[int], *,
+               every_logit: bool = False) -> torch.Tensor:
+        """Several new tokens per row in one packed forward (draft verification, draft catch-up).
+
+        tokens: [T] int64, row after row; counts: [B] new tokens of each row (each >= 1, T =
+        sum). Returns [T, V] float32, the logits after every token (every_logit), else [B, V] the
+        logits after each row's last token.
+        """
+        kv = self._kv.tolist()  # a host read: callers sync once per step anyway
+        lens = [n + c for n, c in zip(kv, counts)]
+        while max(lens) > self.blocks_per_row * self.block_size:
+            if self.blocks_per_row == self.max_blocks:
+                raise ValueError(f"a row would hold {max(lens)} tokens, more than the prompt and "
+                                 "max_new_tokens leave room for")
+            self._grow()
+        ctx = PagedContext.build(self._tables.tolist(), lens, counts, self.block_size,
+                                 self.device, self.backend)
+        if every_logit:
+            ctx.logits_indices = torch.arange(len(tokens), device=self.device)
+        steps = torch.tensor(counts, device=self.device)
+        offsets = torch.arange(len(tokens), device=self.device) - (
+            ctx.cu_seqlens_q[:-1].long().repeat_interleave(steps))
+        types = None if self._types is None else self._types.repeat_interleave(steps)
+        logits = self.runner.forward(tokens.to(self.device), self._pos.repeat_interleave(steps)
+                                     + offsets, ctx, token_type_ids=types)
+        self._kv += steps
+        self._pos += steps
+        self._longest_kv = max(lens)
+        return logits
+
+    def rewind(self, counts: torch.Tensor) -> None:
+        """Forget the last ``counts[b]`` tokens of row b ([B] int64): rejected draft tokens. Their
+        cache slots are simply overwritten by the row's next tokens."""
+        self._kv -= counts.to(self.device)
+        self._pos -= counts.to(self.device)
+        self._longest_kv = int(self._kv.max())
+
     def _grow(self) -> None:
         """Double the blocks of every row (capped at what max_new_tokens can use)."""
         old, new = self.blocks_per_row, min(2 * self.blocks_per_row, self.max_blocks)
