@@ -52,15 +52,17 @@ def decode(model, prepared: Prepared, opts: Options, backend: str) -> torch.Tens
     verifier = speculative.Verifier(opts, backend)
     assistant = prepared.mode_kwargs.get("assistant_model")
     if assistant is None:
+        ngram = config.max_matching_ngram_size
         drafter = drafters.PromptLookup(int(config.prompt_lookup_num_tokens),
-                                        int(config.max_matching_ngram_size or 2), opts.eos,
+                                        2 if ngram is None else int(ngram), opts.eos,
                                         target.device)
     else:
-        own = assistant.generation_config
+        own = assistant.generation_config  # HF reads the draft length from the assistant's
+        count = next((c for c in (own.num_assistant_tokens, config.num_assistant_tokens)
+                      if c is not None), 20)
         drafter = drafters.DraftModel(
             assistant, prepared, opts.max_new_tokens, verifier,
-            vocab=model.config.get_text_config().vocab_size,
-            num_tokens=int(own.num_assistant_tokens or config.num_assistant_tokens or 20),
+            vocab=model.config.get_text_config().vocab_size, num_tokens=int(count),
             schedule=own.num_assistant_tokens_schedule or "constant", backend=backend)
     with target.session(), drafter.session():
         return speculative.run(target, drafter, verifier, opts, prepared.input_ids,
