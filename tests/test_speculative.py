@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from _hf_helpers import assert_greedy_match, fd_generate, forbid_original_generate, padded_batch
+from _spec_helpers import echo_model
 from fastdecode.hf import runner as hf_runner
 from fastdecode.hf.generate import FallbackError
 from fastdecode.hf.tiny import tiny_model
@@ -85,17 +86,6 @@ def test_a_perfect_draft_is_accepted_whole(schedule, monkeypatch):
     assert_greedy_match(ref, ours, ids.shape[1])
     new = ours.shape[1] - ids.shape[1]
     assert calls["n"] <= 1 + -(-(new - 1) // 5), (calls["n"], new)  # prefill + rounds of 5
-
-
-def echo_model():
-    """A Llama whose layers add nothing (output projections zeroed) and whose head is its
-    embedding: greedy decoding repeats the last token, which prompt lookup drafts."""
-    model = tiny_model("llama")
-    for layer in model.model.layers:
-        layer.self_attn.o_proj.weight.data.zero_()
-        layer.mlp.down_proj.weight.data.zero_()
-    model.lm_head.weight.data.copy_(model.model.embed_tokens.weight.data)
-    return model
 
 
 def test_prompt_lookup_drafts_are_verified_together(monkeypatch):
