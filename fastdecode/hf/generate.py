@@ -61,14 +61,11 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
         more, criteria = _options.unsupported(model, prepared, logits_processor,
                                               stopping_criteria, tokenizer)
         reasons += more
-        if not reasons and strategies.requested(prepared):
-            opts = _options.options(prepared, criteria)
+        if not reasons:
             paged = _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name())
                            is not None)
-            reasons += strategies.reasons(prepared, opts, paged, streamer, logits_processor)
-            if not reasons:
-                with torch.no_grad():
-                    return strategies.decode(model, prepared, opts, backend)
+            reasons += strategies.reasons(prepared, _options.options(prepared, criteria), paged,
+                                          streamer, logits_processor)
     if reasons:
         if fallback == "error":
             raise FallbackError(f"fastdecode.generate does not implement: {', '.join(reasons)}")
@@ -77,6 +74,8 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
         return original_generate(model)(**call)
     opts = _options.options(prepared, criteria)
     with torch.no_grad():
+        if strategies.speculative_call(prepared):
+            return strategies.decode(model, prepared, opts, backend)
         return _decode(model, prepared, opts, streamer, logits_processor, backend)
 
 
@@ -135,12 +134,15 @@ def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_
     input_ids = prepared.input_ids
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    if paged:
+    contrastive = strategies.contrastive_call(prepared)
+    selector = TokenSelector(opts, logits_processor,
+                             contrastive or (opts.return_dict and opts.output_scores), backend)
+    if contrastive:
+        stepper, selector = strategies.contrastive_parts(model, prepared, opts, selector, backend)
+    elif paged:
         stepper = PagedStepper(model, prepared, opts.max_new_tokens, backend=backend)
     else:
         stepper = CacheStepper(model, prepared)
-    selector = TokenSelector(opts, logits_processor, opts.return_dict and opts.output_scores,
-                             backend)
     with stepper.session():
         result = loop.run(stepper, selector, opts, streamer, input_ids,
                           prepared.model_kwargs.get("attention_mask"))

@@ -23,7 +23,7 @@ from fastdecode.hf.prepare import Prepared
 # Anything listed here and set to something else runs through the original model.generate.
 _NEUTRAL = {
     "num_beams": (None, 1), "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0),
-    "penalty_alpha": (None,), "dola_layers": (None,),
+    "dola_layers": (None,),
     "guidance_scale": (None, 1.0), "sequence_bias": (None,), "no_repeat_ngram_size": (None, 0),
     "encoder_no_repeat_ngram_size": (None, 0), "encoder_repetition_penalty": (None, 1.0),
     "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
@@ -39,9 +39,10 @@ _NEUTRAL = {
 # Arguments of model.generate that select another decoding method.
 OTHER_METHODS = ("prefix_allowed_tokens_fn", "negative_prompt_ids",
                  "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer")
-# Assisted generation runs natively within limits (fastdecode.hf.strategies.reasons).
+# Assisted generation and contrastive search run natively within limits
+# (fastdecode.hf.strategies.reasons).
 _NATIVE_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE,
-                 GenerationMode.ASSISTED_GENERATION)
+                 GenerationMode.ASSISTED_GENERATION, GenerationMode.CONTRASTIVE_SEARCH)
 # HF processors fastdecode implements itself (by class name: the classes move between modules).
 _BUILT_IN = {"RepetitionPenaltyLogitsProcessor", "NoBadWordsLogitsProcessor",
              "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",

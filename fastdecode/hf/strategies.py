@@ -1,9 +1,9 @@
 """Decoding strategies beyond one token per step: speculative decoding (``assistant_model`` /
-``prompt_lookup_num_tokens``).
+``prompt_lookup_num_tokens``) and contrastive search (``penalty_alpha`` with ``top_k``).
 
 :func:`reasons` lists what of a call the strategy does not run (the call then falls back like any
-other unsupported request); :func:`decode` runs it. Both are reached only when the call asks for
-the strategy (:func:`requested`).
+other unsupported request); :func:`decode` runs speculative decoding; contrastive search runs in
+the common loop with :func:`contrastive_parts`.
 """
 
 from __future__ import annotations
@@ -12,18 +12,29 @@ import torch
 from transformers.generation import GenerationMode
 
 from fastdecode.hf import drafters, speculative
+from fastdecode.hf.contrastive import BranchingStepper, Selector
 from fastdecode.hf.options import Options
 from fastdecode.hf.prepare import Prepared
 from fastdecode.hf.runner import has_unsupported_attention, uses_attention_interface
+from fastdecode.hf.sampling import TokenSelector
 from fastdecode.hf.steppers import PagedStepper
 
 
-def requested(prepared: Prepared) -> bool:
+def speculative_call(prepared: Prepared) -> bool:
     return prepared.mode == GenerationMode.ASSISTED_GENERATION
 
 
+def contrastive_call(prepared: Prepared) -> bool:
+    return prepared.mode == GenerationMode.CONTRASTIVE_SEARCH
+
+
 def reasons(prepared: Prepared, opts: Options, paged: bool, streamer, logits_processor) -> list[str]:
-    """What of this speculative call fastdecode does not run natively."""
+    """What of this call's strategy fastdecode does not run natively (nothing for plain greedy
+    and sampling calls)."""
+    if contrastive_call(prepared):
+        return [] if paged else ["contrastive search of a call that needs HF's own cache and masks"]
+    if not speculative_call(prepared):
+        return []
     why = []
     if not paged:
         why.append("speculative decoding of a call that needs HF's own cache and masks")
@@ -43,6 +54,19 @@ def reasons(prepared: Prepared, opts: Options, paged: bool, streamer, logits_pro
                   for k in ("inputs_embeds", "token_type_ids"))}
     why += [f"{name} with speculative decoding" for name, on in extras.items() if on]
     return why
+
+
+def contrastive_parts(model, prepared: Prepared, opts: Options, selector: TokenSelector,
+                      backend: str) -> tuple[BranchingStepper, Selector]:
+    """The stepper and selector of a contrastive-search call (``selector`` must return scores)."""
+    alpha = float(prepared.config.penalty_alpha)
+    vocab = model.config.get_text_config().vocab_size
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"penalty_alpha must be in [0, 1], got {alpha}")
+    if not 1 < opts.top_k <= vocab:
+        raise ValueError(f"contrastive search needs top_k in [2, {vocab}], got {opts.top_k}")
+    stepper = BranchingStepper(model, prepared, opts.max_new_tokens, opts.top_k, backend=backend)
+    return stepper, Selector(selector, stepper, alpha)
 
 
 def decode(model, prepared: Prepared, opts: Options, backend: str) -> torch.Tensor:
