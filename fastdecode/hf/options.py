@@ -41,8 +41,9 @@ OTHER_METHODS = ("prefix_allowed_tokens_fn", "negative_prompt_ids",
                  "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer")
 # Assisted generation and contrastive search run natively within limits
 # (fastdecode.hf.strategies.reasons).
-_NATIVE_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE,
-                 GenerationMode.ASSISTED_GENERATION, GenerationMode.CONTRASTIVE_SEARCH)
+PLAIN_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+_NATIVE_MODES = (*PLAIN_MODES, GenerationMode.ASSISTED_GENERATION,
+                 GenerationMode.CONTRASTIVE_SEARCH)
 # HF processors fastdecode implements itself (by class name: the classes move between modules).
 _BUILT_IN = {"RepetitionPenaltyLogitsProcessor", "NoBadWordsLogitsProcessor",
              "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
