@@ -111,9 +111,16 @@ def test_unsupported_combinations_fall_back_with_a_reason(option):
                     fallback="error", **option)
 
 
-def test_invalid_draft_lengths_are_refused():
+@pytest.mark.parametrize("lookup, ngram, draft", [(3, 0, None), (0, None, None), (None, None, 0)])
+def test_invalid_draft_lengths_are_refused(lookup, ngram, draft):
     model = tiny_model("llama")
     ids, mask = padded_batch([5], model.config.vocab_size, seed=1)
-    with pytest.raises(ValueError, match="max_matching_ngram_size"):
-        fd_generate(model, ids, attention_mask=mask, max_new_tokens=4, prompt_lookup_num_tokens=3,
-                    max_matching_ngram_size=0)
+    assistant = None
+    if draft is not None:
+        assistant = tiny_model("llama", seed=2)
+        assistant.generation_config.num_assistant_tokens = draft
+    match = "num_assistant_tokens" if draft is not None else "must be >= 1"
+    with pytest.raises(ValueError, match=match):
+        fd_generate(model, ids, attention_mask=mask, max_new_tokens=4,
+                    prompt_lookup_num_tokens=lookup, max_matching_ngram_size=ngram,
+                    assistant_model=assistant)
