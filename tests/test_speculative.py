@@ -88,6 +88,22 @@ def test_a_perfect_draft_is_accepted_whole(schedule, monkeypatch):
     assert calls["n"] <= 1 + -(-(new - 1) // 5), (calls["n"], new)  # prefill + rounds of 5
 
 
+@pytest.mark.parametrize("draft", ["prompt_lookup", "assistant_model"])
+def test_min_new_tokens_bans_eos_in_verification(draft, monkeypatch):
+    """EOS = a token greedy decoding emits early: HF bans it until min_new_tokens, and so must
+    every verified position (the ban moves with each row's length)."""
+    model = tiny_model("gpt2")
+    ids, mask = repetitive_batch([8, 14], model.config.vocab_size, seed=4)
+    eos = int(hf_greedy(model, ids, mask, max_new_tokens=3, eos_token_id=None).sequences[0, -1])
+    kwargs = dict(max_new_tokens=16, min_new_tokens=9, eos_token_id=eos, pad_token_id=0)
+    ref = hf_greedy(model, ids, mask, **kwargs)
+    extra = (dict(prompt_lookup_num_tokens=3) if draft == "prompt_lookup"
+             else dict(assistant_model=tiny_model("gpt2", seed=9)))
+    forbid_original_generate(monkeypatch)
+    ours = fd_generate(model, ids, attention_mask=mask, do_sample=False, **kwargs, **extra)
+    assert_greedy_match(ref, ours, ids.shape[1])
+
+
 def test_prompt_lookup_drafts_are_verified_together(monkeypatch):
     """Accepted lookup drafts: the target runs far fewer forwards than it produces tokens."""
     model = echo_model()

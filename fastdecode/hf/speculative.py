@@ -107,7 +107,8 @@ def run(target, drafter, verifier: Verifier, opts: Options, input_ids: torch.Ten
                 break
         done[row] = new[row][-1] in eos or len(new[row]) >= limit
 
-    first = verifier.first(target.prefill()).tolist()
+    first = verifier.first(_ban_eos(target.prefill()[:, None], torch.full(
+        (batch,), length), opts)[:, 0]).tolist()
     drafter.start(first)
     for row, token in enumerate(first):
         take(row, [token])
@@ -125,7 +126,9 @@ def run(target, drafter, verifier: Verifier, opts: Options, input_ids: torch.Ten
         starts = torch.tensor(counts, device=logits.device).cumsum(0) - lengths.to(logits.device) - 1
         columns = torch.arange(drafts.shape[1] + 1, device=logits.device)
         index = starts[:, None] + torch.minimum(columns[None, :], lengths[:, None].to(logits.device))
-        accepted, following = verifier(logits[index], drafts, lengths, probs)
+        produced = torch.tensor([length + len(n) for n in new])
+        accepted, following = verifier(_ban_eos(logits[index], produced, opts), drafts, lengths,
+                                       probs)
         finished = torch.tensor(done, device=accepted.device)
         # Finished rows forget the whole round; the others their rejected drafts.
         target.rewind(torch.where(finished, lengths + 1, lengths - accepted))
@@ -135,6 +138,21 @@ def run(target, drafter, verifier: Verifier, opts: Options, input_ids: torch.Ten
             if not done[row]:
                 take(row, drafts[row, :kept[row]].tolist() + [nxt[row]])
     return _layout(input_ids, new, opts.pad if opts.pad is not None else 0)
+
+
+def _ban_eos(logits: torch.Tensor, produced: torch.Tensor, opts: Options) -> torch.Tensor:
+    """logits: [B, C, V] float32 for C successive tokens of each row; produced: [B] sequence
+    length (with padding, as HF counts it) before the first of them. EOS gets -inf where the
+    length is still below min_length (EOS ids outside the vocabulary are ignored, as in HF)."""
+    if not opts.eos or opts.min_length <= int(produced.min()):
+        return logits
+    vocab = logits.shape[-1]
+    eos = torch.tensor([e for e in opts.eos if 0 <= e < vocab], dtype=torch.long)
+    columns = torch.arange(logits.shape[1])
+    banned = (produced[:, None] + columns[None, :] < opts.min_length).to(logits.device)
+    mask = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+    mask[eos.to(logits.device)] = True
+    return logits.masked_fill(banned[..., None] & mask, float("-inf"))
 
 
 def _layout(input_ids: torch.Tensor, new: list[list[int]], pad: int) -> torch.Tensor:

@@ -45,7 +45,6 @@ def reasons(prepared: Prepared, opts: Options, paged: bool, streamer, logits_pro
                    "paged cache)")
     extras = {"repetition_penalty": opts.repetition_penalty != 1.0,
               "bad_words_ids": bool(opts.bad_words),
-              "min_length / min_new_tokens": opts.min_length > prepared.input_ids.shape[1],
               "remove_invalid_values": opts.remove_invalid_values,
               "return_dict_in_generate": opts.return_dict, "streamer": streamer is not None,
               "logits_processor": bool(logits_processor), "stopping_criteria": bool(opts.criteria),
