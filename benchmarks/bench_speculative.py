@@ -112,8 +112,10 @@ def main() -> None:
         draft.generation_config.num_assistant_tokens = args.draft_tokens
     variants = {name: (random_prompt, dict(assistant_model=d)) for name, d in drafts.items()}
     variants["prompt-lookup"] = (repetitive, dict(prompt_lookup_num_tokens=args.lookup_tokens))
+    # min_new_tokens: a random model may emit EOS early. fallback="error": never time
+    # model.generate by accident.
     common = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                  do_sample=False)
+                  do_sample=False, fallback="error")
     rows = []
     for name, (ids, extra) in variants.items():
         mask = torch.ones_like(ids)

@@ -3,8 +3,8 @@
 Each step runs the model (the expert) and a smaller ``amateur_model`` of the same vocabulary, each
 on its own cache, once; the token is then chosen from
 
-    s(x) = log p_expert(x) - alpha * log p_amateur(x)   where p_expert(x) >= plausibility * max p_expert
-    s(x) = -inf                                         elsewhere
+    s(x) = log p_expert(x) - alpha * log p_amateur(x)  if p_expert(x) >= plausibility * max p_expert
+    s(x) = -inf                                        otherwise
 
 by the call's usual selection (greedy argmax, or sampling with its temperature / top-k / top-p /
 min-p and processors applied to ``s``). Options of ``fastdecode.generate``: ``amateur_model``,

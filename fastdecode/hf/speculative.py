@@ -117,18 +117,11 @@ def run(target, drafter, verifier: Verifier, opts: Options, input_ids: torch.Ten
         room = min(limit - len(n) - 1 for n, stop in zip(new, done) if not stop)
         drafts, lengths, probs = drafter.propose(
             [p + n for p, n in zip(prompts, new)], room, done)
-        counts = (lengths + 1).tolist()
-        last = torch.tensor([n[-1] for n in new], device=drafts.device)
-        tokens = torch.cat([torch.cat([last[b:b + 1], drafts[b, :counts[b] - 1]])
-                            for b in range(batch)])
-        logits = target.extend(tokens, counts, every_logit=True)
-        # [T, V] -> [B, K + 1, V]; columns past a row's drafts repeat its last logits (ignored).
-        starts = torch.tensor(counts, device=logits.device).cumsum(0) - lengths.to(logits.device) - 1
-        columns = torch.arange(drafts.shape[1] + 1, device=logits.device)
-        index = starts[:, None] + torch.minimum(columns[None, :], lengths[:, None].to(logits.device))
+        drafts, lengths = drafts.to(target.device), lengths.to(target.device)
+        logits = _verify(target, [n[-1] for n in new], drafts, lengths)
         produced = torch.tensor([length + len(n) for n in new])
-        accepted, following = verifier(_ban_eos(logits[index], produced, opts), drafts, lengths,
-                                       probs)
+        accepted, following = verifier(_ban_eos(logits, produced, opts), drafts, lengths,
+                                       probs if probs is None else probs.to(target.device))
         finished = torch.tensor(done, device=accepted.device)
         # Finished rows forget the whole round; the others their rejected drafts.
         target.rewind(torch.where(finished, lengths + 1, lengths - accepted))
@@ -138,6 +131,20 @@ def run(target, drafter, verifier: Verifier, opts: Options, input_ids: torch.Ten
             if not done[row]:
                 take(row, drafts[row, :kept[row]].tolist() + [nxt[row]])
     return _layout(input_ids, new, opts.pad if opts.pad is not None else 0)
+
+
+def _verify(target, last: list[int], drafts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """One packed forward of ``last[b], drafts[b, :lengths[b]]`` for every row b -> the target's
+    logits after each of them, [B, K + 1, V] float32 (columns past a row's drafts repeat its
+    last logits; the verifier ignores them)."""
+    counts = (lengths + 1).tolist()
+    first = torch.tensor(last, device=drafts.device)
+    tokens = torch.cat([torch.cat([first[b:b + 1], drafts[b, :counts[b] - 1]])
+                        for b in range(len(last))])
+    logits = target.extend(tokens, counts, every_logit=True)  # [T, V]
+    starts = torch.tensor(counts, device=drafts.device).cumsum(0) - lengths - 1
+    columns = torch.arange(drafts.shape[1] + 1, device=drafts.device)
+    return logits[starts[:, None] + torch.minimum(columns[None, :], lengths[:, None])]
 
 
 def _ban_eos(logits: torch.Tensor, produced: torch.Tensor, opts: Options) -> torch.Tensor:

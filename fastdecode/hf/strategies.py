@@ -28,7 +28,8 @@ def contrastive_call(prepared: Prepared) -> bool:
     return prepared.mode == GenerationMode.CONTRASTIVE_SEARCH
 
 
-def reasons(prepared: Prepared, opts: Options, paged: bool, streamer, logits_processor) -> list[str]:
+def reasons(prepared: Prepared, opts: Options, paged: bool, streamer,
+            logits_processor) -> list[str]:
     """What of this call's strategy fastdecode does not run natively (nothing for plain greedy
     and sampling calls)."""
     if contrastive_call(prepared):
