@@ -84,9 +84,10 @@ class DraftModel:
                  vocab: int, num_tokens: int, schedule: str, backend: str):
         if num_tokens <= 0:
             raise ValueError(f"num_assistant_tokens must be >= 1, got {num_tokens}")
-        # The draft sees the same prompt at the default positions (mask.cumsum - 1).
+        # The draft sees the same prompt at the default positions (mask.cumsum - 1). Room for
+        # twice the new tokens: a finished row still runs (and forgets) each round's drafts.
         own = replace(prepared, model_kwargs={})
-        self.stepper = PagedStepper(model, own, max_new_tokens, backend=backend)
+        self.stepper = PagedStepper(model, own, 2 * max_new_tokens + 2, backend=backend)
         self.verifier, self.vocab = verifier, vocab
         self.num_tokens, self.schedule = num_tokens, schedule
         self.pending: list[list[int]] = []  # tokens of each row not yet in the draft's cache
