@@ -88,6 +88,24 @@ def test_a_perfect_draft_is_accepted_whole(schedule, monkeypatch):
     assert calls["n"] <= 1 + -(-(new - 1) // 5), (calls["n"], new)  # prefill + rounds of 5
 
 
+def test_rows_finishing_in_different_rounds(monkeypatch):
+    """A close draft (the target with a perturbed head) accepts different amounts per row, so
+    rows reach max_new_tokens in different rounds; prompt + new tokens fill whole cache blocks,
+    so a finished row's drafts must still find room."""
+    model = tiny_model("llama")
+    draft = tiny_model("llama")
+    draft.lm_head.weight.data += 0.02 * torch.randn(draft.lm_head.weight.shape,
+                                                    generator=torch.Generator().manual_seed(0))
+    draft.generation_config.num_assistant_tokens = 3
+    ids, mask = padded_batch([6] * 5, model.config.vocab_size, seed=12)
+    kwargs = dict(max_new_tokens=26, eos_token_id=None)  # 6 + 26 = two blocks of 16
+    ref = hf_greedy(model, ids, mask, **kwargs)
+    forbid_original_generate(monkeypatch)
+    ours = fd_generate(model, ids, attention_mask=mask, do_sample=False, assistant_model=draft,
+                       **kwargs)
+    assert_greedy_match(ref, ours, ids.shape[1])
+
+
 @pytest.mark.parametrize("draft", ["prompt_lookup", "assistant_model"])
 def test_min_new_tokens_bans_eos_in_verification(draft, monkeypatch):
     """EOS = a token greedy decoding emits early: HF bans it until min_new_tokens, and so must
