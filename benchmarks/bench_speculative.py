@@ -9,6 +9,9 @@ produces the very same tokens). Variants, each timed alternately with plain deco
   embeddings, final norm and head (a self-speculative draft): acceptance is what a correlated draft
   gets from this target.
 - ``prompt-lookup``: a prompt that repeats one phrase, drafts looked up in the sequence.
+- ``trained-layers``: the shipped trained 3.5M default model (4 layers) as the target and its
+  first ``--trained-draft-layers`` layers with its head as the draft: what a draft correlated with
+  a trained target gets (random weights decorrelate the layers, so ``draft-layers`` gets little).
 
 Acceptance rate = draft tokens kept / draft tokens proposed, counted over the timed runs.
 
@@ -31,6 +34,7 @@ import transformers
 import fastdecode
 from common import Report
 from fastdecode.hf import speculative
+from fastdecode.hf.default_model import DEFAULT_MODEL_DIR
 from fastdecode.hf.tiny import default_model
 
 
@@ -74,6 +78,8 @@ def layer_draft(target, layers: int) -> transformers.PreTrainedModel:
     """The target's first ``layers`` decoder layers with its embeddings, final norm and head."""
     config = copy.deepcopy(target.config)
     config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
     draft = transformers.LlamaForCausalLM(config).eval()
     missing, _ = draft.load_state_dict(target.state_dict(), strict=False)
     assert not missing, missing
@@ -95,6 +101,9 @@ def main() -> None:
     parser.add_argument("--lookup-tokens", type=int, default=10,
                         help="prompt_lookup_num_tokens")
     parser.add_argument("--draft-layers", type=int, default=8)
+    parser.add_argument("--trained-draft-layers", type=int, default=2)
+    parser.add_argument("--variants",
+                        default="draft-small,draft-layers,prompt-lookup,trained-layers")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -106,29 +115,40 @@ def main() -> None:
     random_prompt = torch.randint(3, vocab, (1, args.prompt_len), generator=g)
     phrase = torch.randint(3, vocab, (1, 8), generator=g)
     repetitive = phrase.repeat(1, -(-args.prompt_len // 8))[:, :args.prompt_len]
-    drafts = {"draft-small": small_draft(model),
-              "draft-layers": layer_draft(model, args.draft_layers)}
-    for draft in drafts.values():
+    builders = {"draft-small": lambda: small_draft(model),
+                "draft-layers": lambda: layer_draft(model, args.draft_layers)}
+    variants = {}
+    for name in args.variants.split(","):
+        if name == "prompt-lookup":
+            variants[name] = (model, repetitive,
+                              dict(prompt_lookup_num_tokens=args.lookup_tokens))
+            continue
+        if name == "trained-layers":
+            target = transformers.AutoModelForCausalLM.from_pretrained(
+                DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
+            ids = torch.randint(3, target.config.vocab_size, (1, args.prompt_len), generator=g)
+            draft = layer_draft(target, args.trained_draft_layers)
+        else:
+            target, ids, draft = model, random_prompt, builders[name]()
         draft.generation_config.num_assistant_tokens = args.draft_tokens
-    variants = {name: (random_prompt, dict(assistant_model=d)) for name, d in drafts.items()}
-    variants["prompt-lookup"] = (repetitive, dict(prompt_lookup_num_tokens=args.lookup_tokens))
+        variants[name] = (target, ids, dict(assistant_model=draft))
     # min_new_tokens: a random model may emit EOS early. fallback="error": never time
     # model.generate by accident.
     common = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                   do_sample=False, fallback="error")
     rows = []
-    for name, (ids, extra) in variants.items():
+    for name, (target, ids, extra) in variants.items():
         mask = torch.ones_like(ids)
-        plain = fastdecode.generate(model, ids, attention_mask=mask, **common)
-        fast = fastdecode.generate(model, ids, attention_mask=mask, **common, **extra)
+        plain = fastdecode.generate(target, ids, attention_mask=mask, **common)
+        fast = fastdecode.generate(target, ids, attention_mask=mask, **common, **extra)
         assert torch.equal(plain, fast), f"{name}: speculative output differs from plain greedy"
         times = {"plain": [], "spec": []}
         with Acceptance() as acceptance:
             for _ in range(args.repeats):
                 times["plain"].append(timed(lambda: fastdecode.generate(
-                    model, ids, attention_mask=mask, **common)))
+                    target, ids, attention_mask=mask, **common)))
                 times["spec"].append(timed(lambda: fastdecode.generate(
-                    model, ids, attention_mask=mask, **common, **extra)))
+                    target, ids, attention_mask=mask, **common, **extra)))
         plain_t, spec_t = statistics.median(times["plain"]), statistics.median(times["spec"])
         rows.append(dict(variant=name, new_tokens=args.new_tokens,
                          plain_tok_s=round(args.new_tokens / plain_t, 2),
