@@ -32,8 +32,8 @@ class BranchingStepper(PagedStepper):
     """A :class:`PagedStepper` that can run ``width`` candidate tokens per row as one step and
     keep one of them, and that records the last hidden states of the context.
 
-    context: [B, L + max_new_tokens, D] float32 hidden states (valid where ``context_mask``);
-    context_mask: [B, L + max_new_tokens] bool; filled: columns written so far.
+    context: [B, C, D] float32 hidden states (valid where ``context_mask``), C growing by
+    doubling up to L + max_new_tokens; context_mask: [B, C] bool; filled: columns written so far.
     """
 
     def __init__(self, model, prepared: Prepared, max_new_tokens: int, width: int, *,
@@ -46,10 +46,9 @@ class BranchingStepper(PagedStepper):
                                              device=self.device).view(self.batch, width)
         self._hook_model = model.base_model
         self._hidden: Optional[torch.Tensor] = None
-        self._columns = prepared.mask.shape[1] + max_new_tokens
+        self._limit = prepared.mask.shape[1] + max_new_tokens
         self.context: Optional[torch.Tensor] = None
-        self.context_mask = torch.zeros(self.batch, self._columns, dtype=torch.bool,
-                                        device=self.device)
+        self.context_mask: Optional[torch.Tensor] = None
         self.filled = prepared.mask.shape[1]
         self._pending: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
@@ -69,10 +68,10 @@ class BranchingStepper(PagedStepper):
         with self._capture():
             logits = super().prefill()
         keep = self.prepared.mask.bool().to(self.device)
-        self.context = torch.zeros(self.batch, self._columns, self._hidden.shape[-1],
+        self.context = torch.zeros(self.batch, keep.shape[1], self._hidden.shape[-1],
                                    device=self.device)
-        self.context[:, :keep.shape[1]][keep] = self._hidden
-        self.context_mask[:, :keep.shape[1]] = keep
+        self.context[keep] = self._hidden
+        self.context_mask = keep
         return logits
 
     def branch(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +115,8 @@ class BranchingStepper(PagedStepper):
         replaced = self._tables.gather(1, column)[:, 0]
         self._tables.scatter_(1, column, chosen[:, None])
         self._scratch[rows, choice.to(self.device)] = replaced
+        if self.filled == self.context.shape[1]:
+            self._widen()
         self.context[:, self.filled] = hidden[rows, choice]
         self.context_mask[:, self.filled] = True
         self.filled += 1
@@ -123,6 +124,15 @@ class BranchingStepper(PagedStepper):
         self._kv += 1
         self._pos += 1
         return logits[rows, choice]
+
+
+    def _widen(self) -> None:
+        """Double the context's columns (at most L + max_new_tokens): memory for the tokens
+        actually produced, as the paged cache grows."""
+        width = min(self._limit, 2 * self.context.shape[1] + 16)
+        grow = width - self.context.shape[1]
+        self.context = torch.nn.functional.pad(self.context, (0, 0, 0, grow))
+        self.context_mask = torch.nn.functional.pad(self.context_mask, (0, grow))
 
 
 class Selector:
