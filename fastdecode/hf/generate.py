@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from typing import Optional
 
 import torch
 from transformers.generation import (GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput,
                                     GenerationMixin)
 
-from fastdecode.hf import compat, loop
+from fastdecode.hf import compat, contrastive_decoding, loop, strategies
 from fastdecode.hf import options as _options
 from fastdecode.hf.beam import BeamSearch
 from fastdecode.hf.beam_cache import BeamKV
@@ -46,11 +47,16 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
     ``token_type_ids``, ``past_key_values`` / ``cache``, ``logits_to_keep``, ...
     Returns a LongTensor [B * num_return_sequences, L + new] (finished rows padded with
     pad_token_id) or a ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``.
+    Speculative decoding (``assistant_model``, ``prompt_lookup_num_tokens``) and contrastive
+    search (``penalty_alpha`` with ``top_k``) run natively; ``amateur_model=`` (with
+    ``contrastive_alpha``, ``plausibility``) selects contrastive decoding, which only fastdecode
+    implements (:mod:`fastdecode.hf.contrastive_decoding`: such a call never falls back).
     fallback: "hf" (run unsupported requests through model.generate, warning once) or "error".
     backend: fastdecode ops backend ("auto" picks the best for the model's device).
     """
     if fallback not in ("hf", "error"):
         raise ValueError(f"fallback must be 'hf' or 'error', got {fallback!r}")
+    contrast = contrastive_decoding.pop_options(kwargs)
     call = dict(kwargs, generation_config=generation_config, streamer=streamer,
                 logits_processor=logits_processor, stopping_criteria=stopping_criteria)
     for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
@@ -65,21 +71,28 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
         more, criteria = _options.unsupported(model, prepared, logits_processor,
                                               stopping_criteria, tokenizer)
         reasons += more
-        if (not reasons and (prepared.config.num_beams or 1) > 1
-                and not _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name())
-                               is not None)):
-            reasons.append("num_beams > 1 with inputs only HF's cache takes (right padding or "
-                           "holes in the mask, a cache passed in, hidden states, attention "
-                           "outside AttentionInterface)")
+        if not reasons:
+            paged = _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name())
+                           is not None)
+            if (prepared.config.num_beams or 1) > 1 and not paged:
+                reasons.append("num_beams > 1 with inputs only HF's cache takes (right padding or "
+                               "holes in the mask, a cache passed in, hidden states, attention "
+                               "outside AttentionInterface)")
+            reasons += strategies.reasons(prepared, _options.options(prepared, criteria), paged,
+                                          streamer, logits_processor)
+    if not reasons and contrast is not None and prepared.mode not in _options.PLAIN_MODES:
+        reasons.append(f"amateur_model with generation mode {prepared.mode.value}")
     if reasons:
-        if fallback == "error":
+        if fallback == "error" or contrast is not None:  # HF has no contrastive decoding
             raise FallbackError(f"fastdecode.generate does not implement: {', '.join(reasons)}")
         warnings.warn(f"fastdecode.generate: running model.generate instead, because of: "
                       f"{', '.join(reasons)}", stacklevel=2)
         return original_generate(model)(**call)
     opts = _options.options(prepared, criteria)
     with torch.no_grad():
-        return _decode(model, prepared, opts, streamer, logits_processor, backend)
+        if strategies.speculative_call(prepared):
+            return strategies.decode(model, prepared, opts, backend)
+        return _decode(model, prepared, opts, streamer, logits_processor, backend, contrast)
 
 
 def _structural_reasons(model, call: dict) -> list[str]:
@@ -130,7 +143,7 @@ def _paged(model, prepared: Prepared, user_cache: bool) -> bool:
 
 
 def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_processor,
-            backend: str):
+            backend: str, contrast: Optional[contrastive_decoding.Contrast]):
     if opts.num_beams > 1:
         return _decode_beams(model, prepared, opts, streamer, logits_processor, backend)
     paged = _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name()) is not None)
@@ -139,12 +152,18 @@ def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_
     input_ids = prepared.input_ids
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    if paged:
+    contrastive = strategies.contrastive_call(prepared)
+    selector = TokenSelector(opts, logits_processor,
+                             contrastive or (opts.return_dict and opts.output_scores), backend)
+    if contrastive:
+        stepper, selector = strategies.contrastive_parts(model, prepared, opts, selector, backend)
+    elif paged:
         stepper = PagedStepper(model, prepared, opts.max_new_tokens, backend=backend)
     else:
         stepper = CacheStepper(model, prepared)
-    selector = TokenSelector(opts, logits_processor, opts.return_dict and opts.output_scores,
-                             backend)
+    if contrast is not None:
+        stepper = contrastive_decoding.ContrastStepper(stepper, prepared, opts.max_new_tokens,
+                                                       contrast, backend)
     with stepper.session():
         result = loop.run(stepper, selector, opts, streamer, input_ids,
                           prepared.model_kwargs.get("attention_mask"))

@@ -22,8 +22,7 @@ from fastdecode.hf.prepare import Prepared
 # Generation-config attributes that only matter when they differ from these neutral values.
 # Anything listed here and set to something else runs through the original model.generate.
 _NEUTRAL = {
-    "penalty_alpha": (None,), "dola_layers": (None,), "prompt_lookup_num_tokens": (None,),
-    "guidance_scale": (None, 1.0), "sequence_bias": (None,),
+    "dola_layers": (None,), "guidance_scale": (None, 1.0), "sequence_bias": (None,),
     "encoder_no_repeat_ngram_size": (None, 0), "encoder_repetition_penalty": (None, 1.0),
     "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
     "forced_eos_token_id": (None,), "exponential_decay_length_penalty": (None,),
@@ -36,10 +35,14 @@ _NEUTRAL = {
     "is_assistant": (None, False),  # the draft model of assisted decoding: HF drives its cache
 }
 # Arguments of model.generate that select another decoding method.
-OTHER_METHODS = ("prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
+OTHER_METHODS = ("prefix_allowed_tokens_fn", "negative_prompt_ids",
                  "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer")
-_NATIVE_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.BEAM_SEARCH,
-                 GenerationMode.BEAM_SAMPLE, GenerationMode.GROUP_BEAM_SEARCH)
+# Beam search, assisted generation and contrastive search run natively within limits
+# (fastdecode.hf.strategies.reasons, fastdecode.hf.generate).
+PLAIN_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+_NATIVE_MODES = (*PLAIN_MODES, GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE,
+                 GenerationMode.GROUP_BEAM_SEARCH, GenerationMode.ASSISTED_GENERATION,
+                 GenerationMode.CONTRASTIVE_SEARCH)
 # HF processors fastdecode implements itself (by class name: the classes move between modules).
 _BUILT_IN = {"RepetitionPenaltyLogitsProcessor", "NoBadWordsLogitsProcessor",
              "NoRepeatNGramLogitsProcessor",

@@ -17,6 +17,7 @@ end, for ``return_dict_in_generate``).
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from typing import Optional
 
@@ -96,6 +97,44 @@ class PagedStepper:
         self._pos += 1
         return self.runner.forward(plan.input_ids, plan.positions, plan,
                                    token_type_ids=self._types)
+
+    def extend(self, tokens: torch.Tensor, counts: list[int], *,
+               every_logit: bool = False) -> torch.Tensor:
+        """Several new tokens per row in one packed forward (draft verification, draft catch-up).
+
+        tokens: [T] int64, row after row; counts: [B] new tokens of each row (each >= 1, T =
+        sum). Returns [T, V] float32, the logits after every token (every_logit), else [B, V] the
+        logits after each row's last token.
+        """
+        steps = np.asarray(counts, dtype=np.int64)
+        lens = self._kv + steps
+        while int(lens.max()) > self.blocks_per_row * self.block_size:
+            if self.blocks_per_row == self.max_blocks:
+                raise ValueError(f"a row would hold {int(lens.max())} tokens, more than the "
+                                 "prompt and max_new_tokens leave room for")
+            self._grow()
+        starts = np.repeat(np.cumsum(steps) - steps, steps)  # each token's row start
+        positions = np.repeat(self._pos, steps) + np.arange(int(steps.sum())) - starts
+        plan = self.planner.build(steps, lens, self._tables,
+                                  input_ids=tokens.to(self.device, non_blocking=True),
+                                  positions=positions)
+        if every_logit:
+            plan = dataclasses.replace(plan, logits_indices=None)
+        types = (None if self._types is None else
+                 self._types.repeat_interleave(torch.from_numpy(steps).to(self.device)))
+        logits = self.runner.forward(plan.input_ids, plan.positions, plan, token_type_ids=types)
+        self._kv = lens
+        self._pos = self._pos + steps
+        self._longest = int(lens.max())
+        return logits
+
+    def rewind(self, counts: torch.Tensor) -> None:
+        """Forget the last ``counts[b]`` tokens of row b ([B] int64): rejected draft tokens. Their
+        cache slots are simply overwritten by the row's next tokens."""
+        back = np.asarray(counts.tolist(), dtype=np.int64)
+        self._kv = self._kv - back
+        self._pos = self._pos - back
+        self._longest = int(self._kv.max())
 
     def _grow(self) -> None:
         """Double the blocks of every row (capped at what max_new_tokens can use)."""
