@@ -162,7 +162,9 @@ def main() -> None:
         f"float32, {args.prompt_len}-token prompts, {args.new_tokens} new tokens; "
         f"num_assistant_tokens {args.draft_tokens}, prompt_lookup_num_tokens "
         f"{args.lookup_tokens}, draft-layers = first {args.draft_layers} of "
-        f"{model.config.num_hidden_layers} layers. transformers {transformers.__version__}, "
+        f"{model.config.num_hidden_layers} layers; trained-layers: the shipped 3.5M model "
+        f"drafted by its first {args.trained_draft_layers} layers. "
+        f"transformers {transformers.__version__}, "
         f"fastdecode {fastdecode.__version__}. Median of {args.repeats} runs alternating with "
         "plain decoding (the machine is shared). Every variant's output was checked equal to "
         "plain greedy before timing.")
