@@ -22,7 +22,7 @@ import transformers
 
 import fastdecode
 from common import Report, measure_read_bandwidth
-from fastdecode.hf.tiny import default_model
+from tiny import default_model
 from fastdecode.ops import _backends
 
 SCENARIOS = {

@@ -36,7 +36,7 @@ import transformers
 
 import fastdecode
 from common import Report, markdown_table, measure_read_bandwidth
-from fastdecode.hf.tiny import default_model
+from tiny import default_model
 
 NAMES = {"fd": "fastdecode.generate", "hf": "model.generate", "llama": "llama.cpp"}
 

@@ -36,6 +36,8 @@ from typing import Callable, Optional
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The test-model factories (tests/tiny.py) are importable by the benchmarks as ``tiny``.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def _sync(device: str) -> None:

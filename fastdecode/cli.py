@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -120,6 +121,8 @@ _NUMBERS = {
                           allowed=">= 1", scope="bench"),
     "batch-size": _Number(int, 1, "B", "rows per call", valid=lambda v: v >= 1, allowed=">= 1",
                           scope="bench"),
+    "repeats": _Number(int, 3, "N", "timed pairs of calls, alternating which runs first",
+                       valid=lambda v: v >= 1, allowed=">= 1", scope="bench"),
 }
 
 
@@ -253,18 +256,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (args.batch_size, args.prompt_len), generator=gen)
     ids = _fit(ids, model, args).to(model.device)
-    kwargs = dict(_gen_kwargs(args, tokenizer), min_new_tokens=args.max_new_tokens)
-    rows = []
-    for name, run in (("model.generate", model.generate),
-                      ("fastdecode.generate", lambda **kw: fastdecode.generate(model, **kw))):
-        run(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)  # warm-up
-        start = time.perf_counter()
-        run(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        rows.append((name, args.batch_size * args.max_new_tokens / (time.perf_counter() - start)))
-    print(f"{'':22}{'tokens/s':>10}")
-    for name, tps in rows:
-        print(f"{name:22}{tps:10.1f}")
-    print(f"speed-up: {rows[1][1] / rows[0][1]:.2f}x")
+    kwargs = dict(_gen_kwargs(args, tokenizer), min_new_tokens=args.max_new_tokens,
+                  input_ids=ids, attention_mask=torch.ones_like(ids))
+    runs = {"model.generate": model.generate,
+            "fastdecode.generate": lambda **kw: fastdecode.generate(model, **kw)}
+    for run in runs.values():
+        run(**kwargs)  # warm-up
+    tps: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(args.repeats):  # pairs, alternating the order: noise hits both alike
+        for name in (list(runs) if i % 2 == 0 else list(reversed(runs))):
+            start = time.perf_counter()
+            runs[name](**kwargs)
+            tps[name].append(args.batch_size * args.max_new_tokens
+                             / (time.perf_counter() - start))
+    ratios = [fd / hf for fd, hf in zip(tps["fastdecode.generate"], tps["model.generate"])]
+    print(f"{'':22}{'tokens/s':>10}  (median of {args.repeats})")
+    for name, values in tps.items():
+        print(f"{name:22}{statistics.median(values):10.1f}")
+    print(f"speed-up: {statistics.median(ratios):.2f}x (median of the paired runs' ratios)")
     return 0
 
 

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import fastdecode
-from fastdecode import ops
+from fastdecode.plan import PagedKVCache
 
 BACKEND = os.environ.get("FASTDECODE_TEST_BACKEND", "auto")
 NEAR_TIE = 1e-5
@@ -74,7 +74,8 @@ def assert_greedy_match(hf_out, ours: torch.Tensor, prompt_len: int, tie: float 
 
 @contextlib.contextmanager
 def count_paged_calls(monkeypatch):
-    """Count ops.append_kv / ops.paged_attention calls and DynamicCache constructions."""
+    """Count layer calls of the paged KV cache (each appends and attends: ``append_kv`` and
+    ``paged_attention``) and DynamicCache constructions."""
     counts = {"append_kv": 0, "paged_attention": 0, "dynamic_cache": 0}
 
     def wrap(name, fn):
@@ -83,8 +84,8 @@ def count_paged_calls(monkeypatch):
             return fn(*args, **kwargs)
         return counted
 
-    for name in ("append_kv", "paged_attention"):
-        monkeypatch.setattr(ops, name, wrap(name, getattr(ops, name)))
+    attend = wrap("append_kv", wrap("paged_attention", PagedKVCache.attend))
+    monkeypatch.setattr(PagedKVCache, "attend", attend)
     init = transformers.DynamicCache.__init__
     monkeypatch.setattr(transformers.DynamicCache, "__init__",
                         wrap("dynamic_cache", init))

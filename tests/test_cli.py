@@ -47,10 +47,15 @@ def test_chat_leaves_on_ctrl_c(monkeypatch):
     assert cli.main(["chat"]) == 0
 
 
-def test_bench_reports_both_paths(capsys):
-    assert cli.main(["bench", "--max-new-tokens", "4", "--prompt-len", "8", "--greedy"]) == 0
+def test_bench_reports_both_paths(capsys, monkeypatch):
+    calls = []
+    real = fastdecode.generate
+    monkeypatch.setattr(fastdecode, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert cli.main(["bench", "--max-new-tokens", "4", "--prompt-len", "8", "--greedy",
+                     "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "model.generate" in out and "fastdecode.generate" in out and "speed-up" in out
+    assert "median of 2" in out and len(calls) == 3  # a warm-up, then one call per pair
 
 
 def _one_line_error(capsys, argv, status=2) -> str:
@@ -82,6 +87,7 @@ BAD = [
     (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
     (["bench", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["bench", "--prompt-len", "0"], "--prompt-len must be >= 1"),
+    (["bench", "--repeats", "0"], "--repeats must be >= 1"),
     (["generate", "--max-new-tokens", "abc"], "invalid int value"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),

@@ -116,7 +116,7 @@ def test_one_forward_pass_packs_prefill_and_decode():
     forward = engine.runner.paged.forward
 
     def counting(input_ids, positions, ctx):
-        calls.append((input_ids.shape[0], ctx.cu_seqlens_q.tolist()))
+        calls.append((input_ids.shape[0], ctx.attn.cu_seqlens_q.tolist()))
         return forward(input_ids, positions, ctx)
 
     engine.runner.paged.forward = counting

@@ -11,7 +11,7 @@ import torch
 
 from _hf_helpers import (assert_greedy_match, count_paged_calls, fd_generate,
                          forbid_original_generate, padded_batch)
-from fastdecode.hf.tiny import tiny_model
+from tiny import tiny_model
 
 PAGED_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "gpt2", "gpt_neox", "opt"]
 NEW = 13  # crosses a 16-token block boundary with the 11-token prompts

@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 
 import fastdecode
 from _hf_helpers import padded_batch
-from fastdecode.hf.tiny import byte_tokenizer, tiny_model
+from tiny import byte_tokenizer, tiny_model
 
 NEW = 7
 

@@ -10,7 +10,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from _hf_helpers import RecordingStreamer, fd_generate, padded_batch
 from fastdecode.hf import FallbackError
-from fastdecode.hf.tiny import byte_tokenizer, tiny_model
+from tiny import byte_tokenizer, tiny_model
 
 NEW = 10
 
@@ -127,15 +127,15 @@ def test_user_stopping_criteria(llama, batch):
 
 def test_fallback_warns_once_naming_the_option(llama, batch):
     ids, mask = batch
-    ref = llama.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2)
+    ref = llama.generate(ids, attention_mask=mask, max_new_tokens=4, suppress_tokens=[5])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = fd_generate(llama, ids, attention_mask=mask, max_new_tokens=4, num_beams=2)
+        out = fd_generate(llama, ids, attention_mask=mask, max_new_tokens=4, suppress_tokens=[5])
     ours = [w for w in caught if "fastdecode" in str(w.message)]
-    assert len(ours) == 1 and "num_beams" in str(ours[0].message)
+    assert len(ours) == 1 and "suppress_tokens" in str(ours[0].message)
     assert torch.equal(out, ref)
-    with pytest.raises(FallbackError, match="no_repeat_ngram_size"):
-        fd_generate(llama, ids, attention_mask=mask, no_repeat_ngram_size=2, fallback="error")
+    with pytest.raises(FallbackError, match="suppress_tokens"):
+        fd_generate(llama, ids, attention_mask=mask, suppress_tokens=[5], fallback="error")
 
 
 BAD = [dict(do_sample=True, temperature=0.0), dict(do_sample=True, temperature=-1.0),

@@ -17,7 +17,7 @@ from transformers import CompileConfig
 
 from _hf_helpers import fd_generate, forbid_original_generate, padded_batch
 from fastdecode.hf import compat
-from fastdecode.hf.tiny import tiny_model
+from tiny import tiny_model
 
 NEW = 6
 BASE = dict(max_new_tokens=NEW, do_sample=False)
@@ -137,8 +137,8 @@ def test_returned_cache_matches_hf_and_continues(model, monkeypatch):
     (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
     (dict(cache_implementation="static"), "cache_implementation"),
     (dict(compile_config=CompileConfig()), "compile_config"),
-    (dict(num_beams=2), "num_beams"),
-], ids=["output_attentions", "cache_implementation", "compile_config", "num_beams"])
+    (dict(suppress_tokens=[5]), "suppress_tokens"),
+], ids=["output_attentions", "cache_implementation", "compile_config", "suppress_tokens"])
 def test_chosen_fallbacks_warn_once_and_match_hf(kwargs, name):
     model = tiny_model("llama")
     ids, mask = padded_batch([5, 3], model.config.vocab_size, seed=11)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,8 +13,8 @@ import torch
 from transformers import StoppingCriteria
 
 from _hf_helpers import assert_greedy_match, fd_generate, forbid_original_generate, padded_batch
-from fastdecode.hf import runner as runner_module
-from fastdecode.hf.tiny import tiny_model
+from fastdecode.plan import attention as kv_module
+from tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +71,13 @@ def test_odd_max_new_tokens_behave_as_in_hf(llama, monkeypatch, max_new_tokens):
 def test_kv_cache_grows_with_the_tokens(llama, monkeypatch):
     """A huge max_new_tokens reserves nothing up front; the growth keeps HF's tokens."""
     sizes = []
-    allocate = runner_module.allocate_kv_cache
+    allocate = kv_module.allocate_kv_cache
 
     def recording(num_blocks, *args, **kwargs):
         sizes.append(num_blocks)
         return allocate(num_blocks, *args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "allocate_kv_cache", recording)
+    monkeypatch.setattr(kv_module, "allocate_kv_cache", recording)
     ids, mask = padded_batch([5, 2, 4], llama.config.vocab_size, seed=6)
     stop = [_StopAfter(ids.shape[1] + 3)]
     out = fd_generate(llama, ids, attention_mask=mask, do_sample=False, max_new_tokens=10**7,
@@ -97,7 +98,7 @@ _PEAK_RSS = textwrap.dedent("""
     import torch
     from transformers import StoppingCriteria
     import fastdecode
-    from fastdecode.hf.tiny import tiny_model
+    from tiny import tiny_model
 
     class StopAfter(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -117,8 +118,9 @@ _PEAK_RSS = textwrap.dedent("""
 
 @pytest.mark.parametrize("family", ["llama", "falcon"])  # the paged path and the model's cache
 def test_huge_max_new_tokens_costs_no_memory_up_front(family):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))  # tests/ for tiny
     run = subprocess.run([sys.executable, "-c", _PEAK_RSS, family], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["length"] == 8

@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from _hf_helpers import fd_generate, padded_batch
-from fastdecode.hf.tiny import tiny_model
+from tiny import tiny_model
 
 WARPS = [dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3),
          dict(temperature=1.3, min_p=0.05), dict(top_k=0, top_p=0.5), dict()]

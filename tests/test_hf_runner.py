@@ -8,7 +8,7 @@ import torch
 from _hf_helpers import BACKEND
 from fastdecode.hf.context import PagedContext
 from fastdecode.hf.runner import PagedRunner
-from fastdecode.hf.tiny import tiny_model
+from tiny import tiny_model
 
 P = 4
 

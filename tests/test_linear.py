@@ -130,7 +130,7 @@ def test_ops_pass_opcheck():
 def test_decode_step_products_run_on_the_streaming_kernel():
     """One kernel call per fused group, per other linear and for the LM head; none through
     nn.Linear's own product."""
-    from fastdecode.hf.tiny import tiny_model
+    from tiny import tiny_model
 
     model = tiny_model("llama")
     x = torch.randint(3, model.config.vocab_size, (1, 1))

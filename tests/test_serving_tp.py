@@ -62,7 +62,7 @@ def _greedy_rank(rank: int, paths: dict[str, str], out: str) -> None:
         finally:
             engine.stop_workers()
         results[family] = {
-            "tokens": [o.output_ids for o in outs],
+            "tokens": [list(o.output_ids) for o in outs],
             "cache_kv_heads": engine.runner.paged.k_caches[0].shape[2],
             "k_proj_rows": model.model.layers[0].self_attn.k_proj.weight.to_local().shape[0]}
     if rank == 0:

@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GATE_FILES = ["tests/test_attention.py", "tests/test_append_kv.py", "tests/test_sampling.py",
               "tests/test_sampling_stats.py", "tests/test_cuda_specific.py",
-              "tests/test_triton_specific.py", "tests/test_triton_guards.py"]
+              "tests/test_triton_specific.py", "tests/test_triton_guards.py",
+              "tests/test_static_decode.py"]
 GATE_KEYWORDS = "cuda or triton"
 ALLOWED_SKIPS = ("does not build head_dim",)  # the CUDA kernels' head_dim list, by design
 COVERAGE = {"cuda": {"append_kv", "paged_attention", "sample"},
@@ -54,6 +55,8 @@ OPS_BY_TEST = [
     (r"test_cuda_specific::test_large_cache", {"append_kv", "paged_attention"}),
     (r"test_cuda_specific::test_sample", {"sample"}),
     (r"test_cuda_specific::test_append_kv", {"append_kv"}),
+    # CUDA-graph capture / replay of whole decode steps: reported, validating no op.
+    (r"test_static_decode::", set()),
 ]
 
 

@@ -74,6 +74,18 @@ class BlockManager:
     def hit_rate(self) -> float:
         return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
 
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks some table holds."""
+        return self.num_blocks - self.num_free_blocks
+
+    def grow(self, num_blocks: int) -> None:
+        """Own blocks ``0 .. num_blocks - 1`` from now on (the new ones free); never shrinks."""
+        if num_blocks > self.num_blocks:
+            self._free.extend(range(self.num_blocks, num_blocks))
+            self._refs.extend([0] * (num_blocks - self.num_blocks))
+            self.num_blocks = num_blocks
+
     def ref_count(self, block: int) -> int:
         return self._refs[block]
 

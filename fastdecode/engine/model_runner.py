@@ -1,24 +1,24 @@
-"""Turns a scheduled step into one paged forward pass and one ``ops.sample`` call.
+"""Turns a scheduled step into one paged forward pass and one sampling call.
 
-The only engine file that builds device tensors. The model itself runs through
-:class:`fastdecode.hf.runner.PagedRunner`, which owns the per-layer KV caches.
+The only engine file that builds device tensors: a step's plan (:mod:`fastdecode.plan`), its
+sampling parameters included, is written into preallocated buffers and sent in one copy. The
+model itself runs through :class:`fastdecode.hf.runner.PagedRunner`, which owns the per-layer
+KV caches.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Callable, Optional
 
 import torch
 
-from fastdecode import ops
 from fastdecode.engine.block_manager import cdiv
+from fastdecode.engine.history_masks import HistoryMasks
 from fastdecode.engine.scheduler import ScheduledBatch
-from fastdecode.engine.sequence import Sequence
-
-if TYPE_CHECKING:
-    from fastdecode.hf.context import PagedContext
+from fastdecode.plan import Sampler, SamplingBatch, StepPlan, sampling
 
 _CPU_CACHE_FRACTION = 0.25   # of the RAM available now
 _CPU_CACHE_CAP = 8 << 30     # bytes: a CPU decodes too slowly to use a larger cache
@@ -56,26 +56,20 @@ def default_num_blocks(model, block_size: int, kv_dtype: torch.dtype, device: to
     return max(1, min(int(budget // block_bytes), max_num_seqs * cdiv(context, block_size)))
 
 
-def _per_row(values: list, dtype: torch.dtype, device: torch.device):
-    """A Python number when every row agrees (lets the sampler skip disabled stages)."""
-    if all(v == values[0] for v in values):
-        return values[0]
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
 @dataclass
 class StepInputs:
-    """One step, ready to run. input_ids, positions: [T] int64; ctx: the paged attention
-    context; copies: copy-on-write ``(src, dst)`` blocks to apply first; rows: the batch entries
-    that draw a token, seqs their sequences; num_entries: the batch's entries."""
+    """One step, ready to run. plan: the forward pass (its logits_indices: the entries that
+    draw a token); sampling: their parameters; copies: copy-on-write ``(src, dst)`` blocks to
+    apply first; rows: the batch entries that draw a token; num_entries: the batch's entries;
+    masks: n-gram / bad-words bans of the drawing rows' logits (None when no row asks).
+    Everything was read from the requests by ``prepare``: ``run`` touches no request."""
 
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    ctx: "PagedContext"
+    plan: StepPlan
+    sampling: Optional[SamplingBatch]
     copies: list[tuple[int, int]]
     rows: list[int]
-    seqs: list[Sequence]
     num_entries: int
+    masks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 class ModelRunner:
@@ -87,36 +81,44 @@ class ModelRunner:
             num_blocks = default_num_blocks(model, block_size, kv_dtype or param.dtype,
                                             self.device, max_num_seqs)
         # Imported here so that ``import fastdecode`` does not pull in transformers.
-        from fastdecode.hf.context import PagedContext
         from fastdecode.hf.runner import PagedRunner
-
-        self._build_context = PagedContext.build
 
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.paged = PagedRunner(model, num_blocks=num_blocks, block_size=block_size,
                                  kv_dtype=kv_dtype, device=self.device)
+        self.planner = self.paged.planner(sampling.FIELDS)
+        self.sampler = Sampler(model.config.get_text_config().vocab_size, self.device)
+        self._history_masks = HistoryMasks(self.device)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """The step's forward inputs, read from the requests now.
+        """The step's plan, read from the requests now and sent to the device in one copy.
 
         The Engine calls this under its lock: ``abort`` from another thread may free a block
         table at any other moment. ``run`` reads nothing that ``abort`` changes.
         """
-        ids: list[int] = []
-        positions: list[int] = []
-        for seq, n in zip(batch.seqs, batch.num_new):
-            start = seq.num_computed
-            ids += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
-        ctx = self._build_context([s.block_table for s in batch.seqs],
-                                 [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
-                                 batch.num_new, self.block_size, self.device)
-        rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
-        return StepInputs(torch.tensor(ids, dtype=torch.int64, device=self.device),
-                          torch.tensor(positions, dtype=torch.int64, device=self.device),
-                          ctx, list(batch.block_copies), rows, [batch.seqs[i] for i in rows],
-                          len(batch.seqs))
+        seqs, num_new = batch.seqs, batch.num_new
+        rows = [i for i in range(len(seqs)) if batch.samples(i)]
+        drawing = [seqs[i] for i in rows]
+        staged: list[SamplingBatch] = []
+
+        def stage(staging) -> None:
+            banned = [(j, t) for j, s in enumerate(drawing)
+                      if s.num_generated < s.params.min_new_tokens for t in sorted(s.stop_ids)]
+            staged.append(self.sampler.stage(
+                staging, [s.params for s in drawing], [s.num_tokens for s in drawing],
+                [s.token_ids for s in drawing], banned))
+
+        plan = self.planner.build(
+            num_new, [s.num_computed + n for s, n in zip(seqs, num_new)],
+            [s.block_table for s in seqs],
+            token_ids=itertools.chain.from_iterable(
+                s.token_ids[s.num_computed:s.num_computed + n] for s, n in zip(seqs, num_new)),
+            logits_rows=None if len(rows) == len(seqs) else rows,
+            stage_more=stage if rows else None)
+        masks = (self._history_masks.prepare(drawing) if HistoryMasks.needed(drawing) else None)
+        return StepInputs(plan, staged[0] if staged else None, list(batch.block_copies), rows,
+                          len(seqs), masks)
 
     @torch.inference_mode()
     def run(self, step: StepInputs) -> tuple[list[Optional[int]], dict[int, str]]:
@@ -126,70 +128,38 @@ class ModelRunner:
         None for a prompt chunk short of its sequence's end; and, for entries whose sampling
         raised, why. A forward-pass failure raises (it is no single request's fault).
         """
-        self._copy_blocks(step.copies)
-        logits = self.paged.forward(step.input_ids, step.positions, step.ctx)
+        self.paged.kv.copy_blocks(step.copies)
+        plan = step.plan
+        logits = self.paged.forward(plan.input_ids, plan.positions, plan)
         tokens: list[Optional[int]] = [None] * step.num_entries
         errors: dict[int, str] = {}
-        if step.rows:
-            if len(step.rows) < step.num_entries:
-                logits = logits[torch.tensor(step.rows, device=self.device)]
-            drawn, failed = self._sample_rows(logits, step.seqs)
+        if step.rows and step.sampling is not None:
+            if step.masks is not None:
+                logits = step.masks(logits)
+            drawn, failed = self._sample_rows(logits, step.sampling)
+            failed.update((j, f"sampling failed: {why}") for j, why in
+                          step.sampling.errors.items())
             for i, tok in zip(step.rows, drawn):
                 tokens[i] = tok
             errors = {step.rows[j]: why for j, why in failed.items()}
         return tokens, errors
 
     def _sample_rows(self, logits: torch.Tensor,
-                     seqs: list[Sequence]) -> tuple[list[int], dict[int, str]]:
+                     batch: SamplingBatch) -> tuple[list[int], dict[int, str]]:
         """One batched sampling call; if it raises, each row alone, so that only the rows that
         fail on their own fail (a seeded row draws the same token either way)."""
         try:
-            return self._sample(logits, seqs).tolist(), {}
+            return self._sample(logits, batch).tolist(), {}
         except Exception:
             pass  # the rows alone, below, tell which fail and why
-        drawn, failed = [-1] * len(seqs), {}
-        for j, seq in enumerate(seqs):
+        drawn, failed = [-1] * len(batch), {}
+        for j in range(len(batch)):
             try:
-                drawn[j] = int(self._sample(logits[j:j + 1], [seq])[0])
+                drawn[j] = int(self._sample(logits[j:j + 1], batch.row(j))[0])
             except Exception as exc:
                 failed[j] = f"sampling failed: {type(exc).__name__}: {exc}"
         return drawn, failed
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """logits: [B, V] float32 of each sequence's last token. Returns [B] int64."""
-        dev = self.device
-        params = [s.params for s in seqs]
-        banned = [(i, sorted(s.stop_ids)) for i, s in enumerate(seqs)
-                  if s.num_generated < s.params.min_new_tokens and s.stop_ids]
-        if banned:
-            logits = logits.clone()  # the runner's buffer is not ours to modify
-            for i, stop in banned:
-                logits[i, torch.tensor(stop, device=dev)] = float("-inf")
-        seen = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            width = max(s.num_tokens for s in seqs)
-            seen = torch.tensor([s.token_ids + [-1] * (width - s.num_tokens)
-                                 if p.repetition_penalty != 1.0 else [-1] * width
-                                 for s, p in zip(seqs, params)], dtype=torch.int64, device=dev)
-        return ops.sample(
-            logits,
-            temperature=_per_row([float(p.temperature) for p in params], torch.float32, dev),
-            # float64 holds any top_k (beyond int64 too: off) for the op to check and map.
-            top_k=_per_row([p.top_k for p in params], torch.float64, dev),
-            top_p=_per_row([float(p.top_p) for p in params], torch.float32, dev),
-            min_p=_per_row([float(p.min_p) for p in params], torch.float32, dev),
-            repetition_penalty=_per_row([float(p.repetition_penalty) for p in params],
-                                        torch.float32, dev),
-            seen_tokens=seen,
-            seeds=torch.tensor([-1 if p.seed is None else p.seed for p in params],
-                               dtype=torch.int64, device=dev),
-            offsets=torch.tensor([s.num_tokens for s in seqs], dtype=torch.int64, device=dev))
-
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write copies of shared blocks, in every layer's K and V cache."""
-        if not copies:
-            return
-        src = torch.tensor([c[0] for c in copies], device=self.device)
-        dst = torch.tensor([c[1] for c in copies], device=self.device)
-        for cache in (*self.paged.k_caches, *self.paged.v_caches):
-            cache[dst] = cache[src]
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logits: [S, V] float32 of the drawing entries' last tokens -> [S] int64."""
+        return self.sampler.sample(logits, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -22,6 +23,8 @@ class SamplingParams:
     draws come from torch's global RNG. ``stop_token_ids`` end the request like EOS (the token
     is kept in the output). ``ignore_eos`` keeps generating through EOS; ``min_new_tokens``
     forbids EOS and the stop ids until that many tokens were generated.
+    ``no_repeat_ngram_size`` (0 = off) and ``bad_words_ids`` (token sequences, multi-token
+    too) are HF's processors over the request's prompt + generated ids.
 
     Immutable (assigning a field raises ``dataclasses.FrozenInstanceError``; derive a variant
     with ``dataclasses.replace``) and validated at construction against the same ranges as
@@ -41,6 +44,8 @@ class SamplingParams:
     seed: Optional[int] = None
     stop_token_ids: Optional[tuple[int, ...]] = None
     ignore_eos: bool = False
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: Optional[tuple[tuple[int, ...], ...]] = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p",
@@ -56,6 +61,28 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos must be a bool; got "
                              f"{self.ignore_eos!r}")
+        n = self.no_repeat_ngram_size
+        if not _is_int(n) or n < 0:
+            raise ValueError(f"SamplingParams.no_repeat_ngram_size must be an integer >= 0 "
+                             f"(0 = off); got {_rules.short_repr(n)}")
+        object.__setattr__(self, "bad_words_ids", _bad_words(self.bad_words_ids))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _bad_words(words) -> Optional[tuple[tuple[int, ...], ...]]:
+    if words is None:
+        return None
+    try:
+        values = tuple(tuple(w) for w in words)
+    except TypeError:
+        values = None
+    if not values or not all(w and all(_is_int(t) and t >= 0 for t in w) for w in values):
+        raise ValueError(f"SamplingParams.bad_words_ids must be None or a non-empty list of "
+                         f"non-empty lists of token ids >= 0; got {_rules.short_repr(words)}")
+    return tuple(tuple(int(t) for t in w) for w in values)
 
 
 def _stop_ids(ids: Optional[Iterable[int]]) -> Optional[tuple[int, ...]]:
@@ -70,12 +97,44 @@ def _stop_ids(ids: Optional[Iterable[int]]) -> Optional[tuple[int, ...]]:
     return tuple(int(i) for i in values)
 
 
+class TokenView(abc.Sequence):
+    """A read-only view of ``tokens[start:stop]`` of a list that only ever grows: what a step
+    reports costs nothing however long the request is (no copy of its tokens). Compares equal
+    to a list of the same ids; ``list(view)`` copies."""
+
+    __slots__ = ("_tokens", "_start", "_stop")
+
+    def __init__(self, tokens: list[int], start: int, stop: int) -> None:
+        self._tokens, self._start, self._stop = tokens, start, stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._tokens[self._start + i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("TokenView index out of range")
+        return self._tokens[self._start + index]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (TokenView, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self[:])
+
+
 @dataclass
 class RequestOutput:
     """What one ``Engine.step()`` reports for a request.
 
     output_ids: every generated token so far (not the prompt), including the EOS / stop token that
-    finished the request; new_ids: the tokens this step added. finish_reason: None while
+    finished the request, as a read-only :class:`TokenView` (a sequence; ``list()`` copies it);
+    new_ids: the tokens this step added. finish_reason: None while
     running, then "stop" (EOS or a stop id), "length" (max_new_tokens or the model's context),
     "abort" or "error". error: with "error", what went wrong, naming the request id (e.g. the
     sampler found no finite logit); None otherwise.
@@ -83,7 +142,7 @@ class RequestOutput:
 
     request_id: str
     prompt_ids: list[int]
-    output_ids: list[int]
+    output_ids: abc.Sequence
     new_ids: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: Optional[str] = None

@@ -50,6 +50,10 @@ class RequestChecks:
         if bad:
             raise ValueError(f"SamplingParams.stop_token_ids must be token ids in "
                              f"[0, {self.vocab_size}) (the model's vocabulary); got {bad[0]}")
+        bad = [t for w in params.bad_words_ids or () for t in w if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.bad_words_ids must be token ids in "
+                             f"[0, {self.vocab_size}) (the model's vocabulary); got {bad[0]}")
         # Every token but the last generated one is fed to the model and cached.
         cached = len(prompt) + params.max_new_tokens - 1
         if self.max_model_len is not None:

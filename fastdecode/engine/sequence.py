@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Optional
 
-from fastdecode.engine.params import RequestOutput, SamplingParams
+from fastdecode.engine.params import RequestOutput, SamplingParams, TokenView
 
 
 class Status(enum.Enum):
@@ -72,8 +72,12 @@ class Sequence:
         self.error = error
 
     def take_output(self) -> RequestOutput:
-        """The request's state, with the tokens generated since the last call as ``new_ids``."""
-        out = self.output_ids
-        new, self.num_reported = out[self.num_reported:], len(out)
-        return RequestOutput(self.request_id, self.prompt_ids, out, new, self.is_finished,
+        """The request's state, with the tokens generated since the last call as ``new_ids``
+        (a copy of those alone) and every generated token as a view (``token_ids`` only
+        grows)."""
+        first, end = len(self.prompt_ids), len(self.token_ids)
+        new = self.token_ids[first + self.num_reported:]
+        self.num_reported = end - first
+        return RequestOutput(self.request_id, self.prompt_ids,
+                             TokenView(self.token_ids, first, end), new, self.is_finished,
                              self.finish_reason, self.error)

@@ -1,9 +1,11 @@
-"""Per-step metadata of a paged forward pass, shared by ``fastdecode.generate`` and the Engine.
+"""Per-step metadata of a paged forward pass built from Python lists, for one-off steps.
 
 A step packs the new tokens of B sequences into one flat batch of T tokens (the model sees
-``input_ids [1, T]`` with explicit ``position_ids``). The context travels to every attention layer
-as the forward keyword ``fastdecode_ctx``; the attention function appends each layer's keys and
-values at ``slot_mapping`` and runs ``ops.paged_attention`` over the cache.
+``input_ids [1, T]`` with explicit ``position_ids``). ``fastdecode.generate`` and the Engine
+build their steps with :class:`fastdecode.plan.StepPlanner` (preallocated buffers, one upload);
+a :class:`PagedContext` is the same metadata made with fresh tensors, which
+:meth:`PagedRunner.forward <fastdecode.hf.runner.PagedRunner.forward>` turns into a
+:class:`~fastdecode.plan.StepPlan` (:meth:`PagedContext.plan`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from fastdecode.plan import AttentionMeta, StepPlan
+
 
 @dataclass
 class PagedContext:
@@ -21,7 +25,8 @@ class PagedContext:
     slot_mapping: [T] int64 cache slot of each new token (-1 = skip);
     decode_only: every sequence has exactly one new token (the decode form of the kernel runs);
     logits_indices: [B] int64 packed index of each sequence's last token (whose logits are kept);
-    backend: ops backend name ("auto" unless testing a specific one).
+    backend: kept for callers of earlier releases; the runner's backend runs every call;
+    workspace: float32 scratch of split-KV decode kernels, or None.
     """
 
     block_tables: torch.Tensor
@@ -36,6 +41,13 @@ class PagedContext:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    def plan(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor) -> StepPlan:
+        """The step plan of this context; input_ids, positions: [T] int64."""
+        attn = AttentionMeta(self.block_tables, self.seq_lens, self.cu_seqlens_q,
+                             self.slot_mapping, self.decode_only, workspace=self.workspace)
+        return StepPlan(input_ids, positions, attn,
+                        None if self.decode_only else self.logits_indices, self.num_seqs)
 
     @classmethod
     def build(cls, block_tables: list[list[int]], seq_lens: list[int], query_lens: list[int],

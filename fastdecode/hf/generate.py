@@ -16,10 +16,14 @@ import inspect
 import warnings
 
 import torch
-from transformers.generation import GenerateDecoderOnlyOutput, GenerationMixin
+from transformers.generation import (GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput,
+                                    GenerationMixin)
 
 from fastdecode.hf import compat, loop
 from fastdecode.hf import options as _options
+from fastdecode.hf.beam import BeamSearch
+from fastdecode.hf.beam_cache import BeamKV
+from fastdecode.hf.beam_groups import GroupBeamSearch, check_groups
 from fastdecode.hf.patching import original_generate
 from fastdecode.hf.prepare import Prepared, prepare, prepare_cache
 from fastdecode.hf.runner import has_unsupported_attention, uses_attention_interface
@@ -61,6 +65,12 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
         more, criteria = _options.unsupported(model, prepared, logits_processor,
                                               stopping_criteria, tokenizer)
         reasons += more
+        if (not reasons and (prepared.config.num_beams or 1) > 1
+                and not _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name())
+                               is not None)):
+            reasons.append("num_beams > 1 with inputs only HF's cache takes (right padding or "
+                           "holes in the mask, a cache passed in, hidden states, attention "
+                           "outside AttentionInterface)")
     if reasons:
         if fallback == "error":
             raise FallbackError(f"fastdecode.generate does not implement: {', '.join(reasons)}")
@@ -121,6 +131,8 @@ def _paged(model, prepared: Prepared, user_cache: bool) -> bool:
 
 def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_processor,
             backend: str):
+    if opts.num_beams > 1:
+        return _decode_beams(model, prepared, opts, streamer, logits_processor, backend)
     paged = _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name()) is not None)
     if not paged or opts.return_dict:  # the paged path fills HF's cache only to return it
         prepare_cache(model, prepared)
@@ -146,3 +158,28 @@ def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_
                   hidden_states=tuple(result.hidden_states) if opts.output_hidden_states else None)
     fields[compat.output_cache_field()] = stepper.cache()
     return GenerateDecoderOnlyOutput(**fields)
+
+
+def _decode_beams(model, prepared: Prepared, opts: _options.Options, streamer, logits_processor,
+                  backend: str):
+    """Beam search / beam sampling on the paged cache (the caller checked it takes the call)."""
+    if opts.num_beam_groups > 1:
+        check_groups(opts, streamer)
+    elif streamer is not None:  # model.generate sends the prompt, then streams no beam
+        streamer.put(prepared.input_ids.cpu())
+    if opts.return_dict:
+        prepare_cache(model, prepared)
+    kv = BeamKV(model, prepared, opts.num_beams, opts.max_new_tokens, backend=backend)
+    selector = TokenSelector(opts, logits_processor, True, backend)
+    search = (GroupBeamSearch(kv, selector, opts) if opts.num_beam_groups > 1
+              else BeamSearch(kv, selector, opts))
+    with kv.session():
+        result = search.run(prepared.input_ids, prepared.model_kwargs.get("attention_mask"))
+    if not opts.return_dict:
+        return result.sequences
+    fields = dict(sequences=result.sequences, beam_indices=result.beam_indices,
+                  sequences_scores=result.sequences_scores if opts.output_scores else None,
+                  scores=tuple(result.scores) if opts.output_scores else None,
+                  logits=tuple(result.logits) if opts.output_logits else None)
+    fields[compat.output_cache_field()] = kv.cache()
+    return GenerateBeamDecoderOnlyOutput(**fields)

@@ -22,9 +22,8 @@ from fastdecode.hf.prepare import Prepared
 # Generation-config attributes that only matter when they differ from these neutral values.
 # Anything listed here and set to something else runs through the original model.generate.
 _NEUTRAL = {
-    "num_beams": (None, 1), "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0),
     "penalty_alpha": (None,), "dola_layers": (None,), "prompt_lookup_num_tokens": (None,),
-    "guidance_scale": (None, 1.0), "sequence_bias": (None,), "no_repeat_ngram_size": (None, 0),
+    "guidance_scale": (None, 1.0), "sequence_bias": (None,),
     "encoder_no_repeat_ngram_size": (None, 0), "encoder_repetition_penalty": (None, 1.0),
     "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
     "forced_eos_token_id": (None,), "exponential_decay_length_penalty": (None,),
@@ -39,9 +38,11 @@ _NEUTRAL = {
 # Arguments of model.generate that select another decoding method.
 OTHER_METHODS = ("prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
                  "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer")
-_NATIVE_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+_NATIVE_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.BEAM_SEARCH,
+                 GenerationMode.BEAM_SAMPLE, GenerationMode.GROUP_BEAM_SEARCH)
 # HF processors fastdecode implements itself (by class name: the classes move between modules).
 _BUILT_IN = {"RepetitionPenaltyLogitsProcessor", "NoBadWordsLogitsProcessor",
+             "NoRepeatNGramLogitsProcessor",
              "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
              "InfNanRemoveLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper",
              "TopPLogitsWarper", "MinPLogitsWarper"}
@@ -56,7 +57,10 @@ class Options:
     max_length: total length (prompt + new) at which generation stops (may be fractional, as HF
     allows); max_new_tokens: the new tokens that allows; min_length: total length below which EOS
     is forbidden; eos / pad: token ids (pad defaults to eos[0]); bad_words: HF's bad_words_ids
-    without the single-token EOS entries; criteria: stopping criteria besides length and EOS.
+    without the single-token EOS entries; no_repeat_ngram_size: 0 = off; criteria: stopping
+    criteria besides length and EOS. Beam search (``num_beams > 1``): early_stopping (True, False
+    or "never"), length_penalty, num_return_sequences (the best beams returned per prompt);
+    diverse beam search: num_beam_groups > 1, diversity_penalty > 0.
     """
 
     max_length: float
@@ -71,12 +75,19 @@ class Options:
     eos: Optional[list[int]]
     pad: Optional[int]
     bad_words: Optional[list[list[int]]]
+    no_repeat_ngram_size: int
     remove_invalid_values: bool
     return_dict: bool
     output_scores: bool
     output_logits: bool
     output_hidden_states: bool
     criteria: list
+    num_beams: int = 1
+    early_stopping: bool | str = False
+    length_penalty: float = 1.0
+    num_return_sequences: int = 1
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
 
 
 def options(prepared: Prepared, criteria: list) -> Options:
@@ -95,10 +106,16 @@ def options(prepared: Prepared, criteria: list) -> Options:
         top_p=_float(config.top_p, 1.0), min_p=_float(config.min_p, 0.0),
         repetition_penalty=_float(config.repetition_penalty, 1.0),
         eos=eos or None, pad=None if pad is None else int(pad), bad_words=bad or None,
+        no_repeat_ngram_size=int(config.no_repeat_ngram_size or 0),
         remove_invalid_values=bool(config.remove_invalid_values),
         return_dict=bool(config.return_dict_in_generate),
         output_scores=bool(config.output_scores), output_logits=bool(config.output_logits),
-        output_hidden_states=bool(config.output_hidden_states), criteria=criteria)
+        output_hidden_states=bool(config.output_hidden_states), criteria=criteria,
+        num_beams=int(config.num_beams or 1), early_stopping=config.early_stopping,
+        length_penalty=_float(config.length_penalty, 1.0),
+        num_return_sequences=int(config.num_return_sequences or 1),
+        num_beam_groups=int(config.num_beam_groups or 1),
+        diversity_penalty=_float(config.diversity_penalty, 0.0))
 
 
 def _float(value, default: float) -> float:

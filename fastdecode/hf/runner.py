@@ -5,10 +5,13 @@ Interface shared with the Engine (keep it stable)::
     runner = PagedRunner(model, num_blocks=N, block_size=P, kv_dtype=None, device=None,
                          backend="auto")
     runner.k_caches, runner.v_caches   # per layer: [N, P, Hkv, D], zero-initialised
-    logits = runner.forward(input_ids, positions, ctx)
+    runner.kv                          # the same caches as a fastdecode.plan.PagedKVCache
+    planner = runner.planner()         # a StepPlanner for these caches
+    logits = runner.forward(input_ids, positions, plan)
         # input_ids, positions: [T] int64, the step's new tokens packed sequence after sequence;
-        # ctx: PagedContext (block tables, seq_lens, cu_seqlens_q, slot_mapping, logits_indices);
-        # returns [B, V] float32: the logits of each sequence's last new token.
+        # plan: a StepPlan (or a PagedContext: block tables, seq_lens, cu_seqlens_q,
+        # slot_mapping, logits_indices); returns [S, V] float32: the logits of the plan's
+        # logits_indices (every row of a decode step).
     with runner.session():             # optional: switch the model once around many steps
         ...
     runner.grow(num_blocks)            # a larger pool; block ids and cached tokens stay valid
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -30,7 +33,7 @@ from fastdecode.hf import attention as _attention
 from fastdecode.hf import transform
 from fastdecode.hf.context import PagedContext
 from fastdecode.hf.tp import local_kv_heads
-from fastdecode.ops.memory import allocate_kv_cache
+from fastdecode.plan import PagedKVCache, StepPlan, StepPlanner
 
 
 def uses_attention_interface(model: torch.nn.Module) -> bool:
@@ -74,7 +77,9 @@ class PagedRunner:
     device: cache device (default: the model's); backend: ops backend for every call.
     fast_linears: run float32 linear layers on packed / fused weight copies and Llama-style
     RMSNorms fused (:mod:`fastdecode.hf.transform`); default: when
-    :func:`~fastdecode.hf.transform.worth_it` (CPU models whose weights fit RAM comfortably).
+    :func:`~fastdecode.hf.transform.worth_it` (CPU models whose weights fit RAM comfortably) and
+    the median linear layer holds at least 2**18 weights (smaller products lose to plain
+    ``nn.Linear``).
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int = 16,
@@ -92,39 +97,37 @@ class PagedRunner:
         self.block_size = block_size
         self.backend = backend
         self.device = torch.device(device) if device is not None else param.device
-        layers, self._kv_heads, self._head_dim = kv_shape(model)
+        layers, kv_heads, head_dim = kv_shape(model)
         self.num_layers = layers
         self.kv_dtype = kv_dtype or param.dtype
-        self.num_blocks = num_blocks
-        pools = [self._allocate(num_blocks) for _ in range(layers)]
-        self.k_caches = [k for k, _ in pools]
-        self.v_caches = [v for _, v in pools]
-        self._kv = _attention.LayerCaches(self.k_caches, self.v_caches)
+        qo_heads = local_kv_heads(model, model.config.get_text_config().num_attention_heads)
+        self.kv = PagedKVCache(num_layers=layers, num_blocks=num_blocks, block_size=block_size,
+                               num_kv_heads=kv_heads, head_dim=head_dim, num_qo_heads=qo_heads,
+                               dtype=self.kv_dtype, device=self.device, backend=backend)
+        # The cache's own lists: grow() replaces their entries in place.
+        self.k_caches, self.v_caches = self.kv.k_caches, self.kv.v_caches
         self._configs = _configs(model)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(
             model.forward).parameters
         self._verified = False
         self._active = False
         if fast_linears is None:
-            fast_linears = transform.worth_it(model)
+            fast_linears = transform.worth_it(model) and _large_linears(model)
         self._layout = transform.LinearLayout(model) if fast_linears else None
 
-    def _allocate(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return allocate_kv_cache(num_blocks, self.block_size, self._kv_heads, self._head_dim,
-                                 dtype=self.kv_dtype, device=self.device)
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
 
     def grow(self, num_blocks: int) -> None:
         """Enlarge every layer's pool to ``num_blocks`` blocks, keeping blocks ``0 ..
         self.num_blocks - 1`` (ids and contents). The pools are new tensors afterwards."""
-        if num_blocks <= self.num_blocks:
-            return
-        for layer in range(self.num_layers):
-            k, v = self._allocate(num_blocks)
-            k[:self.num_blocks].copy_(self.k_caches[layer])
-            v[:self.num_blocks].copy_(self.v_caches[layer])
-            # In place: the LayerCaches handed to the attention shares these lists.
-            self.k_caches[layer], self.v_caches[layer] = k, v
-        self.num_blocks = num_blocks
+        self.kv.grow(num_blocks)
+
+    def planner(self, extra_fields: Optional[dict[str, torch.dtype]] = None) -> StepPlanner:
+        """A :class:`~fastdecode.plan.StepPlanner` for this runner's caches (extra_fields: more
+        staging fields, e.g. ``fastdecode.plan.sampling.FIELDS``)."""
+        return StepPlanner(self.device, self.block_size, kv=self.kv, extra_fields=extra_fields)
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -150,37 +153,53 @@ class PagedRunner:
 
     @torch.no_grad()
     def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor,
-                ctx: PagedContext, *, inputs_embeds: Optional[torch.Tensor] = None,
+                plan: Union[StepPlan, PagedContext], *,
+                inputs_embeds: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids, positions: [T] int64 -> [B, V] float32 logits at ``ctx.logits_indices``.
+        """input_ids, positions: [T] int64 -> [S, V] float32 logits at ``plan.logits_indices``
+        (every row when it is None).
 
         inputs_embeds: [T, hidden_size] in place of input_ids (then None); token_type_ids: [T]
         int64, for models whose forward takes them.
         """
+        if isinstance(plan, PagedContext):
+            plan = plan.plan(input_ids, positions)
         extra = {}
-        keep_all = ctx.decode_only  # one token per sequence: every row is a last token
-        if self._takes_logits_to_keep and not keep_all:
-            extra["logits_to_keep"] = ctx.logits_indices
+        pick = plan.logits_indices
+        if self._takes_logits_to_keep and pick is not None:
+            extra["logits_to_keep"] = pick
         if inputs_embeds is not None:
             extra["inputs_embeds"] = inputs_embeds[None]
         if token_type_ids is not None:
             extra["token_type_ids"] = token_type_ids[None]
-        self._kv.calls = 0
+        calls = self.kv.calls
         with self.session():
             out = self.model(input_ids=None if input_ids is None else input_ids[None],
-                             position_ids=positions[None], use_cache=False, fastdecode_ctx=ctx,
-                             fastdecode_kv=self._kv, **extra)
+                             position_ids=positions[None], use_cache=False,
+                             fastdecode_plan=plan, fastdecode_kv=self.kv, **extra)
         if not self._verified:
-            if self._kv.calls != self.num_layers:
+            calls = self.kv.calls - calls
+            if calls != self.num_layers:
                 raise RuntimeError(
-                    f"{type(self.model).__name__}: {self._kv.calls} attention calls reached the "
+                    f"{type(self.model).__name__}: {calls} attention calls reached the "
                     f"paged kernel for {self.num_layers} layers; its attention does not go "
                     "through AttentionInterface")
             self._verified = True
         logits = out.logits[0]
-        if not keep_all and "logits_to_keep" not in extra:
-            logits = logits[ctx.logits_indices]
+        if pick is not None and "logits_to_keep" not in extra:
+            logits = logits[pick]
         return logits.float()
+
+
+# Median weights of a model's linear layers below which the packed copies lose: oneDNN's fixed
+# cost per call exceeds the product itself (64- and 256-wide models decode faster with plain
+# nn.Linear; the 135M model's 576 x 576 and 576 x 1536 products gain).
+_FAST_LINEAR_MIN_WEIGHTS = 1 << 18
+
+
+def _large_linears(model: torch.nn.Module) -> bool:
+    sizes = sorted(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return bool(sizes) and sizes[len(sizes) // 2] >= _FAST_LINEAR_MIN_WEIGHTS
 
 
 def _configs(model: torch.nn.Module) -> list:

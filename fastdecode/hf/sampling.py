@@ -1,10 +1,13 @@
 """Next-token selection with HF's processor order, through fastdecode's sampling ops.
 
-HF order: repetition penalty -> bad words -> min-length EOS ban -> remove invalid values -> user
-logits processors -> temperature -> top-k -> top-p -> min-p -> draw (``do_sample``) or argmax.
+HF order: repetition penalty -> n-gram blocking -> bad words -> min-length EOS ban -> remove
+invalid values -> user logits processors -> temperature -> top-k -> top-p -> min-p -> draw
+(``do_sample``) or argmax.
 Without user processors, ``output_scores`` or ``remove_invalid_values`` the whole chain is one
-fused ``ops.sample`` call (the bad-words bias and the EOS ban are applied to the raw logits first:
-both only add ``-inf``, which commutes with the penalty).
+fused sampling call (the n-gram and bad-words bans and the EOS ban are applied to the raw logits
+first: they only put ``-inf``, which commutes with the penalty), through a
+:class:`fastdecode.plan.Sampler`: the parameters, checked once, are cached scalars and the
+backend is resolved once.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import torch
 from fastdecode import ops
 from fastdecode.hf import compat
 from fastdecode.hf.options import Options
+from fastdecode.engine.params import SamplingParams
+from fastdecode.plan.sampling import Sampler
+from fastdecode.ngram import ban_repeated_ngrams
 from fastdecode.processors import BannedSequences, remove_invalid_values
 
 
@@ -38,9 +44,18 @@ class TokenSelector:
         self.need_scores = need_scores or bool(self.user) or self.remove_invalid
         self.eos = opts.eos
         self.bad_words = opts.bad_words
+        self.ngram_size = opts.no_repeat_ngram_size
         self.backend = backend
         self._banned: Optional[BannedSequences] = None
         self._eos_ids: Optional[torch.Tensor] = None
+        # The fused draw's parameters, if they pass the rules (else ops.sample raises its error).
+        self._row: Optional[SamplingParams] = None
+        if self.do_sample:
+            try:
+                self._row = SamplingParams(**self.warp, repetition_penalty=self.penalty)
+            except ValueError:
+                pass
+        self._sampler: Optional[Sampler] = None
 
     def __call__(self, logits: torch.Tensor, sequences: torch.Tensor, seen: Optional[torch.Tensor],
                  ban_eos: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -50,6 +65,12 @@ class TokenSelector:
         penalised = self.penalty != 1.0
         if not self.need_scores:
             logits = self._mask(logits, sequences, ban_eos)
+            if self._row is not None:
+                if self._sampler is None:
+                    self._sampler = Sampler(logits.shape[-1], logits.device, self.backend)
+                seen = seen.contiguous() if penalised else None
+                return self._sampler.sample(logits, self._sampler.shared(
+                    logits.shape[0], self._row, seen)), None
             if self.do_sample:
                 return ops.sample(logits, **self.warp, repetition_penalty=self.penalty,
                                   seen_tokens=seen if penalised else None,
@@ -58,8 +79,18 @@ class TokenSelector:
                 logits = ops.apply_repetition_penalty(logits, seen, self.penalty,
                                                       backend=self.backend)
             return logits.argmax(-1), None
+        scores = self.process(logits, sequences, seen, ban_eos)
+        if not self.do_sample:
+            return scores.argmax(-1), scores
+        scores = ops.process_logits(scores, **self.warp, backend=self.backend)
+        return ops.sample(scores, backend=self.backend), scores
+
+    def process(self, logits: torch.Tensor, sequences: torch.Tensor, seen: Optional[torch.Tensor],
+                ban_eos: bool) -> torch.Tensor:
+        """HF's processors before the warpers (arguments as in ``__call__``) -> [B, V] float32,
+        a new tensor (``logits`` is not modified)."""
         scores = (ops.apply_repetition_penalty(logits, seen, self.penalty, backend=self.backend)
-                  if penalised else logits)
+                  if self.penalty != 1.0 else logits)
         scores = self._mask(scores, sequences, ban_eos)
         if self.remove_invalid:
             scores = remove_invalid_values(scores)
@@ -67,14 +98,14 @@ class TokenSelector:
             scores = logits.clone()  # HF returns the processed scores as a new tensor
         for processor in self.user:
             scores = processor(sequences, scores)
-        if not self.do_sample:
-            return scores.argmax(-1), scores
-        scores = ops.process_logits(scores, **self.warp, backend=self.backend)
-        return ops.sample(scores, backend=self.backend), scores
+        return scores
 
     def _mask(self, scores: torch.Tensor, sequences: torch.Tensor, ban_eos: bool) -> torch.Tensor:
-        """Bad words and the min-length EOS ban; returns a new tensor when it changes anything."""
+        """N-gram blocking, bad words and the min-length EOS ban; returns a new tensor when it
+        changes anything."""
         vocab = scores.shape[-1]
+        if self.ngram_size:
+            scores = ban_repeated_ngrams(scores, sequences, self.ngram_size)
         if self.bad_words:
             if self._banned is None:
                 self._banned = BannedSequences(self.bad_words, vocab, scores.device,

@@ -20,10 +20,10 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Optional
 
+import numpy as np
 import torch
 
 from fastdecode.hf import compat
-from fastdecode.hf.context import PagedContext
 from fastdecode.hf.prepare import Prepared
 from fastdecode.hf.runner import PagedRunner
 
@@ -31,7 +31,10 @@ from fastdecode.hf.runner import PagedRunner
 class PagedStepper:
     """Runs the B rows of ``prepared`` (left padding only) over a growing paged cache.
 
-    max_new_tokens bounds the growth; block_size P: tokens per block.
+    max_new_tokens bounds the growth; block_size P: tokens per block. Each step is one
+    :class:`~fastdecode.plan.StepPlan` built on the host from the rows' KV lengths and
+    positions (kept on the host: no device read per step) and the tokens drawn last step
+    (on the device).
     """
 
     def __init__(self, model, prepared: Prepared, max_new_tokens: int, *, block_size: int = 16,
@@ -46,14 +49,15 @@ class PagedStepper:
         self.blocks_per_row = min(self.max_blocks, -(-longest // block_size) + 1)
         self.runner = PagedRunner(model, num_blocks=self.batch * self.blocks_per_row,
                                   block_size=block_size, backend=backend)
-        self.backend = backend
+        self.planner = self.runner.planner()
         self.device = self.runner.device
         self.session = self.runner.session
         self.hidden_states = None
-        self._longest_kv = longest  # KV index the longest row writes next (host copy)
+        self._kv = np.array(self.lens, dtype=np.int64)  # KV length of each row (host)
+        self._longest = longest  # of self._kv
+        self._ones = np.ones(self.batch, np.int64)  # new tokens per row in a decode step
         m = self.blocks_per_row
-        self._tables = torch.arange(self.batch * m, dtype=torch.int32,
-                                    device=self.device).view(self.batch, m)
+        self._tables = np.arange(self.batch * m, dtype=np.int32).reshape(self.batch, m)
 
     def prefill(self) -> torch.Tensor:
         """The prompt's tokens (mask == 1) packed row after row, at HF's position ids."""
@@ -64,55 +68,43 @@ class PagedStepper:
             positions = p.mask.cumsum(-1) - 1
         types = kwargs.get("token_type_ids")
         embeds = kwargs.get("inputs_embeds")
-        m = self.blocks_per_row
-        tables = [list(range(b * m, (b + 1) * m)) for b in range(self.batch)]
-        ctx = PagedContext.build(tables, self.lens, self.lens, self.block_size, self.device,
-                                 self.backend)
         dev = self.device
 
         def packed(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:  # [B, S, ...] -> [T, ...]
             return None if t is None else t[keep].to(dev)
 
-        logits = self.runner.forward(
-            packed(p.input_ids) if embeds is None else None, packed(positions), ctx,
-            inputs_embeds=packed(embeds), token_type_ids=packed(types))
-        # Decode-step state, updated in place. Position ids continue from HF's last column; the
-        # KV index of the next token is the row's token count.
-        self._pos = positions[:, -1].to(dev) + 1
-        self._kv = torch.tensor(self.lens, dtype=torch.int64, device=dev)
+        plan = self.planner.build(self.lens, self.lens, self._tables,
+                                  input_ids=packed(p.input_ids) if embeds is None else None,
+                                  positions=packed(positions))
+        logits = self.runner.forward(plan.input_ids, plan.positions, plan,
+                                     inputs_embeds=packed(embeds), token_type_ids=packed(types))
+        # Position ids continue from HF's last column (read once); the KV index of the next
+        # token is the row's token count.
+        self._pos = np.asarray(positions[:, -1].tolist(), dtype=np.int64) + 1
         self._types = None if types is None else types[:, -1].to(dev)
-        self._ctx = PagedContext(
-            block_tables=self._tables, seq_lens=torch.empty_like(ctx.seq_lens),
-            cu_seqlens_q=torch.arange(self.batch + 1, dtype=torch.int32, device=dev),
-            slot_mapping=torch.empty(self.batch, dtype=torch.int64, device=dev), decode_only=True,
-            logits_indices=torch.arange(self.batch, dtype=torch.int64, device=dev),
-            backend=self.backend)
         return logits
 
     def decode(self, tokens: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
         """tokens: [B] int64, one new token per row -> [B, V] float32."""
-        if self._longest_kv >= self.blocks_per_row * self.block_size:
+        if self._longest >= self.blocks_per_row * self.block_size:
             self._grow()
-        self._longest_kv += 1
-        ctx, kv, size = self._ctx, self._kv, self.block_size
-        block = self._tables.gather(1, (kv // size)[:, None])[:, 0].long()
-        torch.add(block * size, kv % size, out=ctx.slot_mapping)
-        ctx.seq_lens.copy_(kv + 1)
-        logits = self.runner.forward(tokens.to(self.device, non_blocking=True), self._pos, ctx,
-                                     token_type_ids=self._types)
         self._kv += 1
+        self._longest += 1
+        plan = self.planner.build(self._ones, self._kv, self._tables,
+                                  input_ids=tokens.to(self.device, non_blocking=True),
+                                  positions=self._pos)
         self._pos += 1
-        return logits
+        return self.runner.forward(plan.input_ids, plan.positions, plan,
+                                   token_type_ids=self._types)
 
     def _grow(self) -> None:
         """Double the blocks of every row (capped at what max_new_tokens can use)."""
         old, new = self.blocks_per_row, min(2 * self.blocks_per_row, self.max_blocks)
         first = self.runner.num_blocks
         self.runner.grow(first + self.batch * (new - old))
-        extra = first + torch.arange(self.batch * (new - old), dtype=torch.int32,
-                                     device=self.device).view(self.batch, new - old)
-        self._tables = torch.cat([self._tables, extra], dim=1)
-        self._ctx.block_tables = self._tables
+        extra = first + np.arange(self.batch * (new - old), dtype=np.int32).reshape(
+            self.batch, new - old)
+        self._tables = np.concatenate([self._tables, extra], axis=1)
         self.blocks_per_row = new
 
     def cache(self):
@@ -122,17 +114,29 @@ class PagedStepper:
         if cache is None:
             return None
         width = self.prepared.mask.shape[1] + int(self._kv[0]) - self.lens[0]
-        pad = torch.tensor([width - n for n in self._kv.tolist()], device=self.device)
-        index = torch.arange(width, device=self.device)[None, :] - pad[:, None]  # KV index
-        valid = index >= 0
-        index = index.clamp(min=0)
-        size = self.block_size
-        slots = self._tables.long().gather(1, index // size) * size + index % size  # [B, W]
-        for layer, (k, v) in enumerate(zip(self.runner.k_caches, self.runner.v_caches)):
-            keys, values = (c.flatten(0, 1)[slots] * valid[..., None, None] for c in (k, v))
-            cache.update(keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous(),
-                         layer)
-        return cache
+        return fill_hf_cache(cache, self.runner, torch.from_numpy(self._tables).to(self.device),
+                             torch.from_numpy(self._kv), width)
+
+
+def fill_hf_cache(cache, runner: PagedRunner, tables: torch.Tensor, kv_lens: torch.Tensor,
+                  width: int):
+    """Writes the paged rows into HF's ``cache`` (empty) as ``[R, Hkv, width, D]`` per layer,
+    each row right-aligned and left-padded with zeros; returns ``cache``.
+
+    tables: [R, M] int32 block tables; kv_lens: [R] int64 tokens cached per row (<= width).
+    """
+    device = tables.device
+    index = (torch.arange(width, device=device)[None, :]
+             - (width - kv_lens.to(device))[:, None])  # KV index of each column
+    valid = index >= 0
+    index = index.clamp(min=0)
+    size = runner.block_size
+    slots = tables.long().gather(1, index // size) * size + index % size  # [R, width]
+    for layer, (k, v) in enumerate(zip(runner.k_caches, runner.v_caches)):
+        keys, values = (c.flatten(0, 1)[slots] * valid[..., None, None] for c in (k, v))
+        cache.update(keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous(),
+                     layer)
+    return cache
 
 
 class CacheStepper:

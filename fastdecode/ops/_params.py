@@ -4,13 +4,20 @@ Public sampling ops accept each parameter as a Python number (all rows) or a ``[
 (per row). Backends receive a :class:`SamplingTensors`: one ``[B]`` tensor per parameter on the
 logits' device, in a fixed dtype, already validated against the ranges of
 :mod:`fastdecode.ops._rules` (the table SamplingParams and the command line check too).
+
+A number shared by every row never becomes a new tensor per call: it is a cached constant
+(:func:`constant`) and the ``has_*`` flags it sets let kernels skip whole stages. Callers that
+checked their values on the host already (the step plan of the Engine and ``generate``) build
+the tensors with :func:`from_host` and call the backend directly: no device-to-host copy, no
+second validation.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -46,6 +53,26 @@ class SamplingTensors:
     all_greedy: bool = False
 
 
+def constant(value: Number, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``[batch]`` tensor of ``value``, cached: backends only read their parameter tensors, so
+    one copy serves every call with the same value, batch size and device (no allocation, and
+    on CUDA no fill kernel, per step). Callers must never write to it. Not cached while a CUDA
+    graph is being captured (its fill would only run when the graph replays)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((batch,), value, dtype=dtype, device=device)
+    return _constant(value, batch, dtype, device)
+
+
+@functools.lru_cache(maxsize=512)
+def _constant(value: Number, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def top_k_off(k: int, vocab: int) -> int:
+    """top_k as kernels take it: 0 when it filters nothing (<= 0 or >= vocab_size)."""
+    return 0 if k <= 0 or k >= vocab else k
+
+
 def _checked(name: str, value: Param, batch: int) -> Union[Number, torch.Tensor]:
     """``value`` checked against the rule table: a number for all rows, or a ``[B]`` tensor."""
     if isinstance(value, torch.Tensor):
@@ -68,7 +95,7 @@ def _per_row(name: str, value: Param, batch: int,
     value = _checked(name, value, batch)
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=torch.float32), None
-    return torch.full((batch,), value, dtype=torch.float32, device=device), value
+    return constant(value, batch, torch.float32, device), value
 
 
 def _top_k(top_k: Param, batch: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, bool]:
@@ -78,8 +105,8 @@ def _top_k(top_k: Param, batch: int, vocab: int, device: torch.device) -> tuple[
         k = k.to(device)
         # Decided before the cast, so that a float or int64 beyond int32 cannot wrap around.
         return torch.where((k <= 0) | (k >= vocab), 0, k).to(torch.int32), True
-    k = 0 if k <= 0 or k >= vocab else k
-    return torch.full((batch,), k, dtype=torch.int32, device=device), k != 0
+    k = top_k_off(k, vocab)
+    return constant(k, batch, torch.int32, device), k != 0
 
 
 def normalize(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = 0,
@@ -119,6 +146,56 @@ def normalize(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = 
         has_penalty=seen_tokens is not None and seen_tokens.numel() > 0 and rp_s != 1.0,
         all_greedy=t_s == 0.0,
     )
+
+
+# The per-row parameters of SamplingTensors: (name, dtype, the value that disables its stage;
+# temperature 0 is greedy).
+_ROWS = (("temperature", torch.float32, 0.0), ("top_k", torch.int32, 0),
+         ("top_p", torch.float32, 1.0), ("min_p", torch.float32, 0.0),
+         ("repetition_penalty", torch.float32, 1.0))
+Rows = Union[Number, Sequence[Number]]
+
+
+def from_host(batch: int, vocab: int, device: torch.device, *, temperature: Rows,
+              top_k: Rows, top_p: Rows, min_p: Rows, repetition_penalty: Rows,
+              seen_tokens: Optional[torch.Tensor] = None,
+              upload: Optional[Callable[[str, list, torch.dtype], torch.Tensor]] = None
+              ) -> SamplingTensors:
+    """SamplingTensors from host values already checked against :mod:`fastdecode.ops._rules`.
+
+    Each parameter is a number (every row) or a sequence of ``batch`` numbers; a sequence whose
+    entries all agree counts as a number. Numbers become cached constants and set the stage
+    flags exactly; sequences become ``[B]`` tensors through ``upload(name, values, dtype)``
+    (default: ``torch.tensor(...).to(device, non_blocking=True)``), e.g. a view of a step's
+    staging buffer. top_k values are mapped with :func:`top_k_off`. seen_tokens: [B, L] int64
+    ids < vocab_size or -1, on ``device``. Nothing is read back from the device.
+    """
+    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                  repetition_penalty=repetition_penalty)
+    tensors, active = {}, {}
+    for name, dtype, off in _ROWS:
+        value = values[name]
+        if not isinstance(value, numbers.Number):
+            value = list(value)
+            if name == "top_k":
+                value = [top_k_off(int(k), vocab) for k in value]
+            if all(v == value[0] for v in value):
+                value = value[0]
+        elif name == "top_k":
+            value = top_k_off(int(value), vocab)
+        if isinstance(value, numbers.Number):
+            tensors[name] = constant(value, batch, dtype, device)
+            active[name] = value != off
+        else:
+            tensors[name] = (upload(name, value, dtype) if upload is not None else
+                             torch.tensor(value, dtype=dtype).to(device, non_blocking=True))
+            active[name] = any(v != off for v in value)
+    has_penalty = (active["repetition_penalty"] and seen_tokens is not None
+                   and seen_tokens.numel() > 0)
+    return SamplingTensors(
+        seen_tokens=seen_tokens if has_penalty else None, has_top_k=active["top_k"],
+        has_top_p=active["top_p"], has_min_p=active["min_p"], has_penalty=has_penalty,
+        all_greedy=not active["temperature"], **tensors)
 
 
 def seeds_and_offsets(batch: int, device: torch.device, seeds: Optional[torch.Tensor],

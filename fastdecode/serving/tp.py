@@ -60,7 +60,7 @@ class BroadcastingRunner(ModelRunner):
                         kv_dtype=self.paged.k_caches[0].dtype))
 
     def run(self, step: StepInputs):
-        _broadcast(dataclasses.replace(step, rows=[], seqs=[]))
+        _broadcast(dataclasses.replace(step, rows=[], sampling=None))
         return super().run(step)
 
 

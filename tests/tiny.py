@@ -1,4 +1,4 @@
-"""Small random-weight models and offline tokenizers for tests, the CLI and the benchmarks.
+"""Small random-weight models and offline tokenizers for the tests and the benchmarks.
 
 Nothing here downloads anything: models are built from transformers config classes with a fixed
 seed, tokenizers from the ``tokenizers`` library.
