@@ -35,7 +35,7 @@ import torch
 import transformers
 
 import fastdecode
-from common import Report, measure_read_bandwidth
+from common import Report, markdown_table, measure_read_bandwidth
 from tiny import default_model
 
 NAMES = {"fd": "fastdecode.generate", "hf": "model.generate", "llama": "llama.cpp"}
@@ -201,6 +201,7 @@ def main() -> None:
                     row["vs_llama_cpp"] = round(median[key] / median["llama"], 2)
                 rows.append(row)
                 plot.append(dict(threads=threads, tok_s=row["decode_tok_s"], system=row["system"]))
+            print(markdown_table(rows[-len(rates):]), flush=True)  # each thread count as it ends
             notes.append(f"{threads} thread(s): streaming read probe {bandwidth:.1f} GB/s; greedy "
                          f"tokens fastdecode vs model.generate: {_agreement(tokens['fd'], tokens['hf'])}"
                          + (f", vs llama.cpp: {_agreement(tokens['fd'], tokens['llama'])}"
