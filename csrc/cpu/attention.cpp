@@ -67,7 +67,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   const checks::PagedDims d = checks::paged_attention(
       out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, softcap,
       sliding_window, alibi_slopes);
-  values::paged_attention(block_tables, seq_lens, cu_seqlens_q, alibi_slopes, d);
+  values::paged_attention(block_tables, seq_lens, cu_seqlens_q, alibi_slopes, causal, d);
   PagedAttentionParams p{};
   p.out = out.data_ptr();
   p.query = query.data_ptr();

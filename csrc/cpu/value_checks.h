@@ -23,10 +23,12 @@ inline void slots(const at::Tensor& slot_mapping, const checks::CacheDims& c) {
 }
 
 // 0 <= seq_lens[b] <= M * P; every block a sequence reads in [0, N); cu_seqlens_q from 0 to T,
-// non-decreasing, no sequence with more query tokens than a non-zero seq_lens; slopes finite.
+// non-decreasing, and when causal no sequence with more query tokens than a non-zero seq_lens
+// (a non-causal query, e.g. over a shorter encoder sequence, needs no KV position of its own);
+// slopes finite.
 inline void paged_attention(const at::Tensor& block_tables, const at::Tensor& seq_lens,
                             const std::optional<at::Tensor>& cu_seqlens_q,
-                            const std::optional<at::Tensor>& alibi_slopes,
+                            const std::optional<at::Tensor>& alibi_slopes, bool causal,
                             const checks::PagedDims& d) {
   constexpr const char* op = "paged_attention";
   const int64_t p = d.cache.block_size;
@@ -49,9 +51,10 @@ inline void paged_attention(const at::Tensor& block_tables, const at::Tensor& se
     for (int64_t b = 0; b < d.num_seqs; ++b) {
       FASTDECODE_CHECK(cu[b] <= cu[b + 1], op, "cu_seqlens_q must be non-decreasing, got ",
                        cu[b], " then ", cu[b + 1], " at seq ", b);
-      FASTDECODE_CHECK(lens[b] == 0 || cu[b + 1] - cu[b] <= lens[b], op, "cu_seqlens_q gives "
-                       "seq ", b, " ", cu[b + 1] - cu[b], " query tokens, more than its "
-                       "seq_lens[", b, "] = ", lens[b]);
+      FASTDECODE_CHECK(!causal || lens[b] == 0 || cu[b + 1] - cu[b] <= lens[b], op,
+                       "cu_seqlens_q gives seq ", b, " ", cu[b + 1] - cu[b], " query tokens, "
+                       "more than its seq_lens[", b, "] = ", lens[b],
+                       " (allowed only with causal=False)");
     }
   }
   if (alibi_slopes) {

@@ -176,9 +176,10 @@ def _window(sliding_window, max_len: int) -> int:
 def paged_attention_values(block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            cu_seqlens_q: Optional[torch.Tensor],
                            alibi_slopes: Optional[torch.Tensor], tokens: int,
-                           k_cache: torch.Tensor) -> None:
+                           k_cache: torch.Tensor, causal: bool = True) -> None:
     """Host checks of every id a kernel would follow (see the op's docstring for the rules), on
-    the arguments as the caller gave them (before narrowing) and ``tokens`` query tokens.
+    the arguments as the caller gave them (before narrowing), ``tokens`` query tokens and the
+    call's ``causal`` flag.
     Whole-tensor reductions first: the entry to blame is searched only when one is bad."""
     n, p = k_cache.shape[:2]
     max_blocks = block_tables.shape[1]
@@ -197,7 +198,7 @@ def paged_attention_values(block_tables: torch.Tensor, seq_lens: torch.Tensor,
                              f"block ids are in [0, {n}) (seq_lens[{b}] = {lens[b]} reads "
                              f"{-(-lens[b] // p)} blocks)")
     if cu_seqlens_q is not None:
-        _check_offsets(c.host(cu_seqlens_q), lens, tokens)
+        _check_offsets(c.host(cu_seqlens_q), lens, tokens, causal)
     if alibi_slopes is not None:
         slopes = c.host(alibi_slopes)
         if not np.isfinite(slopes).all():
@@ -206,9 +207,11 @@ def paged_attention_values(block_tables: torch.Tensor, seq_lens: torch.Tensor,
                              f"at head {h}")
 
 
-def _check_offsets(cu: np.ndarray, lens: np.ndarray, tokens: int) -> None:
-    """cu_seqlens_q [B + 1] from 0 to ``tokens``, non-decreasing, no sequence with more query
-    tokens than a non-zero seq_lens [B]."""
+def _check_offsets(cu: np.ndarray, lens: np.ndarray, tokens: int, causal: bool) -> None:
+    """cu_seqlens_q [B + 1] from 0 to ``tokens``, non-decreasing, and in a causal call no
+    sequence with more query tokens than a non-zero seq_lens [B] (a causal query needs its own
+    KV position; a non-causal one, e.g. a decoder token over a shorter encoder sequence, does
+    not)."""
     if cu[0] != 0 or cu[-1] != tokens:
         raise ValueError(f"cu_seqlens_q must run from 0 to the number of query tokens "
                          f"{tokens}, got {cu[0]} .. {cu[-1]}")
@@ -218,7 +221,7 @@ def _check_offsets(cu: np.ndarray, lens: np.ndarray, tokens: int) -> None:
         raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cu[b]} then {cu[b + 1]} "
                          f"at seq {b}")
     bad = (q_lens > lens) & (lens > 0)
-    if bad.any():
+    if causal and bad.any():
         b = c.first(bad)[0]
         raise ValueError(f"cu_seqlens_q gives seq {b} {q_lens[b]} query tokens, more than its "
-                         f"seq_lens[{b}] = {lens[b]}")
+                         f"seq_lens[{b}] = {lens[b]} (allowed only with causal=False)")

@@ -13,9 +13,9 @@ raises ValueError (its C++ adapter checks values at no cost); ``torch``, ``trito
 skip a slot outside [0, N * P) as if it were negative, and write NaN to every output row of a
 sequence whose ``seq_lens`` is outside [0, M * P], whose table holds a block id outside [0, N)
 among the blocks it reads, or whose ``cu_seqlens_q`` span is inconsistent (negative, decreasing,
-past the query tokens, or longer than a non-zero ``seq_lens``), and to every row no sequence
-owns (``cu_seqlens_q`` not starting at 0 or ending before the last token). The other
-sequences' rows are exact. Ids given as int64 reach the backends saturated to int32 (a value
+past the query tokens, or, in a causal call, longer than a non-zero ``seq_lens``), and to every
+row no sequence owns (``cu_seqlens_q`` not starting at 0 or ending before the last token). The
+other sequences' rows are exact. Ids given as int64 reach the backends saturated to int32 (a value
 beyond int32 stays out of range), never truncated.
 """
 
@@ -95,7 +95,11 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     sequence, the sequence's last KV position. Packed form: query [num_tokens, num_qo_heads,
     head_dim] with cu_seqlens_q [num_seqs + 1] integer (int32); the query tokens of sequence b
     are its last ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` KV positions (bottom-right causal
-    alignment).
+    alignment). With ``causal=False`` a sequence may have more query tokens than KV tokens
+    (cross-attention: decoder tokens over a shorter encoder sequence); the positions keep the
+    same rule (query t of q_len at seq_lens[b] - q_len + t, negative ones included), which only
+    the sliding window and ALiBi read: without them every query sees the whole sequence, whatever
+    the alignment.
 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], keys already appended.
     block_tables: [num_seqs, max_blocks_per_seq] integer (int32). seq_lens: [num_seqs] integer
@@ -110,8 +114,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
     Value rules (ValueError naming the argument and the offending entry): 0 <= seq_lens[b] <=
     M * P; every block id a sequence reads (its first ceil(seq_lens[b] / P) table entries) in
-    [0, N); cu_seqlens_q runs from 0 to num_tokens, non-decreasing, no sequence with more query
-    tokens than a non-zero seq_lens; alibi slopes finite; scale finite; softcap None or a finite
+    [0, N); cu_seqlens_q runs from 0 to num_tokens, non-decreasing, and when causal no sequence
+    with more query tokens than a non-zero seq_lens; alibi slopes finite; scale finite; softcap None or a finite
     number > 0. Ids given as int64 are never truncated to int32. Values are checked on the host
     for CPU tensors; for CUDA tensors only in the debug mode (``FASTDECODE_DEBUG_CHECKS=1`` or
     ``set_debug_checks(True)``), the kernels' guards standing in otherwise (module docstring).
@@ -151,7 +155,7 @@ def _attend(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale
     impl = _backends.resolve(backend, op, a.query.device, head_dim=a.query.shape[-1])
     if checked and _values_here(impl, a.query.device, block_tables, seq_lens, cu_seqlens_q):
         paged_attention_values(block_tables, seq_lens, cu_seqlens_q, a.alibi_slopes,
-                               a.query.shape[0], k_cache)
+                               a.query.shape[0], k_cache, a.causal)
     if a.query.shape[0] and a.seq_lens.shape[0]:
         impl.paged_attention(a.query, k_cache, v_cache, a.block_tables, a.seq_lens,
                              a.cu_seqlens_q, a.out, scale=a.scale, causal=a.causal,

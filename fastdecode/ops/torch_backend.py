@@ -50,7 +50,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
     for b, kv_len in enumerate(lens):
         first, end = starts[b], starts[b + 1]
         if not (0 <= first <= end <= query.shape[0] and 0 <= kv_len <= block_tables.shape[1] * p
-                and (end - first <= kv_len or kv_len == 0)):
+                and (end - first <= kv_len or kv_len == 0 or not causal)):
             continue
         q = query[first:end].float()  # [Sq, Hq, D]
         if kv_len == 0:

@@ -14,8 +14,8 @@ straight to ``out``; merging a single partition would give the same bits.
 
 Device-side guards (on CUDA tensors the public op does not copy index tensors to the host to
 check them): a sequence whose seq_len lies outside [0, max_blocks_per_seq * block_size], whose
-``cu_seqlens_q`` range is inconsistent (negative start, decreasing, longer than its KV, ending past
-num_tokens) or whose block table holds an id outside [0, num_blocks) gets NaN in its output rows
+``cu_seqlens_q`` range is inconsistent (negative start, decreasing, longer than a non-empty KV in
+a causal call, ending past num_tokens) or whose block table holds an id outside [0, num_blocks) gets NaN in its output rows
 (those inside [0, num_tokens)), and nothing outside the tensors is ever read or written. Decode
 checks each block id as it loads it (the id is in a register already; the split-KV merge carries
 the NaN); the packed form checks the sequence's whole table first, so every row of it is flagged.
@@ -134,8 +134,10 @@ def _paged_attention_kernel(
     # Guards: a bad sequence keeps kv_len 0 (nothing read, one partition) and NaN rows.
     valid = (kv_len >= 0) & (kv_len.to(tl.int64) <= max_blocks_per_seq.to(tl.int64) * block_size)
     if PACKED:
+        # More query tokens than KV positions: fine without causality (cross-attention) and
+        # for an empty sequence (zeros), a bad span otherwise.
         valid = (valid & (q_start >= 0) & (q_len >= 0) & (q_end <= num_tokens)
-                 & (q_len <= kv_len))
+                 & ((q_len <= kv_len) | (kv_len == 0) | (causal == 0)))
         valid = valid & _table_in_range(table, tl.where(valid, tl.cdiv(kv_len, block_size), 0),
                                         num_blocks, 128)
         q_start = tl.maximum(q_start, 0)  # the guarded rows of a negative start: [0, q_end)
