@@ -2,7 +2,8 @@
 
 - ``fastdecode.ops``: paged-KV attention and fused sampling ops (CUDA, Triton, CPU, torch).
 - ``fastdecode.generate`` / ``patch`` / ``unpatch``: drop-in replacement of ``model.generate``.
-- ``fastdecode.Engine``: continuous batching for serving stacks.
+- ``fastdecode.Engine``: continuous batching for serving stacks; ``fastdecode.AsyncEngine``: the
+  same behind an engine loop thread, for asyncio servers (``fastdecode serve``).
 """
 
 from fastdecode import ops
@@ -10,8 +11,8 @@ from fastdecode.engine import Engine, RequestOutput, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "generate", "patch", "unpatch", "Engine", "RequestOutput", "SamplingParams",
-           "__version__"]
+__all__ = ["ops", "generate", "patch", "unpatch", "Engine", "AsyncEngine", "RequestOutput",
+           "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):
@@ -20,4 +21,8 @@ def __getattr__(name: str):
         from fastdecode import hf
 
         return getattr(hf, name)
+    if name == "AsyncEngine":
+        from fastdecode.serving import AsyncEngine
+
+        return AsyncEngine
     raise AttributeError(f"module 'fastdecode' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Command line: ``fastdecode generate | chat | bench``.
+"""Command line: ``fastdecode generate | chat | bench | serve``.
 
 Every error is one line on stderr, never a traceback: exit status 2 for a bad option, a checkpoint
 that does not load or a prompt that does not fit, 1 for a failure while generating, 130 for
@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="tokens/s of fastdecode.generate vs model.generate",
                            description=DESCRIPTION, formatter_class=fmt)
     _add_numbers(bench, "bench")
+    from fastdecode.serving.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -269,6 +272,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0; 1, 2 or 130, see the module doc)."""
     try:
         args = _parser().parse_args(argv)
+        if args.command == "serve":
+            from fastdecode.serving.cli import run
+
+            return run(args, load)
         _check(args)
         if args.seed is not None:
             torch.manual_seed(args.seed)

@@ -10,9 +10,13 @@
 #   3. bench    decode attention and sampling on the GPU (tools: benchmarks/gpu_suite.py)
 #
 # Output: $FASTDECODE_GPU_OUT, else $OUT, else benchmarks/results/gpu_run/. Each step has a
-# time limit; their sum (printed by the dry run) stays under 7 minutes.
+# time limit; their sum (printed by the dry run) stays under 7 minutes. At the end only these
+# stay at the top of the output folder (a collector may bring back no more than 8 files):
+# gpu_run.log, gpu_validation.json, gate_failures.txt, {attention,sampling}_gpu.{csv,md}; every
+# other log (build, steps, shards, per-test outcomes) is packed into logs.tgz.
 #
 #   bash scripts/gpu_run.sh                # on the GPU machine
+#   GPU_RUN_STEPS="info build gate" bash scripts/gpu_run.sh   # only these steps (in plan order)
 #   GPU_RUN_DRY=1 bash scripts/gpu_run.sh  # anywhere: print the steps, their limits, the total
 set -uo pipefail
 
@@ -25,12 +29,19 @@ DRY=${GPU_RUN_DRY:-0}
 
 # name, limit (s), command: the plan, in order.
 STEPS=(
-  "info|5|step_info"
+  "info|10|step_info"
   "build|140|step_build"
   "gate|150|$PY tools/gpu_gate.py --out $OUT_DIR --deadline 140"
   "bench_attention|45|$PY benchmarks/gpu_suite.py attention --out $OUT_DIR --budget 40"
   "bench_sampling|45|$PY benchmarks/gpu_suite.py sampling --out $OUT_DIR --budget 40"
 )
+if [[ -n ${GPU_RUN_STEPS:-} ]]; then
+  chosen=()
+  for step in "${STEPS[@]}"; do
+    [[ " $GPU_RUN_STEPS " == *" ${step%%|*} "* ]] && chosen+=("$step")
+  done
+  STEPS=("${chosen[@]}")
+fi
 
 total=0
 for step in "${STEPS[@]}"; do
@@ -116,4 +127,13 @@ for step in "${STEPS[@]}"; do
   fi
 done
 say "done: $(cat "$OUT_DIR/gate_summary.txt" 2>/dev/null | tail -n 1)"
+KEEP="gpu_run.log gpu_validation.json gate_failures.txt attention_gpu.csv attention_gpu.md
+sampling_gpu.csv sampling_gpu.md logs.tgz"
+pack=()
+for f in "$OUT_DIR"/*; do
+  [[ " ${KEEP//$'\n'/ } " == *" $(basename "$f") "* ]] || pack+=("$(basename "$f")")
+done
+if ((${#pack[@]})); then
+  tar czf "$OUT_DIR/logs.tgz" -C "$OUT_DIR" "${pack[@]}" && (cd "$OUT_DIR" && rm -rf "${pack[@]}")
+fi
 exit $status

@@ -76,13 +76,16 @@ def check_attention(backend, case: PagedCase, query: Optional[torch.Tensor] = No
     """Run ``backend`` on ``case`` (a CPU case, moved to the backend's device; ``query``, if
     given, is used as is: it must equal ``case.query``) with a NaN-poisoned ``out``; check every
     element was written and the result passes the 2x rule against the float64 reference.
+    Tensor ``kwargs`` (alibi_slopes) are CPU tensors, moved like the case.
     Returns the output (on the backend's device)."""
     dev = case.to(backend.device)
+    dev_kwargs = {k: v.to(backend.device) if isinstance(v, torch.Tensor) else v
+                  for k, v in kwargs.items()}
     query = dev.query if query is None else query
     out = torch.full(query.shape, float("nan"), dtype=query.dtype, device=backend.device)
     res = ops.paged_attention(query, dev.k_cache, dev.v_cache, dev.block_tables, dev.seq_lens,
                               cu_seqlens_q=dev.cu_seqlens_q, out=out, backend=backend.name,
-                              **kwargs)
+                              **dev_kwargs)
     assert res.data_ptr() == out.data_ptr()
     assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements never written"
     args = (case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,

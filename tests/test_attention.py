@@ -152,12 +152,13 @@ def test_high_block_ids(backend):
     check_against_reference(out, query, small_k, small_v, tables.clone().apply_(index.get), lens)
 
 
+@pytest.mark.parametrize("packed", PACKED)
 @pytest.mark.parametrize("softcap", [1e3, 1e5, 1e7])
-def test_large_softcap(backend, softcap, request):
+def test_large_softcap(backend, softcap, packed):
     """softcap * tanh(s / softcap) ~ s when softcap >> |s|: every logit maps to a tiny tanh
     argument, where tanh's usual (1 - e) / (1 + e) form cancels. The result must still pass the
-    2x rule against float64."""
-    case = make_case([37, 5, 16], q_lens=[9, 1, 16], num_qo_heads=4, num_kv_heads=2,
-                     head_dim=64, block_size=16, dtype=torch.float32)
+    2x rule against float64, in the decode and the packed form."""
+    case = make_case([37, 5, 16], q_lens=[9, 1, 16] if packed else None, num_qo_heads=4,
+                     num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32)
     case.query *= 4  # logits of a few units: larger than the float32 rounding they would show
     check_attention(backend, case, softcap=softcap)

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,3 +64,21 @@ def test_gate_verdicts_per_op():
     assert result["triton"]["paged_attention"] == "passed"
     assert result["triton"]["process_logits"] == "no test"
     assert gpu_gate.backend_of("tests/test_triton_guards.py::test_append_kv_guards") == "triton"
+
+
+def test_gate_resumes_a_crashed_shard_without_the_crashing_test(tmp_path):
+    """A segfault loses the shard's junit file: the gate names the test it crashed in (from the
+    faulthandler stack) and runs the rest of the shard again."""
+    folder = tmp_path / "tests"
+    folder.mkdir()
+    (folder / "test_crashy.py").write_text(
+        "import ctypes\nimport pytest\n\n\ndef test_first():\n    pass\n\n\n"
+        "@pytest.mark.parametrize('x', [1, 2])\ndef test_crash(x):\n"
+        "    if x == 1:\n        ctypes.string_at(0)\n\n\ndef test_fails():\n    assert False\n")
+    path = folder / "test_crashy.py"
+    ids = [f"{path}::test_first", f"{path}::test_crash[1]", f"{path}::test_crash[2]",
+           f"{path}::test_fails"]
+    outcomes, report = gpu_gate.run_shards(ids, 1, time.monotonic() + 120, tmp_path)
+    assert outcomes == dict(zip(ids, ["passed", "crashed", "passed", "failed"]))
+    assert any(f"crashed in {ids[1]}" in line for line in report)
+    assert any("Fatal Python error" in line for line in report)

@@ -123,7 +123,7 @@ def test_unaligned_out_and_strided_query():
 def test_unsupported_head_dim_raises():
     query, k_cache, v_cache, block_tables, seq_lens = _paged([5], hq=2, hkv=1, d=72)
     out = torch.empty_like(query)
-    with pytest.raises(RuntimeError, match=r"unsupported head_dim 72 \(supported: 64, 80, 96, "
+    with pytest.raises(ValueError, match=r"unsupported head_dim 72 \(supported: 64, 80, 96, "
                                            r"128, 256\)"):
         torch.ops.fastdecode.paged_attention(out, query, k_cache, v_cache, block_tables,
                                              seq_lens, None, 0.1, True, 0.0, 0, None)
@@ -134,7 +134,7 @@ def test_unsupported_head_dim_raises():
 def test_packed_form_is_rejected():
     query, k_cache, v_cache, block_tables, seq_lens = _paged([5], hq=2, hkv=1, d=64)
     cu = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
-    with pytest.raises(RuntimeError, match="decode form only"):
+    with pytest.raises(ValueError, match="decode form only"):
         torch.ops.fastdecode.paged_attention(torch.empty_like(query), query, k_cache, v_cache,
                                              block_tables, seq_lens, cu, 0.1, True, 0.0, 0, None)
 

@@ -10,7 +10,9 @@ ran and all of them passed.
 
     python tools/gpu_gate.py --out DIR [--shards N] [--deadline SECONDS]
 
-Writes DIR/gate_summary.txt, DIR/gate_shard_<i>.log and DIR/gpu_validation.json (the previous
+Writes DIR/gate_summary.txt, DIR/gate_failures.txt (each failure's message; the first failure
+of each shard in full, since a sticky CUDA error fails the rest of its shard; the tail of the log
+of a shard that did not finish), DIR/gate_shard_<i>.log and DIR/gpu_validation.json (the previous
 record of other device families kept), and exits 0 when every op of both backends validated.
 """
 
@@ -47,6 +49,11 @@ OPS_BY_TEST = [
     (r"test_sampling::test_process_logits", {"process_logits"}),
     (r"test_sampling::test_repetition_penalty", {"apply_repetition_penalty"}),
     (r"test_sampling(_stats)?::", {"sample", "process_logits"}),
+    (r"test_cuda_specific::test_(split_kv|batch_invariance|unaligned|unsupported_head_dim|"
+     r"packed_form|decode_guards)", {"paged_attention"}),
+    (r"test_cuda_specific::test_large_cache", {"append_kv", "paged_attention"}),
+    (r"test_cuda_specific::test_sample", {"sample"}),
+    (r"test_cuda_specific::test_append_kv", {"append_kv"}),
 ]
 
 
@@ -78,48 +85,88 @@ def collect() -> list[str]:
     return ids
 
 
-def run_shards(ids: list[str], shards: int, deadline: float, out: Path) -> dict[str, str]:
-    """Test id -> "passed" | "failed" | "skipped: reason" | "not run", over parallel shards."""
-    procs = []
-    for i in range(shards):
-        part = ids[i::shards]
-        if not part:
-            continue
-        junit = out / f"gate_shard_{i}.xml"
-        log = (out / f"gate_shard_{i}.log").open("w")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-               f"--junitxml={junit}", *part]
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
-                      junit, part, log))
+def start_shard(name: str, part: list[str], out: Path):
+    """(process, junit path, log file) of one pytest process over ``part``."""
+    junit = out / f"{name}.xml"
+    log = (out / f"{name}.log").open("w")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
+           f"--junitxml={junit}", *part]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), junit, log
+
+
+def crashed_test(log_text: str, part: list[str]) -> str | None:
+    """The test of ``part`` a crashed pytest process was in: the innermost test function of the
+    faulthandler's stack ("File ".../tests/x.py", line N in test_name"), matched to the first
+    not yet reported id of that function."""
+    frames = re.findall(r'File ".*?(tests/\w+\.py)", line \d+ in (test_\w+)', log_text)
+    if not frames:
+        return None
+    path, func = frames[0]
+    return next((t for t in part if path in t and t.split("::")[-1].split("[")[0] == func), None)
+
+
+def run_shards(ids: list[str], shards: int, deadline: float,
+               out: Path) -> tuple[dict[str, str], list[str]]:
+    """(test id -> "passed" | "failed" | "skipped: reason" | "crashed" | "not run", failure
+    report lines), over parallel shards. A shard whose process crashes (a segfault loses its
+    junit file) is run again without the test it crashed in, while the deadline allows."""
+    pending = [(f"gate_shard_{i}", ids[i::shards]) for i in range(shards) if ids[i::shards]]
     outcomes = {test_id: "not run" for test_id in ids}
-    for proc, junit, part, log in procs:
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        outcomes.update(read_junit(junit))
-    return outcomes
+    report = []
+    while pending:
+        procs = [(name, part, *start_shard(name, part, out)) for name, part in pending]
+        pending = []
+        for name, part, proc, junit, log in procs:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+            shard, failures = read_junit(junit, part)
+            outcomes.update(shard)
+            report.append(f"=== {name}: {len(shard)} of {len(part)} reported, "
+                          f"{len(failures)} failed, exit {proc.returncode}")
+            for n, (test_id, text) in enumerate(failures):
+                lines = text.splitlines()
+                report += [f"--- {test_id}"] + (
+                    lines[-60:] if n == 0 else [ln for ln in lines if ln.startswith("E ")][:3])
+            if len(shard) == len(part):
+                continue
+            text = Path(log.name).read_text(errors="replace")
+            crash = crashed_test(text, part) if proc.returncode not in (0, 1) else None
+            lines = text.splitlines()
+            fatal = next((i for i, ln in enumerate(lines) if "Fatal Python error" in ln), None)
+            report += [f"--- {name} did not finish (crashed in {crash}); its log:"]
+            report += lines[fatal:fatal + 12] if fatal is not None else lines[-30:]
+            if crash is not None and time.monotonic() < deadline - 10:
+                outcomes[crash] = "crashed"
+                rest = [t for t in part if t != crash]
+                pending.append((f"{name}r", rest))
+    return outcomes, report
 
 
-def read_junit(path: Path) -> dict[str, str]:
-    out = {}
+def read_junit(path: Path, part: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """(test id of ``part`` -> outcome, [(failed test id, its failure text)]) of one shard's
+    junit file."""
+    out, failures = {}, []
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
-        return out
+        return out, failures
     for case in root.iter("testcase"):
-        module = case.get("classname", "").replace(".", "/")
-        test_id = f"{module}.py::{case.get('name')}"
+        tail = f"{case.get('classname', '').split('.')[-1]}.py::{case.get('name')}"
+        test_id = next((t for t in part if t.endswith(tail)), tail)
         children = {child.tag: child for child in case}
-        if "failure" in children or "error" in children:
+        bad = children.get("failure", children.get("error"))
+        if bad is not None:
             out[test_id] = "failed"
+            failures.append((test_id, bad.text or bad.get("message", "")))
         elif "skipped" in children:
             out[test_id] = "skipped: " + children["skipped"].get("message", "")
         else:
             out[test_id] = "passed"
-    return out
+    return out, failures
 
 
 def verdicts(outcomes: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -174,11 +221,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.deadline
     ids = collect()
-    outcomes = run_shards(ids, args.shards, deadline, args.out)
+    outcomes, report = run_shards(ids, args.shards, deadline, args.out)
+    (args.out / "gate_failures.txt").write_text("\n".join(report) + "\n")
     result = verdicts(outcomes)
     lines = [f"{len(ids)} tests in {args.shards} shards"]
     lines += [f"{k}: {sum(o.startswith(k) for o in outcomes.values())}"
-              for k in ("passed", "failed", "skipped", "not run")]
+              for k in ("passed", "failed", "crashed", "skipped", "not run")]
     lines += [f"{b} {op}: {v}" for b, ops in result.items() for op, v in sorted(ops.items())]
     ok = all(v == "passed" for ops in result.values() for v in ops.values())
     lines.append("gate: " + ("VALIDATED (both GPU backends)" if ok else "NOT validated"))

@@ -58,10 +58,10 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
       sliding_window, alibi_slopes);
   const int64_t num_seqs = dims.num_seqs, hq = dims.num_qo_heads, d = dims.cache.head_dim;
   if (num_seqs == 0) return;  // an empty grid is not a valid launch
-  TORCH_CHECK(kernels::is_supported_head_dim(static_cast<int>(d)),
-              "unsupported head_dim ", d, " (supported: " FASTDECODE_CUDA_HEAD_DIMS_STR ")");
-  TORCH_CHECK(aligned16(k_cache) && aligned16(v_cache),
-              "fastdecode.paged_attention: k_cache / v_cache must be 16-byte aligned");
+  FASTDECODE_CHECK(kernels::is_supported_head_dim(static_cast<int>(d)), "paged_attention",
+                   "unsupported head_dim ", d, " (supported: " FASTDECODE_CUDA_HEAD_DIMS_STR ")");
+  FASTDECODE_CHECK(aligned16(k_cache) && aligned16(v_cache), "paged_attention",
+                   "k_cache / v_cache must be 16-byte aligned");
   // The kernel stores 16-byte vectors of each output head row.
   const bool out_ok = aligned16(out) && out.stride(2) == 1 &&
                       (out.stride(1) * out.element_size()) % 16 == 0 &&

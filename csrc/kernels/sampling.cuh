@@ -80,8 +80,14 @@ inline int sampling_num_splits(int64_t num_rows, int64_t vocab_size, int num_sms
 // Workspace elements (float32, then int32) a launch with `num_splits` needs; the caller points
 // the SamplingParams fields at them with bind_sampling_workspace. Tickets are separate: they
 // must be zero.
+// The per-split maxima are padded to whole float4 vectors so that the candidates after them
+// stay 16-byte aligned (they are read as float4).
+inline int64_t sampling_split_max_stride(int64_t num_rows, int num_splits) {
+  return (num_rows * num_splits + 3) / 4 * 4;
+}
 inline int64_t sampling_float_workspace(int64_t num_rows, int64_t vocab_size, int num_splits) {
-  return num_rows * (sampling_scores_stride(vocab_size) + num_splits * (1 + kCandidates));
+  return num_rows * sampling_scores_stride(vocab_size) +
+         sampling_split_max_stride(num_rows, num_splits) + num_rows * num_splits * kCandidates;
 }
 inline int64_t sampling_int_workspace(int64_t num_rows, int num_splits) {
   return num_rows * num_splits * (2 + kCandidates);
@@ -90,7 +96,7 @@ inline void bind_sampling_workspace(SamplingParams& p, float* floats, int32_t* i
   const int64_t rows = p.num_rows, splits = rows * p.num_splits;
   p.scores = floats;
   p.split_max = floats + rows * p.scores_stride;
-  p.cand_values = p.split_max + splits;
+  p.cand_values = p.split_max + sampling_split_max_stride(rows, p.num_splits);
   p.split_arg = ints;
   p.cand_count = ints + splits;
   p.cand_ids = p.cand_count + splits;

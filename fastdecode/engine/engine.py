@@ -32,6 +32,15 @@ class Engine:
     80% of free GPU memory; on CPU a quarter of the available RAM, at most 8 GiB).
     ``kv_dtype`` defaults to the model's dtype, ``device`` to the model's device.
 
+    Prefix caching (``enable_prefix_caching``, on by default): full KV blocks are kept, keyed by
+    a hash chain of their tokens, and shared by reference with later requests whose prompts
+    start with the same tokens (a shared system prompt, a conversation's earlier turns, a
+    request sent again), also blocks that the same step fills for an earlier request (a burst
+    with one system prompt computes it once); cached blocks nobody holds are reused least
+    recently freed first.
+    ``stats["prefix_cache_hit_rate"]``: the fraction of the admitted requests' tokens found
+    cached.
+
     Threads. ``add_request``, ``abort``, ``has_unfinished`` and ``stats`` may be called from any
     thread, also while another thread is inside ``step()``: a request added then joins the next
     step; one aborted then has its blocks freed at once and its tokens of that step dropped. The
@@ -51,19 +60,25 @@ class Engine:
     it; the others go on.
     """
 
+    # What runs each step; a subclass may run it elsewhere too (tensor parallelism broadcasts it).
+    runner_class: type[ModelRunner] = ModelRunner
+
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  max_num_seqs: int = 256, max_batch_tokens: int = 2048,
-                 kv_dtype: Optional[torch.dtype] = None, device=None) -> None:
+                 kv_dtype: Optional[torch.dtype] = None, device=None,
+                 enable_prefix_caching: bool = True) -> None:
         if block_size < 1 or (num_blocks is not None and num_blocks < 1):
             raise ValueError(f"block_size and num_blocks must be >= 1, got {block_size}, "
                              f"{num_blocks}")
-        self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_blocks,
-                                  max_num_seqs=max_num_seqs, kv_dtype=kv_dtype, device=device)
+        self.runner = self.runner_class(model, block_size=block_size, num_blocks=num_blocks,
+                                        max_num_seqs=max_num_seqs, kv_dtype=kv_dtype,
+                                        device=device)
         cfg = model.config.get_text_config()
         self.vocab_size: int = cfg.vocab_size
         self.max_model_len: Optional[int] = getattr(cfg, "max_position_embeddings", None)
         self.eos_ids = eos_ids(model, self.vocab_size)
-        self.blocks = BlockManager(self.runner.num_blocks, block_size, watermark=_WATERMARK)
+        self.blocks = BlockManager(self.runner.num_blocks, block_size, watermark=_WATERMARK,
+                                   enable_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens,
                                    max_model_len=self.max_model_len)
@@ -258,9 +273,10 @@ class Engine:
                     self.scheduler.finish(seq, "abort")
 
     @property
-    def stats(self) -> dict[str, int]:
-        """Requests running / waiting, KV blocks free, preemptions so far, the last step's
-        prefill / decode token counts and the tokens generated so far."""
+    def stats(self) -> dict[str, Union[int, float]]:
+        """Requests running / waiting, KV blocks free (cached blocks nobody holds count as
+        free), preemptions so far, the last step's prefill / decode token counts, the tokens
+        generated so far, and the prefix cache: blocks cached, tokens looked up and found."""
         with self._lock:
             return {"running": len(self.scheduler.running),
                     "waiting": len(self.scheduler.waiting),
@@ -268,4 +284,8 @@ class Engine:
                     "num_blocks": self.blocks.num_blocks,
                     "preemptions": self.scheduler.num_preemptions,
                     "prefill_tokens": self._last_batch[0], "decode_tokens": self._last_batch[1],
-                    "generated_tokens": self.scheduler.num_generated}
+                    "generated_tokens": self.scheduler.num_generated,
+                    "cached_blocks": self.blocks.num_cached_blocks,
+                    "prefix_cache_queries": self.blocks.num_queried_tokens,
+                    "prefix_cache_hits": self.blocks.num_hit_tokens,
+                    "prefix_cache_hit_rate": self.blocks.hit_rate}

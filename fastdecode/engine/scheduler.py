@@ -2,11 +2,14 @@
 
 Each step packs, under ``max_batch_tokens``: first one decode token per running request
 (oldest first), then the next chunks of prompts being prefilled, then chunks of waiting prompts
-admitted in FIFO order while ``max_num_seqs`` and the free blocks allow. When a running request
-needs a block and none is free, the newest running request is preempted: its blocks are freed
-and it goes back to the front of the waiting queue, to be recomputed (prompt + generated
-tokens) once blocks are free again. ``postprocess`` applies a step's results: every change to a
-request's state after scheduling happens there. No torch here.
+admitted in FIFO order while ``max_num_seqs`` and the free blocks allow. A prompt whose first
+full blocks are in the block manager's prefix cache (or are filled earlier in the same step)
+starts after them (at least one token is always computed, to draw the first new token from). When a running request needs a block and
+none is free, the newest running request is preempted: its blocks are freed and it goes back to
+the front of the waiting queue, to be recomputed (prompt + generated tokens, from the prefix
+cache where its blocks are still there) once blocks are free again. ``postprocess`` applies a
+step's results: every change to a request's state after scheduling happens there. No torch
+here.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_generated = 0
+        # Requests admitted on blocks a step was to fill, until that step's results come.
+        self._unconfirmed: list[Sequence] = []
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -75,6 +80,7 @@ class Scheduler:
         seq.finish(reason, error)
 
     def schedule(self) -> ScheduledBatch:
+        self._recover()
         batch: dict[Sequence, int] = {}
         copies: list[tuple[int, int]] = []
         budget = self.max_batch_tokens
@@ -96,25 +102,25 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                copies += self.blocks.append_slots(seq.block_table, seq.num_computed, n)
+                copies += self._append(seq, n)
                 batch[seq] = n
                 budget -= n
         # After a preemption blocks are short: admitting more would only thrash.
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            n = min(seq.num_pending, budget)
-            if not self.blocks.can_allocate(n):
-                # FIFO: nobody overtakes the head of the queue. It waits for blocks to free up,
-                # unless nothing runs: then a chunk too large for the whole cache would wait
-                # forever, so it starts with the prefix that fits.
-                n = 0 if self.running else self.blocks.admissible_tokens()
-                if n == 0:
-                    break
+            hits, n = self._admission(seq, budget)
+            if n == 0:
+                break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            copies += self.blocks.append_slots(seq.block_table, seq.num_computed, n)
+            self.blocks.share(seq.block_table, hits, seq.num_tokens)
+            seq.num_cached_blocks = len(hits)
+            seq.num_computed = len(hits) * self.blocks.block_size
+            if any(self.blocks.is_expected(b) for b in hits):
+                self._unconfirmed.append(seq)
+            copies += self._append(seq, n)
             batch[seq] = n
             budget -= n
         out = ScheduledBatch(list(batch), list(batch.values()), copies)
@@ -125,6 +131,41 @@ class Scheduler:
                 out.num_prefill_tokens += n
         return out
 
+    def _append(self, seq: Sequence, n: int) -> list[tuple[int, int]]:
+        """Give ``seq`` room for ``n`` more tokens this step; the blocks they fill are expected
+        (later admissions of the step may share them)."""
+        copies = self.blocks.append_slots(seq.block_table, seq.num_computed, n)
+        self.blocks.hash_blocks(seq.token_ids, seq.block_hashes)
+        self.blocks.expect(seq.block_table, seq.block_hashes, seq.num_cached_blocks,
+                           seq.num_computed + n)
+        return copies
+
+    def _recover(self) -> None:
+        """Start a step. If the last one never reached ``postprocess`` (its forward pass
+        failed), the blocks it was to fill may hold nothing: requests admitted on them start
+        again from scratch."""
+        self.blocks.clear_expected()
+        for seq in self._unconfirmed:
+            if seq.status is Status.RUNNING:
+                self._preempt(seq)
+        self._unconfirmed.clear()
+
+    def _admission(self, seq: Sequence, budget: int) -> tuple[list[int], int]:
+        """``(cached blocks to start from, tokens to compute now)`` for the head of the queue;
+        0 tokens: it must wait."""
+        self.blocks.hash_blocks(seq.token_ids, seq.block_hashes)
+        size = self.blocks.block_size
+        hits = self.blocks.lookup(seq.block_hashes, (seq.num_tokens - 1) // size)
+        n = min(seq.num_tokens - len(hits) * size, budget)
+        if self.blocks.can_allocate(n, reserved=self.blocks.unheld(hits)):
+            return hits, n
+        # FIFO: nobody overtakes the head of the queue. It waits for blocks to free up, unless
+        # nothing runs: then a chunk too large for the whole cache would wait forever, so it
+        # starts with the prefix that fits (computed, not taken from the cache).
+        if self.running:
+            return [], 0
+        return [], min(seq.num_tokens, budget, self.blocks.admissible_tokens())
+
     def postprocess(self, batch: ScheduledBatch, tokens: list[Optional[int]],
                     errors: dict[int, str]) -> list[Sequence]:
         """Apply a step's results; return the sequences that got a token or finished.
@@ -134,6 +175,7 @@ class Scheduler:
         could not be sampled. A failure ends that request alone, with finish_reason "error" and
         a message naming it; a request ended while the step ran (aborted) is left as it is.
         """
+        self._unconfirmed.clear()
         changed = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             if seq.is_finished:
@@ -141,6 +183,7 @@ class Scheduler:
             tok, error = tokens[i], errors.get(i)
             try:
                 seq.num_computed += n
+                self._cache(seq)
                 if error is None and tok is None:
                     continue
                 if error is None and tok < 0:
@@ -158,6 +201,12 @@ class Scheduler:
             changed.append(seq)
         return changed
 
+    def _cache(self, seq: Sequence) -> None:
+        """Offer the blocks this step filled to the prefix cache."""
+        self.blocks.hash_blocks(seq.token_ids, seq.block_hashes)
+        seq.num_cached_blocks = self.blocks.cache_blocks(
+            seq.block_table, seq.block_hashes, seq.num_cached_blocks, seq.num_computed)
+
     def _finish_reason(self, seq: Sequence, tok: int) -> Optional[str]:
         if tok in seq.stop_ids:  # masked by the sampler before min_new_tokens
             return "stop"
@@ -170,7 +219,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.block_table)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_cached_blocks = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -23,6 +23,9 @@ class Sequence:
     a preemption, which frees the blocks and resets ``num_computed`` to 0).
     ``arrival`` orders requests for FIFO admission and newest-first preemption. ``stop_ids``:
     the tokens that end the request (EOS unless ignored, and the request's stop ids).
+    ``block_hashes``: the prefix-cache hash of each full block of ``token_ids`` (filled by the
+    block manager when caching is on); the first ``num_cached_blocks`` blocks of the table are
+    in the prefix cache already.
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -35,6 +38,8 @@ class Sequence:
         self.token_ids: list[int] = list(prompt_ids)
         self.num_computed = 0
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []
+        self.num_cached_blocks = 0
         self.status = Status.WAITING
         self.finish_reason: Optional[str] = None
         self.error: Optional[str] = None  # why it failed, with finish_reason "error"

@@ -29,6 +29,7 @@ import torch
 from fastdecode.hf import attention as _attention
 from fastdecode.hf import transform
 from fastdecode.hf.context import PagedContext
+from fastdecode.hf.tp import local_kv_heads
 from fastdecode.ops.memory import allocate_kv_cache
 
 
@@ -54,14 +55,15 @@ def has_unsupported_attention(model: torch.nn.Module) -> Optional[str]:
 
 
 def kv_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of a decoder, from its text config."""
+    """``(num_layers, num_kv_heads, head_dim)`` of a decoder, from its text config; under tensor
+    parallelism, this rank's key/value heads."""
     cfg = model.config.get_text_config()
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     if getattr(cfg, "multi_query", False):
         kv_heads = 1
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, kv_heads, head_dim
+    return cfg.num_hidden_layers, local_kv_heads(model, kv_heads), head_dim
 
 
 class PagedRunner:

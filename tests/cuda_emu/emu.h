@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -109,8 +110,13 @@ T atomicAdd(T* at, T v) {
   return old;
 }
 inline void __threadfence() {}  // CTAs run one after another: every write is visible
+// A load through a misaligned pointer faults on the GPU (misaligned address): abort likewise.
 template <typename T>
 T __ldcg(const T* at) {
+  if (reinterpret_cast<std::uintptr_t>(at) % alignof(T) != 0) {
+    std::fprintf(stderr, "emulated CUDA: misaligned %zu-byte load\n", sizeof(T));
+    std::abort();
+  }
   return *at;
 }
 
