@@ -16,7 +16,8 @@ TORCH_LIBRARY(fastdecode, m) {
         "Tensor slot_mapping) -> ()");
   m.def("paged_attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, "
         "Tensor block_tables, Tensor seq_lens, Tensor? cu_seqlens_q, float scale, bool causal, "
-        "float softcap, int sliding_window, Tensor? alibi_slopes) -> ()");
+        "float softcap, int sliding_window, Tensor? alibi_slopes, Tensor? relative_bias=None) "
+        "-> ()");
   m.def("apply_repetition_penalty(Tensor logits, Tensor? seen_tokens, Tensor penalty) -> Tensor");
   m.def("process_logits(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
         "Tensor min_p, Tensor repetition_penalty, Tensor? seen_tokens) -> Tensor");

@@ -24,8 +24,9 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q=None, *,
                     scale=None, causal=True, softcap=None, sliding_window=None,
-                    alibi_slopes=None, upcast=True) -> torch.Tensor:
-    """query [B or T, Hq, D] -> out [B or T, Hq, D] (float64 if upcast, else query dtype)."""
+                    alibi_slopes=None, relative_bias=None, upcast=True) -> torch.Tensor:
+    """query [B or T, Hq, D] -> out [B or T, Hq, D] (float64 if upcast, else query dtype).
+    relative_bias [Hq, 2R + 1]: the bias of key j for query i is entry R + clamp(j - i, -R, R)."""
     dt = torch.float64 if upcast else query.dtype
     hq, d = query.shape[1], query.shape[2]
     hkv = k_cache.shape[2]
@@ -52,6 +53,10 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
                 for j in range(n):
                     if alibi_slopes is not None:
                         s[i, j] += float(alibi_slopes[h]) * (j - pos)
+                    if relative_bias is not None:
+                        radius = relative_bias.shape[1] // 2
+                        s[i, j] += float(relative_bias[h, radius + min(max(j - pos, -radius),
+                                                                       radius)])
                     hidden = (causal and j > pos) or (sliding_window and j <= pos - sliding_window)
                     if hidden:
                         s[i, j] = -math.inf

@@ -132,7 +132,8 @@ inline PagedDims paged_attention(const at::Tensor& out, const at::Tensor& query,
                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                  const std::optional<at::Tensor>& cu_seqlens_q, double scale,
                                  double softcap, int64_t sliding_window,
-                                 const std::optional<at::Tensor>& alibi_slopes) {
+                                 const std::optional<at::Tensor>& alibi_slopes,
+                                 const std::optional<at::Tensor>& relative_bias) {
   constexpr const char* op = "paged_attention";
   PagedDims d{};
   d.cache = kv_cache(op, k_cache, v_cache);
@@ -167,6 +168,14 @@ inline PagedDims paged_attention(const at::Tensor& out, const at::Tensor& query,
   if (alibi_slopes) {
     index(op, *alibi_slopes, "alibi_slopes", at::kFloat, {d.num_qo_heads}, "[num_qo_heads]",
           query);
+  }
+  if (relative_bias) {
+    const int64_t width = relative_bias->dim() == 2 ? relative_bias->size(1) : 0;
+    FASTDECODE_CHECK(width % 2 == 1 && width < kInt32Max, op, "relative_bias must be "
+                     "[num_qo_heads, 2 * R + 1] (the bias of distances -R .. R), got ",
+                     relative_bias->sizes());
+    index(op, *relative_bias, "relative_bias", at::kFloat, {d.num_qo_heads, width},
+          "[num_qo_heads, 2 * R + 1]", query);
   }
   finite(op, scale, "scale");
   finite(op, softcap, "softcap");

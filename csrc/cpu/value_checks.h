@@ -25,10 +25,11 @@ inline void slots(const at::Tensor& slot_mapping, const checks::CacheDims& c) {
 // 0 <= seq_lens[b] <= M * P; every block a sequence reads in [0, N); cu_seqlens_q from 0 to T,
 // non-decreasing, and when causal no sequence with more query tokens than a non-zero seq_lens
 // (a non-causal query, e.g. over a shorter encoder sequence, needs no KV position of its own);
-// slopes finite.
+// ALiBi slopes and relative bias finite.
 inline void paged_attention(const at::Tensor& block_tables, const at::Tensor& seq_lens,
                             const std::optional<at::Tensor>& cu_seqlens_q,
-                            const std::optional<at::Tensor>& alibi_slopes, bool causal,
+                            const std::optional<at::Tensor>& alibi_slopes,
+                            const std::optional<at::Tensor>& relative_bias, bool causal,
                             const checks::PagedDims& d) {
   constexpr const char* op = "paged_attention";
   const int64_t p = d.cache.block_size;
@@ -62,6 +63,14 @@ inline void paged_attention(const at::Tensor& block_tables, const at::Tensor& se
     for (int64_t h = 0; h < d.num_qo_heads; ++h) {
       FASTDECODE_CHECK(std::isfinite(s[h]), op, "alibi_slopes[", h, "] = ", s[h],
                        " is not finite");
+    }
+  }
+  if (relative_bias) {
+    const float* t = relative_bias->const_data_ptr<float>();
+    const int64_t width = relative_bias->size(1);
+    for (int64_t i = 0; i < relative_bias->numel(); ++i) {
+      FASTDECODE_CHECK(std::isfinite(t[i]), op, "relative_bias[", i / width, ", ", i % width,
+                       "] = ", t[i], " is not finite");
     }
   }
 }

@@ -22,10 +22,11 @@ def _append_kv_fake(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 @torch.library.register_fake(_LIB + "paged_attention")
 def _paged_attention_fake(out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
-                          scale, causal, softcap, sliding_window, alibi_slopes) -> None:
+                          scale, causal, softcap, sliding_window, alibi_slopes,
+                          relative_bias=None) -> None:
     same_device(query.device, out=out, k_cache=k_cache, v_cache=v_cache,
                 block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q,
-                alibi_slopes=alibi_slopes)
+                alibi_slopes=alibi_slopes, relative_bias=relative_bias)
 
 
 @torch.library.register_fake(_LIB + "apply_repetition_penalty")

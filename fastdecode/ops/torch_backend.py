@@ -6,7 +6,8 @@ arguments arrive validated and normalised by :mod:`fastdecode.ops`):
 - ``append_kv(key, value, k_cache, v_cache, slot_mapping) -> None``
 - ``paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, *, scale:
   float, causal: bool, softcap: float (0 = off), sliding_window: int (0 = off), alibi_slopes:
-  [Hq] float32 | None, workspace) -> None`` (writes ``out``)
+  [Hq] float32 | None, relative_bias: [Hq, 2R + 1] float32 | None, workspace) -> None``
+  (writes ``out``)
 
 Values arrive unchecked from the ``*_unchecked`` ops (and from CUDA calls outside the debug
 mode): a backend must then never access memory outside a tensor, and follows the contract in
@@ -39,7 +40,8 @@ def append_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, *,
-                    scale, causal, softcap, sliding_window, alibi_slopes, workspace=None) -> None:
+                    scale, causal, softcap, sliding_window, alibi_slopes, relative_bias=None,
+                    workspace=None) -> None:
     n, p, hkv = k_cache.shape[:3]
     group = query.shape[1] // hkv
     # Rows of a sequence with bad values (possible in unchecked calls) stay NaN, and so do rows
@@ -68,6 +70,9 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
         k_pos = torch.arange(kv_len, device=q.device)[None, :]
         if alibi_slopes is not None:
             logits = logits + alibi_slopes[:, None, None] * (k_pos - q_pos)
+        if relative_bias is not None:
+            radius = relative_bias.shape[1] // 2
+            logits = logits + relative_bias[:, (k_pos - q_pos).clamp(-radius, radius) + radius]
         visible = torch.ones_like(logits[0], dtype=torch.bool)
         if causal:
             visible &= k_pos <= q_pos

@@ -44,13 +44,14 @@ def append_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, *,
-                    scale, causal, softcap, sliding_window, alibi_slopes, workspace=None,
-                    partition_size=None) -> None:
+                    scale, causal, softcap, sliding_window, alibi_slopes, relative_bias=None,
+                    workspace=None, partition_size=None) -> None:
     """partition_size: KV tokens per split-KV partition (default ``attention.PARTITION_SIZE``,
     read at each call so tests can lower it)."""
     _torch_ops.paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
                                cu_seqlens_q, alibi_slopes, workspace, scale, causal, softcap,
-                               sliding_window, partition_size or attention.PARTITION_SIZE)
+                               sliding_window, partition_size or attention.PARTITION_SIZE,
+                               relative_bias)
 
 
 def _sampling_args(params):

@@ -28,17 +28,19 @@ def _(key, value, k_cache, v_cache, slot_mapping) -> None:
 def paged_attention(out: Tensor, query: Tensor, k_cache: Tensor, v_cache: Tensor,
                     block_tables: Tensor, seq_lens: Tensor, cu_seqlens_q: Optional[Tensor],
                     alibi_slopes: Optional[Tensor], workspace: Optional[Tensor], scale: float,
-                    causal: bool, softcap: float, sliding_window: int,
-                    partition_size: int) -> None:
+                    causal: bool, softcap: float, sliding_window: int, partition_size: int,
+                    relative_bias: Optional[Tensor] = None) -> None:
     attention.paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out,
                               scale=scale, causal=causal, softcap=softcap,
                               sliding_window=sliding_window, alibi_slopes=alibi_slopes,
-                              workspace=workspace, partition_size=partition_size)
+                              workspace=workspace, partition_size=partition_size,
+                              relative_bias=relative_bias)
 
 
 @paged_attention.register_fake
 def _(out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes,
-      workspace, scale, causal, softcap, sliding_window, partition_size) -> None:
+      workspace, scale, causal, softcap, sliding_window, partition_size,
+      relative_bias=None) -> None:
     return None
 
 
