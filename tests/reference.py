@@ -111,6 +111,28 @@ def process_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
     return torch.stack(rows)
 
 
+def contrastive_logits(expert, amateur, alpha, plausibility,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Contrastive-decoding scores [B, V] in ``dtype``, row by row from the definition: log p_e -
+    alpha * log p_a where log p_e >= log(plausibility) + max log p_e (and p_e > 0), else -inf;
+    NaN rows where either model's logits hold a NaN or +inf or nothing finite. alpha,
+    plausibility: numbers or [B] tensors."""
+    rows = []
+    for b in range(expert.shape[0]):
+        a = float(alpha[b]) if isinstance(alpha, torch.Tensor) else float(alpha)
+        p = float(plausibility[b]) if isinstance(plausibility, torch.Tensor) else plausibility
+        x_e, x_a = expert[b].to(dtype), amateur[b].to(dtype)
+        if not all(math.isfinite(float(x.logsumexp(0))) for x in (x_e, x_a)):
+            rows.append(torch.full_like(x_e, math.nan))
+            continue
+        lp_e, lp_a = x_e.log_softmax(0), x_a.log_softmax(0)
+        threshold = math.log(p) if p > 0 else -math.inf
+        keep = (lp_e >= threshold + lp_e.max()) & (lp_e > -math.inf)
+        score = lp_e - a * lp_a if a > 0 else lp_e
+        rows.append(torch.where(keep, score, -math.inf))
+    return torch.stack(rows)
+
+
 def distribution(logits, **params) -> torch.Tensor:
     """The exact sampling distribution [B, V] float64 of the processed scores."""
     return torch.softmax(process_logits(logits, **params), dim=-1)

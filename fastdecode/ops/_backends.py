@@ -36,7 +36,7 @@ _MODULES = {
 # "paged_prefill" is paged_attention's packed form (cu_seqlens_q given); "paged_relative_bias"
 # its decode form with a relative_bias table.
 _ALL_OPS = {"append_kv", "paged_attention", "paged_prefill", "paged_relative_bias",
-            "process_logits", "sample", "apply_repetition_penalty"}
+            "process_logits", "sample", "apply_repetition_penalty", "contrastive_logits"}
 _OP_WORDS = {"paged_prefill": "packed (prefill) paged_attention",
              "paged_relative_bias": "paged_attention with relative_bias"}
 _COVERAGE = {

@@ -15,6 +15,8 @@ mode): a backend must then never access memory outside a tensor, and follows the
 - ``process_logits(logits, params: SamplingTensors) -> [B, V] float32``
 - ``sample(logits, params, seeds [B] int64 >= 0, offsets [B] int64) -> [B] int64``
 - ``apply_repetition_penalty(logits, seen_tokens | None, penalty [B] float32) -> [B, V] float32``
+- ``contrastive_logits(expert, amateur, alpha [B] float32, plausibility [B] float32) -> [B, V]
+  float32`` (expert, amateur: [B, V] contiguous, float32 / float16 / bfloat16)
 
 Draws use one uniform per row from Philox4x32-10 keyed by the row's seed (key = seed low / high
 32 bits, counter = offset low / high 32 bits, 0, 0; u = (x0 >> 8) * 2**-24), and pick the first
@@ -168,3 +170,16 @@ def sample(logits, params: SamplingTensors, seeds, offsets) -> torch.Tensor:
     drawn = torch.minimum(drawn, last_kept)
     ids = torch.where(greedy, greedy_ids, drawn)
     return torch.where(bad, -1, ids)
+
+
+def contrastive_logits(expert, amateur, alpha, plausibility) -> torch.Tensor:
+    """expert, amateur: [B, V] float; alpha, plausibility: [B] float32 -> [B, V] float32."""
+    x_e, x_a = expert.float(), amateur.float()
+    lse_e, lse_a = x_e.logsumexp(-1, keepdim=True), x_a.logsumexp(-1, keepdim=True)
+    top = x_e.amax(-1, keepdim=True)
+    # p_e >= plausibility * p_max, on logits (the normaliser cancels); log(0) = -inf keeps all.
+    plausible = (x_e >= top + plausibility.log()[:, None]) & (x_e > float("-inf"))
+    penalty = torch.where(alpha[:, None] > 0, alpha[:, None] * (x_a - lse_a), 0.0)
+    scores = torch.where(plausible, (x_e - lse_e) - penalty, float("-inf"))
+    bad = ~(lse_e.isfinite() & lse_a.isfinite())  # NaN, +inf or nothing finite in a row
+    return scores.masked_fill(bad, float("nan"))
