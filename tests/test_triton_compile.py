@@ -28,7 +28,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from fastdecode.triton import attention, kv_cache, sampling  # noqa: E402
+from fastdecode.triton import attention, contrastive, kv_cache, sampling  # noqa: E402
 
 ARCH = 90
 MAX_SHARED = 232448  # bytes of shared memory per block on H100 (227 KB)
@@ -84,6 +84,12 @@ def variants() -> dict[str, tuple]:
             "sampling._repetition_penalty_kernel",
             dict(out_ptr="fp32", logits_ptr=_TY[dtype], seen_ptr="i64", penalty_ptr="fp32"),
             (), dict(BLOCK=sampling.BLOCK), dict(num_warps=4))
+    for e_dtype, a_dtype in itertools.product(sampling.LOGIT_DTYPES, repeat=2):
+        out[f"contrastive-{_TY[e_dtype]}-{_TY[a_dtype]}"] = (
+            "contrastive._contrastive_kernel",
+            dict(out_ptr="fp32", expert_ptr=_TY[e_dtype], amateur_ptr=_TY[a_dtype],
+                 alpha_ptr="fp32", plausibility_ptr="fp32"),
+            (), dict(BLOCK=contrastive.BLOCK), dict(num_warps=4))
     out["philox_uniform"] = ("sampling._philox_uniform_kernel",
                              dict(out_ptr="fp32", seeds_ptr="i64", offsets_ptr="i64"), (),
                              dict(BLOCK_SIZE=sampling.BLOCK), dict(num_warps=4))

@@ -3,7 +3,7 @@ TRITON_INTERPRET=1), implementing the backend interface of :mod:`fastdecode.ops.
 through the custom ops ``torch.ops.fastdecode.triton_*``.
 
 Kernels and launchers: :mod:`.attention` (paged attention, split-KV merge), :mod:`.kv_cache`
-(append_kv), :mod:`.sampling`. Decode attention follows a plan / run split: ``plan_attention``
+(append_kv), :mod:`.sampling`, :mod:`.contrastive` (contrastive-decoding scores). Decode attention follows a plan / run split: ``plan_attention``
 derives the launch from shapes alone (once per step, cached), and a caller that preallocates
 ``workspace_size(num_seqs, num_qo_heads, head_dim, max_blocks_per_seq, block_size)`` float32
 elements and passes them as ``workspace=`` gets per-layer calls that neither allocate nor sync
@@ -26,7 +26,7 @@ if triton is not None:
     from fastdecode.triton.attention import plan_attention, workspace_size
 
     __all__ = ["append_kv", "paged_attention", "process_logits", "sample",
-               "apply_repetition_penalty", "unavailable_reason", "plan_attention",
+               "apply_repetition_penalty", "contrastive_logits", "unavailable_reason", "plan_attention",
                "workspace_size"]
 
 
@@ -70,3 +70,7 @@ def sample(logits, params, seeds, offsets) -> torch.Tensor:
 
 def apply_repetition_penalty(logits, seen_tokens, penalty) -> torch.Tensor:
     return _torch_ops.apply_repetition_penalty(logits, seen_tokens, penalty)
+
+
+def contrastive_logits(expert, amateur, alpha, plausibility) -> torch.Tensor:
+    return _torch_ops.contrastive_logits(expert, amateur, alpha, plausibility)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fastdecode.ops._params import SamplingTensors
-from fastdecode.triton import attention, kv_cache, sampling
+from fastdecode.triton import attention, contrastive, kv_cache, sampling
 
 
 @torch.library.custom_op("fastdecode::triton_append_kv", mutates_args=("k_cache", "v_cache"))
@@ -53,6 +53,17 @@ def apply_repetition_penalty(logits: Tensor, seen_tokens: Optional[Tensor],
 @apply_repetition_penalty.register_fake
 def _(logits, seen_tokens, penalty) -> Tensor:
     return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdecode::triton_contrastive_logits", mutates_args=())
+def contrastive_logits(expert: Tensor, amateur: Tensor, alpha: Tensor,
+                       plausibility: Tensor) -> Tensor:
+    return contrastive.contrastive_logits(expert, amateur, alpha, plausibility)
+
+
+@contrastive_logits.register_fake
+def _(expert, amateur, alpha, plausibility) -> Tensor:
+    return expert.new_empty(expert.shape, dtype=torch.float32)
 
 
 def _params(temperature, top_k, top_p, min_p, penalty, seen_tokens) -> SamplingTensors:
