@@ -23,6 +23,8 @@ TORCH_LIBRARY(fastdecode, m) {
         "Tensor min_p, Tensor repetition_penalty, Tensor? seen_tokens) -> Tensor");
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
         "Tensor repetition_penalty, Tensor? seen_tokens, Tensor seeds, Tensor offsets) -> Tensor");
+  m.def("contrastive_logits(Tensor expert_logits, Tensor amateur_logits, Tensor alpha, "
+        "Tensor plausibility) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdecode, CPU, m) {
@@ -31,4 +33,5 @@ TORCH_LIBRARY_IMPL(fastdecode, CPU, m) {
   m.impl("apply_repetition_penalty", &fastdecode::cpu::apply_repetition_penalty);
   m.impl("process_logits", &fastdecode::cpu::process_logits);
   m.impl("sample", &fastdecode::cpu::sample);
+  m.impl("contrastive_logits", &fastdecode::cpu::contrastive_logits);
 }

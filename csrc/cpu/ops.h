@@ -46,4 +46,9 @@ at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
                   const std::optional<at::Tensor>& seen_tokens, const at::Tensor& seeds,
                   const at::Tensor& offsets);
 
+// expert_logits, amateur_logits: [B, V] any float dtypes (each its own); alpha, plausibility:
+// [B] float32 in [0, 1e6] / [0, 1]. Returns [B, V] float32 contrastive-decoding scores.
+at::Tensor contrastive_logits(const at::Tensor& expert_logits, const at::Tensor& amateur_logits,
+                              const at::Tensor& alpha, const at::Tensor& plausibility);
+
 }  // namespace fastdecode::cpu

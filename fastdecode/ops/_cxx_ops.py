@@ -35,3 +35,7 @@ def process_logits(logits, params: SamplingTensors) -> torch.Tensor:
 
 def sample(logits, params: SamplingTensors, seeds, offsets) -> torch.Tensor:
     return _ops.sample(logits, *_args(params), seeds, offsets)
+
+
+def contrastive_logits(expert, amateur, alpha, plausibility) -> torch.Tensor:
+    return _ops.contrastive_logits(expert, amateur, alpha, plausibility)

@@ -51,6 +51,13 @@ def _sample_fake(logits, temperature, top_k, top_p, min_p, repetition_penalty, s
     return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
 
+@torch.library.register_fake(_LIB + "contrastive_logits")
+def _contrastive_fake(expert_logits, amateur_logits, alpha, plausibility):
+    same_device(expert_logits.device, amateur_logits=amateur_logits, alpha=alpha,
+                plausibility=plausibility)
+    return expert_logits.new_empty(expert_logits.shape, dtype=torch.float32)
+
+
 def has_cuda_kernels() -> bool:
     """Whether this build of the extension carries the CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(_LIB + "paged_attention", "CUDA")
