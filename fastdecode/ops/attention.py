@@ -120,8 +120,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     Value rules (ValueError naming the argument and the offending entry): 0 <= seq_lens[b] <=
     M * P; every block id a sequence reads (its first ceil(seq_lens[b] / P) table entries) in
     [0, N); cu_seqlens_q runs from 0 to num_tokens, non-decreasing, and when causal no sequence
-    with more query tokens than a non-zero seq_lens; alibi slopes and relative_bias finite; scale finite; softcap None or a finite
-    number > 0. Ids given as int64 are never truncated to int32. Values are checked on the host
+    with more query tokens than a non-zero seq_lens; alibi slopes and relative_bias finite;
+    scale finite; softcap None or a finite number > 0. Ids given as int64 are never truncated to int32. Values are checked on the host
     for CPU tensors; for CUDA tensors only in the debug mode (``FASTDECODE_DEBUG_CHECKS=1`` or
     ``set_debug_checks(True)``), the kernels' guards standing in otherwise (module docstring).
 

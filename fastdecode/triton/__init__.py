@@ -3,11 +3,11 @@ TRITON_INTERPRET=1), implementing the backend interface of :mod:`fastdecode.ops.
 through the custom ops ``torch.ops.fastdecode.triton_*``.
 
 Kernels and launchers: :mod:`.attention` (paged attention, split-KV merge), :mod:`.kv_cache`
-(append_kv), :mod:`.sampling`, :mod:`.contrastive` (contrastive-decoding scores). Decode attention follows a plan / run split: ``plan_attention``
-derives the launch from shapes alone (once per step, cached), and a caller that preallocates
-``workspace_size(num_seqs, num_qo_heads, head_dim, max_blocks_per_seq, block_size)`` float32
-elements and passes them as ``workspace=`` gets per-layer calls that neither allocate nor sync
-(CUDA-graph capturable).
+(append_kv), :mod:`.sampling`, :mod:`.contrastive` (contrastive-decoding scores). Decode
+attention follows a plan / run split: ``plan_attention`` derives the launch from shapes alone
+(once per step, cached), and a caller that preallocates ``workspace_size(num_seqs, num_qo_heads,
+head_dim, max_blocks_per_seq, block_size)`` float32 elements and passes them as ``workspace=``
+gets per-layer calls that neither allocate nor sync (CUDA-graph capturable).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ if triton is not None:
     from fastdecode.triton.attention import plan_attention, workspace_size
 
     __all__ = ["append_kv", "paged_attention", "process_logits", "sample",
-               "apply_repetition_penalty", "contrastive_logits", "unavailable_reason", "plan_attention",
-               "workspace_size"]
+               "apply_repetition_penalty", "contrastive_logits", "unavailable_reason",
+               "plan_attention", "workspace_size"]
 
 
 def unavailable_reason() -> str | None:
