@@ -37,7 +37,7 @@ GATE_FILES = ["tests/test_attention.py", "tests/test_append_kv.py", "tests/test_
               "tests/test_contrastive.py"]
 GATE_KEYWORDS = "cuda or triton"
 ALLOWED_SKIPS = ("does not build head_dim",)  # the CUDA kernels' head_dim list, by design
-COVERAGE = {"cuda": {"append_kv", "paged_attention", "sample"},
+COVERAGE = {"cuda": {"append_kv", "paged_attention", "sample", "contrastive_logits"},
             "triton": {"append_kv", "paged_attention", "paged_prefill", "paged_relative_bias",
                        "process_logits", "sample", "apply_repetition_penalty",
                        "contrastive_logits"}}

@@ -210,4 +210,23 @@ inline bool seen_tokens(const char* op, const std::optional<at::Tensor>& seen,
   return true;
 }
 
+// expert_logits, amateur_logits: [B, V] float (each its own dtype), one shape and device,
+// 1 <= V <= 2^31 - 1; alpha, plausibility: [B] float32, contiguous.
+inline void contrastive_logits(const at::Tensor& expert, const at::Tensor& amateur,
+                               const at::Tensor& alpha, const at::Tensor& plausibility) {
+  constexpr const char* op = "contrastive_logits";
+  for (const auto& [t, name] : {std::pair{&expert, "expert_logits"},
+                                std::pair{&amateur, "amateur_logits"}}) {
+    FASTDECODE_CHECK(t->dim() == 2, op, name, " must be [num_seqs, vocab_size], got shape ",
+                     t->sizes());
+    float_dtype(op, *t, name);
+  }
+  same_device(op, amateur, "amateur_logits", expert);
+  FASTDECODE_CHECK(amateur.sizes() == expert.sizes(), op, "amateur_logits must have the shape "
+                   "of expert_logits ", expert.sizes(), ", got ", amateur.sizes());
+  in_range(op, expert.size(1), "vocab_size", 1, kInt32Max);
+  per_row(op, alpha, "alpha", at::kFloat, expert);
+  per_row(op, plausibility, "plausibility", at::kFloat, expert);
+}
+
 }  // namespace fastdecode::checks

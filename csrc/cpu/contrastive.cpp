@@ -13,16 +13,6 @@ namespace {
 
 constexpr const char* kOp = "contrastive_logits";
 
-// logits [B, V] float on CPU; returned with unit stride along V.
-at::Tensor checked_rows(const at::Tensor& t, const char* name) {
-  FASTDECODE_CHECK(t.device().is_cpu(), kOp, name, " must be a CPU tensor, got ", t.device());
-  FASTDECODE_CHECK(t.dim() == 2, kOp, name, " must be [num_seqs, vocab_size], got shape ",
-                   t.sizes());
-  checks::float_dtype(kOp, t, name);
-  checks::in_range(kOp, t.size(1), "vocab_size", 1, checks::kInt32Max);
-  return t.stride(1) == 1 ? t : t.contiguous();
-}
-
 template <typename F>
 void dispatch_float(at::ScalarType dtype, F&& f) {
   switch (dtype) {
@@ -36,12 +26,13 @@ void dispatch_float(at::ScalarType dtype, F&& f) {
 
 at::Tensor contrastive_logits(const at::Tensor& expert_logits, const at::Tensor& amateur_logits,
                               const at::Tensor& alpha, const at::Tensor& plausibility) {
-  const at::Tensor expert = checked_rows(expert_logits, "expert_logits");
-  const at::Tensor amateur = checked_rows(amateur_logits, "amateur_logits");
-  FASTDECODE_CHECK(amateur.sizes() == expert.sizes(), kOp, "amateur_logits must have the shape "
-                   "of expert_logits ", expert.sizes(), ", got ", amateur.sizes());
-  checks::per_row(kOp, alpha, "alpha", at::kFloat, expert);
-  checks::per_row(kOp, plausibility, "plausibility", at::kFloat, expert);
+  FASTDECODE_CHECK(expert_logits.device().is_cpu(), kOp, "expert_logits must be a CPU tensor, "
+                   "got ", expert_logits.device());
+  checks::contrastive_logits(expert_logits, amateur_logits, alpha, plausibility);
+  const auto unit_stride = [](const at::Tensor& t) {
+    return t.stride(1) == 1 ? t : t.contiguous();
+  };
+  const at::Tensor expert = unit_stride(expert_logits), amateur = unit_stride(amateur_logits);
   const int64_t batch = expert.size(0), vocab = expert.size(1);
   const float* alphas = alpha.const_data_ptr<float>();
   const float* plaus = plausibility.const_data_ptr<float>();

@@ -37,4 +37,9 @@ at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
                   const std::optional<at::Tensor>& seen_tokens, const at::Tensor& seeds,
                   const at::Tensor& offsets);
 
+// expert_logits, amateur_logits: [B, V] any float dtypes; alpha, plausibility: [B] float32
+// (ranges checked by the public op, not here: no host sync). Returns [B, V] float32.
+at::Tensor contrastive_logits(const at::Tensor& expert_logits, const at::Tensor& amateur_logits,
+                              const at::Tensor& alpha, const at::Tensor& plausibility);
+
 }  // namespace fastdecode::cuda

@@ -43,7 +43,7 @@ _COVERAGE = {
     "torch": _ALL_OPS,
     "cpu": _ALL_OPS,
     "triton": _ALL_OPS,
-    "cuda": {"append_kv", "paged_attention", "sample"},
+    "cuda": {"append_kv", "paged_attention", "sample", "contrastive_logits"},
 }
 
 
