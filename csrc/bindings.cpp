@@ -16,7 +16,8 @@ TORCH_LIBRARY(fastdecode, m) {
         "Tensor slot_mapping) -> ()");
   m.def("paged_attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, "
         "Tensor block_tables, Tensor seq_lens, Tensor? cu_seqlens_q, float scale, bool causal, "
-        "float softcap, int sliding_window, Tensor? alibi_slopes) -> ()");
+        "float softcap, int sliding_window, Tensor? alibi_slopes, Tensor? relative_bias=None) "
+        "-> ()");
   m.def("apply_repetition_penalty(Tensor logits, Tensor? seen_tokens, Tensor penalty) -> Tensor");
   m.def("process_logits(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
         "Tensor min_p, Tensor repetition_penalty, Tensor? seen_tokens) -> Tensor");
@@ -26,6 +27,8 @@ TORCH_LIBRARY(fastdecode, m) {
   m.def("packed_linear_panel_width() -> int", &fastdecode::cpu::packed_linear_panel_width);
   m.def("pack_linear_weight(Tensor(a!) packed, Tensor weight) -> ()");
   m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  m.def("contrastive_logits(Tensor expert_logits, Tensor amateur_logits, Tensor alpha, "
+        "Tensor plausibility) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdecode, CPU, m) {
@@ -36,4 +39,5 @@ TORCH_LIBRARY_IMPL(fastdecode, CPU, m) {
   m.impl("sample", &fastdecode::cpu::sample);
   m.impl("pack_linear_weight", &fastdecode::cpu::pack_linear_weight);
   m.impl("packed_linear", &fastdecode::cpu::packed_linear);
+  m.impl("contrastive_logits", &fastdecode::cpu::contrastive_logits);
 }

@@ -4,6 +4,8 @@ Both are batched device-side operations: no host sync, no Python loop over the h
 
 - :class:`BannedSequences`: HF's ``bad_words_ids``. A single banned token is always forbidden; the
   last token of a longer banned sequence is forbidden when the history ends with the rest of it.
+- :func:`block_repeated_ngrams` / :func:`repeated_ngram_mask`: HF's ``no_repeat_ngram_size``. A
+  token is forbidden when it would complete an n-gram that already occurs in the row's history.
 - :func:`remove_invalid_values`: HF's ``remove_invalid_values`` (NaN -> 0, +-inf -> the largest
   finite values of the dtype).
 """
@@ -73,6 +75,69 @@ class BannedSequences:
     def __call__(self, scores: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """scores: [B, V] float32 (not modified) -> [B, V] float32, banned tokens at -inf."""
         return scores + self.bias(history)
+
+
+def repeated_ngram_mask(history: torch.Tensor, ngram_size: int | Sequence[int],
+                        vocab_size: int) -> torch.Tensor:
+    """history: [B, L] int64 ids so far, left-padded with -1 where rows are shorter; ngram_size:
+    n >= 1 for every row, or one n >= 0 per row (0 = off) -> banned [B, V] bool.
+
+    Row b bans the last token of every n-gram of its history whose first n - 1 tokens equal the
+    history's last n - 1 tokens (with n = 1: every token of the history), once the row holds n
+    tokens. Ids outside [0, V) are never banned (as in HF, where they cannot be generated).
+
+    Batched over the whole history: for each position e and each k = 1 .. N - 1 (N the largest
+    n), compare token e - k with token L - k; a window matches when its row's first n - 1
+    comparisons hold. Cost O(B * L * N), no host sync, no loop over the history.
+    """
+    batch, length = history.shape
+    sizes = _ngram_sizes(ngram_size, batch)
+    banned = torch.zeros(batch, vocab_size + 1, dtype=torch.bool, device=history.device)
+    if length == 0 or max(sizes, default=0) == 0:
+        return banned[:, :vocab_size]
+    span = max(sizes) - 1  # N - 1 comparisons
+    n = torch.tensor(sizes, device=history.device)
+    padded = torch.nn.functional.pad(history, (span, 0), value=_NO_TOKEN)
+    # windows[b, e, j] = history[b, e - span + j]: the span tokens before e, then e itself.
+    windows = padded.unfold(1, span + 1, 1)
+    suffix = padded[:, padded.shape[1] - span:]  # suffix[b, j] = history[b, L - span + j]
+    # Comparison j is k = span - j tokens back; row b uses k <= n_b - 1, i.e. j >= span - n_b + 1.
+    needed = torch.arange(span, device=history.device)[None, :] >= (span + 1 - n)[:, None]
+    match = ((windows[..., :span] == suffix[:, None, :]) | ~needed[:, None, :]).all(-1)
+    lengths = (history >= 0).sum(-1)
+    match &= ((n >= 1) & (lengths >= n))[:, None]
+    last = windows[..., span]
+    # Unmatched windows and ids outside the vocabulary go to a spare column past the vocab.
+    spare = (~match) | (last < 0) | (last >= vocab_size)
+    banned.scatter_(1, torch.where(spare, vocab_size, last), True)
+    return banned[:, :vocab_size]
+
+
+def block_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor,
+                          ngram_size: int | Sequence[int]) -> torch.Tensor:
+    """scores: [B, V] float (not modified), history: [B, L] int64 (-1 padded) -> [B, V] scores
+    with the tokens of :func:`repeated_ngram_mask` set to -inf (overwritten, NaN included, as
+    HF's ``NoRepeatNGramLogitsProcessor`` does)."""
+    mask = repeated_ngram_mask(history, ngram_size, scores.shape[-1])
+    return scores.masked_fill(mask, float("-inf"))
+
+
+def _ngram_sizes(ngram_size: int | Sequence[int], batch: int) -> list[int]:
+    """One n per row, checked on the host: an int >= 1 for every row, or a [B] sequence of ints
+    >= 0 (0 = off)."""
+    if isinstance(ngram_size, (bool, torch.Tensor)) or not isinstance(ngram_size,
+                                                                       (int, Sequence)):
+        raise TypeError(f"ngram_size must be an int or a sequence of ints, got {ngram_size!r}")
+    if isinstance(ngram_size, int):
+        if ngram_size < 1:
+            raise ValueError(f"ngram_size must be an int >= 1, got {ngram_size}")
+        return [ngram_size] * batch
+    sizes = list(ngram_size)
+    if len(sizes) != batch or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                  for v in sizes):
+        raise ValueError(f"ngram_size must be {batch} ints >= 0 (one per row, 0 = off), got "
+                         f"{sizes}")
+    return sizes
 
 
 def remove_invalid_values(scores: torch.Tensor) -> torch.Tensor:

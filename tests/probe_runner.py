@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 HERE = Path(__file__).resolve().parent
-MODULES = ("probes_attention", "probes_arguments", "probes_sampling", "probes_direct")
+MODULES = ("probes_attention", "probes_arguments", "probes_sampling", "probes_direct",
+           "probes_contrastive")
 PROBE_TIMEOUT_S = 120  # one probe; the slowest take a few seconds in the Triton interpreter
 GPU_TARGETS = ("triton@cuda", "cuda@cuda", "triton@cuda+debug", "cuda@cuda+debug")
 

@@ -60,6 +60,8 @@ rejects("cu_seqlens_q_on_meta", DEVICES, lambda t: attention(
     t, packed=True, cu_seqlens_q=moved("cu_seqlens_q")), ValueError, "cu_seqlens_q is on meta")
 rejects("alibi_slopes_on_meta", DEVICES, lambda t: attention(
     t, alibi_slopes=torch.ones(HQ, device="meta")), ValueError, "alibi_slopes is on meta")
+rejects("relative_bias_on_meta", DEVICES, lambda t: attention(
+    t, relative_bias=torch.ones(HQ, 3, device="meta")), ValueError, "relative_bias is on meta")
 rejects("workspace_on_meta", DEVICES, lambda t: attention(
     t, workspace=torch.empty(4096, device="meta")), ValueError, "workspace is on meta")
 rejects("everything_on_meta", DEVICES, lambda t: attention(
@@ -82,20 +84,23 @@ for name, value in (("softcap", "3"), ("scale", True), ("sliding_window", 2.5),
         t, **{n: v}), TypeError, name)
 
 
-def bad_slopes(value: float, dtype: torch.dtype):
+def bad_table(name: str, shape: tuple, value: float, dtype: torch.dtype):
+    """A non-finite entry in a bias input (alibi_slopes, relative_bias)."""
     def run(t: Target) -> None:
-        slopes = torch.full((HQ,), value, dtype=dtype, device=t.device)
+        table = torch.zeros(shape, dtype=dtype, device=t.device)
+        table.view(-1)[-1] = value
         if t.host_checked:
-            expect_error(lambda: attention(t, alibi_slopes=slopes), ValueError, "alibi_slopes")
-        else:  # CUDA outside the debug mode: slopes are data, not ids; only no crash is owed
-            attention(t, alibi_slopes=slopes)
-    run.__name__ = f"alibi_slopes_{value}_{str(dtype).removeprefix('torch.')}"
+            expect_error(lambda: attention(t, **{name: table}), ValueError, name)
+        else:  # CUDA outside the debug mode: biases are data, not ids; only no crash is owed
+            attention(t, **{name: table})
+    run.__name__ = f"{name}_{value}_{str(dtype).removeprefix('torch.')}"
     probe(SCALARS)(run)
 
 
 for value, dtype in ((float("nan"), torch.float32), (float("inf"), torch.float32),
                      (1e39, torch.float64)):  # 1e39 is inf in float32
-    bad_slopes(value, dtype)
+    bad_table("alibi_slopes", (HQ,), value, dtype)
+    bad_table("relative_bias", (HQ, 5), value, dtype)
 
 # ------------------------------------------------------------------------- shapes and dtypes
 for name, change, exc, words in (
@@ -130,6 +135,14 @@ for name, change, exc, words in (
          ValueError, "alibi_slopes"),
         ("alibi_shape", dict(alibi_slopes=lambda a: torch.ones(HQ + 1, device=a["query"].device)),
          ValueError, "alibi_slopes"),
+        ("relative_bias_int", dict(relative_bias=lambda a: torch.ones(
+            HQ, 3, dtype=torch.int32, device=a["query"].device)), ValueError, "relative_bias"),
+        ("relative_bias_even_width", dict(relative_bias=lambda a: a["query"].new_ones(HQ, 4)),
+         ValueError, "2 * R + 1"),
+        ("relative_bias_heads", dict(relative_bias=lambda a: a["query"].new_ones(HQ + 1, 3)),
+         ValueError, "relative_bias"),
+        ("relative_bias_1d", dict(relative_bias=lambda a: a["query"].new_ones(HQ)), ValueError,
+         "relative_bias"),
         ("out_shape", dict(out=lambda a: a["query"].new_empty(2, HQ, 16)), ValueError, "out"),
         ("out_dtype", dict(out=lambda a: a["query"].new_empty(2, HQ, D).half()), ValueError,
          "out"),

@@ -20,7 +20,7 @@ def attention(t: Target, **change) -> torch.Tensor:
     torch.ops.fastdecode.paged_attention(
         out, a["query"], a["k_cache"], a["v_cache"], a["block_tables"], a["seq_lens"],
         a.get("cu_seqlens_q"), a.get("scale", 0.25), True, a.get("softcap", 0.0),
-        a.get("sliding_window", 0), a.get("alibi_slopes"))
+        a.get("sliding_window", 0), a.get("alibi_slopes"), a.get("relative_bias"))
     return out
 
 
@@ -74,6 +74,19 @@ for name, change, words in (
          "cu_seqlens_q")):
     rejects(f"direct_{name}", DIRECT, lambda t, c=change: attention(t, **dict(c)), ERRORS, words,
             backends=BOTH)
+# relative_bias: checked by the CPU adapter; the CUDA kernel has none and refuses any table.
+for name, change, words in (
+        ("relative_bias_float64", dict(relative_bias=lambda a: a["query"].new_ones(HQ, 3)
+                                       .double()), "relative_bias must be Float"),
+        ("relative_bias_even_width", dict(relative_bias=lambda a: a["query"].new_ones(HQ, 4)),
+         "2 * R + 1"),
+        ("relative_bias_heads", dict(relative_bias=lambda a: a["query"].new_ones(HQ + 1, 3)),
+         "relative_bias")):
+    rejects(f"direct_{name}", DIRECT, lambda t, c=change: attention(t, **dict(c)), ERRORS, words,
+            backends=("cpu",))
+rejects("direct_relative_bias_on_cuda", DIRECT, lambda t: attention(
+    t, relative_bias=torch.zeros(HQ, 3, device=t.device)), ERRORS, "has no relative_bias",
+    backends=("cuda",))
 for name, slots, change, words in (
         ("append_block_size_zero", [0], dict(k_cache=cache((N, 0, HKV, D)),
                                              v_cache=cache((N, 0, HKV, D))), "block_size"),
@@ -100,7 +113,10 @@ for name, change, words in (
         ("cu_seqlens_more_queries_than_kv", dict(packed=True, seq_lens=entry("seq_lens", 0, 2)),
          "cu_seqlens_q gives seq 0"),
         ("alibi_nan", dict(alibi_slopes=lambda a: a["query"].new_full((HQ,), float("nan"))),
-         "alibi_slopes[0]")):
+         "alibi_slopes[0]"),
+        ("relative_bias_inf", dict(relative_bias=lambda a: a["query"].new_zeros(HQ, 3).index_fill(
+            1, torch.tensor([2], device=a["query"].device), float("inf"))),
+         "relative_bias[0, 2]")):
     rejects(f"direct_{name}", DIRECT, lambda t, c=change: attention(t, **dict(c)), ERRORS, words,
             backends=("cpu",))
 rejects("direct_slot_one_past_end", DIRECT, lambda t: append(t, [3, N * P]), ERRORS,

@@ -24,8 +24,9 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q=None, *,
                     scale=None, causal=True, softcap=None, sliding_window=None,
-                    alibi_slopes=None, upcast=True) -> torch.Tensor:
-    """query [B or T, Hq, D] -> out [B or T, Hq, D] (float64 if upcast, else query dtype)."""
+                    alibi_slopes=None, relative_bias=None, upcast=True) -> torch.Tensor:
+    """query [B or T, Hq, D] -> out [B or T, Hq, D] (float64 if upcast, else query dtype).
+    relative_bias [Hq, 2R + 1]: the bias of key j for query i is entry R + clamp(j - i, -R, R)."""
     dt = torch.float64 if upcast else query.dtype
     hq, d = query.shape[1], query.shape[2]
     hkv = k_cache.shape[2]
@@ -52,6 +53,10 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
                 for j in range(n):
                     if alibi_slopes is not None:
                         s[i, j] += float(alibi_slopes[h]) * (j - pos)
+                    if relative_bias is not None:
+                        radius = relative_bias.shape[1] // 2
+                        s[i, j] += float(relative_bias[h, radius + min(max(j - pos, -radius),
+                                                                       radius)])
                     hidden = (causal and j > pos) or (sliding_window and j <= pos - sliding_window)
                     if hidden:
                         s[i, j] = -math.inf
@@ -103,6 +108,28 @@ def process_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
             top_p=at(top_p, float), min_p=at(min_p, float),
             repetition_penalty=at(repetition_penalty, float),
             seen=() if seen_tokens is None else seen_tokens[b].tolist()))
+    return torch.stack(rows)
+
+
+def contrastive_logits(expert, amateur, alpha, plausibility,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Contrastive-decoding scores [B, V] in ``dtype``, row by row from the definition: log p_e -
+    alpha * log p_a where log p_e >= log(plausibility) + max log p_e (and p_e > 0), else -inf;
+    NaN rows where either model's logits hold a NaN or +inf or nothing finite. alpha,
+    plausibility: numbers or [B] tensors."""
+    rows = []
+    for b in range(expert.shape[0]):
+        a = float(alpha[b]) if isinstance(alpha, torch.Tensor) else float(alpha)
+        p = float(plausibility[b]) if isinstance(plausibility, torch.Tensor) else plausibility
+        x_e, x_a = expert[b].to(dtype), amateur[b].to(dtype)
+        if not all(math.isfinite(float(x.logsumexp(0))) for x in (x_e, x_a)):
+            rows.append(torch.full_like(x_e, math.nan))
+            continue
+        lp_e, lp_a = x_e.log_softmax(0), x_a.log_softmax(0)
+        threshold = math.log(p) if p > 0 else -math.inf
+        keep = (lp_e >= threshold + lp_e.max()) & (lp_e > -math.inf)
+        score = lp_e - a * lp_a if a > 0 else lp_e
+        rows.append(torch.where(keep, score, -math.inf))
     return torch.stack(rows)
 
 

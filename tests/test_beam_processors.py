@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, NoBadWo
 from _beam_helpers import assert_beams_match
 from _hf_helpers import assert_greedy_match, fd_generate, forbid_original_generate, padded_batch
 from tiny import tiny_model
-from fastdecode.ngram import ban_repeated_ngrams
+from fastdecode.processors import block_repeated_ngrams
 
 
 @pytest.fixture(autouse=True)
@@ -27,14 +27,14 @@ def test_ngram_ban_equals_hf_processor(ngram_size, length):
     scores = torch.randn(6, 9, generator=g)
     scores[0, 1], scores[1, 2], scores[2, 3] = float("nan"), float("inf"), float("-inf")
     expected = NoRepeatNGramLogitsProcessor(ngram_size)(history, scores.clone())
-    got = ban_repeated_ngrams(scores, history, ngram_size)
+    got = block_repeated_ngrams(scores, history, ngram_size)
     torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
     assert not scores[:, 4:].isinf().any()  # the input is left as it was
 
 
 def test_ngram_size_must_be_positive():
-    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
-        ban_repeated_ngrams(torch.zeros(1, 3), torch.zeros(1, 2, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="ngram_size"):
+        block_repeated_ngrams(torch.zeros(1, 3), torch.zeros(1, 2, dtype=torch.long), 0)
 
 
 @pytest.fixture(scope="module")

@@ -258,3 +258,32 @@ def test_append_kv_guards(lib):
     run = lambda *args: runner.append_kv(lib, *args)  # noqa: E731
     guard_cases.run_isolated(lambda: guard_cases.check_append_guard(run, torch.device("cpu")),
                              torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 7, 300, 5000])
+def test_contrastive_matches_reference(lib, dtype, vocab):
+    """Under the fast-math model; rows with NaN, +inf, nothing finite, a -inf amateur token, and
+    per-row alpha / plausibility including 0 and 1."""
+    g = torch.Generator().manual_seed(vocab)
+    expert = (3 * torch.randn(8, vocab, generator=g)).to(dtype)
+    amateur = (3 * torch.randn(8, vocab, generator=g)).to(dtype)
+    expert[0, -1] = math.nan
+    amateur[1, 0] = math.inf
+    expert[2] = -math.inf
+    amateur[3, int(expert[3].float().argmax())] = -math.inf
+    alpha = torch.tensor([0.5, 1.0, 0.1, 2.0, 0.0, 1.0, 7.5, 0.3])
+    plausibility = torch.tensor([0.1, 0.0, 1.0, 0.2, 0.0, 1.0, 0.05, 0.5])
+    got = runner.contrastive(lib, expert, amateur, alpha, plausibility)
+    ref64 = reference.contrastive_logits(expert, amateur, alpha, plausibility)
+    ref32 = reference.contrastive_logits(expert, amateur, alpha, plausibility, torch.float32)
+    assert torch.equal(got.isnan(), ref64.isnan())
+    assert torch.equal(got == -math.inf, ref64 == -math.inf)
+    assert torch.equal(got == math.inf, ref64 == math.inf)
+    # Fast math's logf / expf error reaches each log-probability, the amateur's times alpha:
+    # the error is compared per unit of (1 + alpha).
+    weight = (1 + alpha)[:, None].expand_as(got)
+    finite = ref64.isfinite()
+    reference.assert_close_2x(got[finite] / weight[finite], ref64[finite] / weight[finite],
+                              ref32[finite] / weight[finite], atol=5e-6)
+

@@ -14,6 +14,7 @@ interpreter for the compile worker, e.g. a venv with the Triton release of the G
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -27,7 +28,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from fastdecode.triton import attention, kv_cache, sampling  # noqa: E402
+from fastdecode.triton import attention, contrastive, kv_cache, sampling  # noqa: E402
 
 ARCH = 90
 MAX_SHARED = 232448  # bytes of shared memory per block on H100 (227 KB)
@@ -41,15 +42,17 @@ def variants() -> dict[str, tuple]:
     for c in attention.attention_configs():
         dt = _TY[c.dtype]
         name = (f"attention-{dt}-d{c.head_dim_pad}-rows{c.block_rows}-"
-                f"{'packed' if c.packed else 'decode'}")
+                f"{'packed' if c.packed else 'decode'}{'-relative' if c.relative else ''}")
         out[name] = ("attention._paged_attention_kernel",
                      dict(out_ptr=dt, q_ptr=dt, k_cache_ptr=dt, v_cache_ptr=dt,
                           part_out_ptr="fp32", part_lse_ptr="fp32", alibi_slopes_ptr="fp32",
+                          relative_bias_ptr="fp32",
                           block_tables_ptr="i32", seq_lens_ptr="i32", cu_seqlens_q_ptr="i32"),
                      ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb",
                       "stride_kp", "stride_kh", "head_dim", "block_size", "partition_size"),
                      dict(BLOCK_ROWS=c.block_rows, BLOCK_N=c.block_n,
-                          HEAD_DIM_PAD=c.head_dim_pad, PACKED=c.packed, UPCAST=False),
+                          HEAD_DIM_PAD=c.head_dim_pad, PACKED=c.packed, RELATIVE=c.relative,
+                          UPCAST=False),
                      dict(num_warps=c.num_warps, num_stages=c.num_stages))
     for dtype in attention.FLOAT_DTYPES:
         for d in attention.HEAD_DIM_PADS:
@@ -81,6 +84,12 @@ def variants() -> dict[str, tuple]:
             "sampling._repetition_penalty_kernel",
             dict(out_ptr="fp32", logits_ptr=_TY[dtype], seen_ptr="i64", penalty_ptr="fp32"),
             (), dict(BLOCK=sampling.BLOCK), dict(num_warps=4))
+    for e_dtype, a_dtype in itertools.product(sampling.LOGIT_DTYPES, repeat=2):
+        out[f"contrastive-{_TY[e_dtype]}-{_TY[a_dtype]}"] = (
+            "contrastive._contrastive_kernel",
+            dict(out_ptr="fp32", expert_ptr=_TY[e_dtype], amateur_ptr=_TY[a_dtype],
+                 alpha_ptr="fp32", plausibility_ptr="fp32"),
+            (), dict(BLOCK=contrastive.BLOCK), dict(num_warps=4))
     out["philox_uniform"] = ("sampling._philox_uniform_kernel",
                              dict(out_ptr="fp32", seeds_ptr="i64", offsets_ptr="i64"), (),
                              dict(BLOCK_SIZE=sampling.BLOCK), dict(num_warps=4))
@@ -177,8 +186,9 @@ def test_launcher_choices_are_enumerated():
     for dtype in attention.FLOAT_DTYPES:
         for head_dim in (1, 8, 63, 64, 80, 96, 112, 128, 129, 200, 256):
             for group in (1, 2, 7, 8, 16, 17, 64, 65, 128):
-                for packed in (False, True):
-                    assert attention.attention_config(dtype, head_dim, group, packed) in configs
+                for packed, relative in itertools.product((False, True), (False, True)):
+                    assert attention.attention_config(dtype, head_dim, group, packed,
+                                                      relative) in configs
     assert {c.dtype for c in sampling.sampling_configs()} == set(sampling.LOGIT_DTYPES)
 
 

@@ -60,6 +60,7 @@ def expected_kernels() -> dict[str, str]:
     for mangled, name in DTYPES.items():
         out[f"25paged_decode_merge_kernelI{mangled}EE"] = f"paged_decode_merge_kernel<{name}>"
         out[f"13sample_kernelI{mangled}EE"] = f"sample_kernel<{name}>"
+        out[f"18contrastive_kernelI{mangled}EE"] = f"contrastive_kernel<{name}>"
     for mangled, name in COPY_WORDS.items():
         out[f"16append_kv_kernelI{mangled}EE"] = f"append_kv_kernel<{name}>"
     return out

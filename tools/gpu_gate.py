@@ -33,18 +33,28 @@ ROOT = Path(__file__).resolve().parent.parent
 GATE_FILES = ["tests/test_attention.py", "tests/test_append_kv.py", "tests/test_sampling.py",
               "tests/test_sampling_stats.py", "tests/test_cuda_specific.py",
               "tests/test_triton_specific.py", "tests/test_triton_guards.py",
-              "tests/test_static_decode.py"]
+              "tests/test_static_decode.py",
+              "tests/test_cross_attention.py", "tests/test_relative_bias.py",
+              "tests/test_contrastive.py"]
 GATE_KEYWORDS = "cuda or triton"
 ALLOWED_SKIPS = ("does not build head_dim",)  # the CUDA kernels' head_dim list, by design
-COVERAGE = {"cuda": {"append_kv", "paged_attention", "sample"},
-            "triton": {"append_kv", "paged_attention", "paged_prefill", "process_logits",
-                       "sample", "apply_repetition_penalty"}}
+COVERAGE = {"cuda": {"append_kv", "paged_attention", "sample", "contrastive_logits"},
+            "triton": {"append_kv", "paged_attention", "paged_prefill", "paged_relative_bias",
+                       "process_logits", "sample", "apply_repetition_penalty",
+                       "contrastive_logits"}}
 # (pattern on "module::test[params]", ops the test exercises); first match wins, no match:
 # every op of the backend (a failure there invalidates the whole backend).
 OPS_BY_TEST = [
     (r"test_attention::(test_packed|test_long_prefill)|test_attention::\w+\[.*True\]",
      {"paged_prefill"}),
     (r"test_attention::", {"paged_attention"}),
+    (r"test_relative_bias::test_relative_bias_matches_reference\[.*-False-",
+     {"paged_relative_bias"}),
+    (r"test_relative_bias::test_relative_bias_(without|matches)", {"paged_prefill"}),
+    (r"test_relative_bias::", {"paged_relative_bias", "paged_prefill"}),
+    (r"test_contrastive::", {"contrastive_logits"}),
+    (r"test_cross_attention::test_decode", {"paged_attention"}),
+    (r"test_cross_attention::", {"paged_attention", "paged_prefill"}),
     (r"test_append_kv::test_append_then_attend", {"append_kv", "paged_attention"}),
     (r"test_append_kv::", {"append_kv"}),
     (r"test_sampling::test_process_logits", {"process_logits"}),

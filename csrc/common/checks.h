@@ -132,7 +132,8 @@ inline PagedDims paged_attention(const at::Tensor& out, const at::Tensor& query,
                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                  const std::optional<at::Tensor>& cu_seqlens_q, double scale,
                                  double softcap, int64_t sliding_window,
-                                 const std::optional<at::Tensor>& alibi_slopes) {
+                                 const std::optional<at::Tensor>& alibi_slopes,
+                                 const std::optional<at::Tensor>& relative_bias) {
   constexpr const char* op = "paged_attention";
   PagedDims d{};
   d.cache = kv_cache(op, k_cache, v_cache);
@@ -168,6 +169,14 @@ inline PagedDims paged_attention(const at::Tensor& out, const at::Tensor& query,
     index(op, *alibi_slopes, "alibi_slopes", at::kFloat, {d.num_qo_heads}, "[num_qo_heads]",
           query);
   }
+  if (relative_bias) {
+    const int64_t width = relative_bias->dim() == 2 ? relative_bias->size(1) : 0;
+    FASTDECODE_CHECK(width % 2 == 1 && width < kInt32Max, op, "relative_bias must be "
+                     "[num_qo_heads, 2 * R + 1] (the bias of distances -R .. R), got ",
+                     relative_bias->sizes());
+    index(op, *relative_bias, "relative_bias", at::kFloat, {d.num_qo_heads, width},
+          "[num_qo_heads, 2 * R + 1]", query);
+  }
   finite(op, scale, "scale");
   finite(op, softcap, "softcap");
   FASTDECODE_CHECK(softcap >= 0, op, "softcap must be >= 0 (0 = off), got ", softcap);
@@ -199,6 +208,25 @@ inline bool seen_tokens(const char* op, const std::optional<at::Tensor>& seen,
   dtype(op, *seen, "seen_tokens", at::kLong);
   FASTDECODE_CHECK(seen->stride(1) == 1, op, "seen_tokens must have contiguous rows");
   return true;
+}
+
+// expert_logits, amateur_logits: [B, V] float (each its own dtype), one shape and device,
+// 1 <= V <= 2^31 - 1; alpha, plausibility: [B] float32, contiguous.
+inline void contrastive_logits(const at::Tensor& expert, const at::Tensor& amateur,
+                               const at::Tensor& alpha, const at::Tensor& plausibility) {
+  constexpr const char* op = "contrastive_logits";
+  for (const auto& [t, name] : {std::pair{&expert, "expert_logits"},
+                                std::pair{&amateur, "amateur_logits"}}) {
+    FASTDECODE_CHECK(t->dim() == 2, op, name, " must be [num_seqs, vocab_size], got shape ",
+                     t->sizes());
+    float_dtype(op, *t, name);
+  }
+  same_device(op, amateur, "amateur_logits", expert);
+  FASTDECODE_CHECK(amateur.sizes() == expert.sizes(), op, "amateur_logits must have the shape "
+                   "of expert_logits ", expert.sizes(), ", got ", amateur.sizes());
+  in_range(op, expert.size(1), "vocab_size", 1, kInt32Max);
+  per_row(op, alpha, "alpha", at::kFloat, expert);
+  per_row(op, plausibility, "plausibility", at::kFloat, expert);
 }
 
 }  // namespace fastdecode::checks

@@ -4,6 +4,7 @@
 // tools/compile_check.py builds this file for every target architecture with warnings as errors
 // and checks the resulting kernels.
 #include "../kernels/append_kv.cuh"
+#include "../kernels/contrastive.cuh"
 #include "../kernels/paged_attention.cuh"
 #include "../kernels/sampling.cuh"
 
@@ -15,6 +16,10 @@ cudaError_t compile_check_append_kv(const fk::AppendKVParams& p, cudaStream_t s)
 
 cudaError_t compile_check_paged_decode(const fk::PagedDecodeParams& p, cudaStream_t s) {
   return fk::paged_decode_attention(p, s);
+}
+
+cudaError_t compile_check_contrastive(const fk::ContrastiveParams& p, cudaStream_t s) {
+  return fk::contrastive_logits(p, s);
 }
 
 cudaError_t compile_check_sample(const fk::SamplingParams& p, cudaStream_t s) {

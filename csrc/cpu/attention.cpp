@@ -62,12 +62,14 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                      const at::Tensor& v_cache, const at::Tensor& block_tables,
                      const at::Tensor& seq_lens, const std::optional<at::Tensor>& cu_seqlens_q,
                      double scale, bool causal, double softcap, int64_t sliding_window,
-                     const std::optional<at::Tensor>& alibi_slopes) {
+                     const std::optional<at::Tensor>& alibi_slopes,
+                     const std::optional<at::Tensor>& relative_bias) {
   check_cpu("paged_attention", query, "query");
   const checks::PagedDims d = checks::paged_attention(
       out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, softcap,
-      sliding_window, alibi_slopes);
-  values::paged_attention(block_tables, seq_lens, cu_seqlens_q, alibi_slopes, d);
+      sliding_window, alibi_slopes, relative_bias);
+  values::paged_attention(block_tables, seq_lens, cu_seqlens_q, alibi_slopes, relative_bias,
+                          causal, d);
   PagedAttentionParams p{};
   p.out = out.data_ptr();
   p.query = query.data_ptr();
@@ -77,6 +79,8 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   p.seq_lens = seq_lens.const_data_ptr<int32_t>();
   p.cu_seqlens_q = cu_seqlens_q ? cu_seqlens_q->const_data_ptr<int32_t>() : nullptr;
   p.alibi_slopes = alibi_slopes ? alibi_slopes->const_data_ptr<float>() : nullptr;
+  p.relative_bias = relative_bias ? relative_bias->const_data_ptr<float>() : nullptr;
+  p.relative_radius = relative_bias ? relative_bias->size(1) / 2 : 0;
   p.num_seqs = d.num_seqs;
   p.num_qo_heads = d.num_qo_heads;
   p.num_kv_heads = d.cache.num_kv_heads;

@@ -367,6 +367,11 @@ class AttentionWorker {
         at::vec::fmadd(slope, dist + Vec(static_cast<float>(i)), Vec::loadu(s + i)).store(s + i);
       }
     }
+    if (p_.relative_bias) {  // j - i = t - pos at lane t: consecutive entries of the table
+      const int64_t r = p_.relative_radius;
+      const float* table = p_.relative_bias + head * (2 * r + 1) + r;
+      for (int64_t t = t_lo; t < t_hi; ++t) s[t] += table[std::clamp<int64_t>(t - pos, -r, r)];
+    }
     std::fill(s, s + t_lo, kNegInf);
     std::fill(s + t_hi, s + kTile, kNegInf);
     Vec vmax(kNegInf);

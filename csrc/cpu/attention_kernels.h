@@ -33,6 +33,8 @@ struct PagedAttentionParams {
   const int32_t* seq_lens;       // [B], KV length including the query tokens
   const int32_t* cu_seqlens_q;   // [B + 1] (packed form) or nullptr (decode: one token per seq)
   const float* alibi_slopes;     // [Hq] or nullptr
+  const float* relative_bias;    // [Hq, 2R + 1] or nullptr; key j of query i: R + clamp(j - i)
+  int64_t relative_radius;       // R
   int64_t num_seqs;              // B
   int64_t num_qo_heads;          // Hq
   int64_t num_kv_heads;          // Hkv

@@ -14,13 +14,15 @@ void append_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cac
                at::Tensor& v_cache, const at::Tensor& slot_mapping);
 
 // out, query: [B, Hq, D] (decode) or [T, Hq, D] with cu_seqlens_q [B + 1] int32 (packed);
-// block_tables: [B, M] int32; seq_lens: [B] int32; alibi_slopes: [Hq] float32.
+// block_tables: [B, M] int32; seq_lens: [B] int32; alibi_slopes: [Hq] float32;
+// relative_bias: [Hq, 2R + 1] float32 (key j of query i: entry R + clamp(j - i, -R, R)).
 // softcap 0 = off; sliding_window 0 = off.
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
                      const at::Tensor& v_cache, const at::Tensor& block_tables,
                      const at::Tensor& seq_lens, const std::optional<at::Tensor>& cu_seqlens_q,
                      double scale, bool causal, double softcap, int64_t sliding_window,
-                     const std::optional<at::Tensor>& alibi_slopes);
+                     const std::optional<at::Tensor>& alibi_slopes,
+                     const std::optional<at::Tensor>& relative_bias);
 
 // logits: [B, V] any float dtype; seen_tokens: [B, L] int64 (-1 = padding); penalty: [B] f32.
 // Returns [B, V] float32.
@@ -54,5 +56,10 @@ void pack_linear_weight(at::Tensor& packed, const at::Tensor& weight);
 // [..., out_features] float32.
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed,
                          const std::optional<at::Tensor>& bias, int64_t out_features);
+
+// expert_logits, amateur_logits: [B, V] any float dtypes (each its own); alpha, plausibility:
+// [B] float32 in [0, 1e6] / [0, 1]. Returns [B, V] float32 contrastive-decoding scores.
+at::Tensor contrastive_logits(const at::Tensor& expert_logits, const at::Tensor& amateur_logits,
+                              const at::Tensor& alpha, const at::Tensor& plausibility);
 
 }  // namespace fastdecode::cpu

@@ -23,10 +23,13 @@ inline void slots(const at::Tensor& slot_mapping, const checks::CacheDims& c) {
 }
 
 // 0 <= seq_lens[b] <= M * P; every block a sequence reads in [0, N); cu_seqlens_q from 0 to T,
-// non-decreasing, no sequence with more query tokens than a non-zero seq_lens; slopes finite.
+// non-decreasing, and when causal no sequence with more query tokens than a non-zero seq_lens
+// (a non-causal query, e.g. over a shorter encoder sequence, needs no KV position of its own);
+// ALiBi slopes and relative bias finite.
 inline void paged_attention(const at::Tensor& block_tables, const at::Tensor& seq_lens,
                             const std::optional<at::Tensor>& cu_seqlens_q,
                             const std::optional<at::Tensor>& alibi_slopes,
+                            const std::optional<at::Tensor>& relative_bias, bool causal,
                             const checks::PagedDims& d) {
   constexpr const char* op = "paged_attention";
   const int64_t p = d.cache.block_size;
@@ -49,9 +52,10 @@ inline void paged_attention(const at::Tensor& block_tables, const at::Tensor& se
     for (int64_t b = 0; b < d.num_seqs; ++b) {
       FASTDECODE_CHECK(cu[b] <= cu[b + 1], op, "cu_seqlens_q must be non-decreasing, got ",
                        cu[b], " then ", cu[b + 1], " at seq ", b);
-      FASTDECODE_CHECK(lens[b] == 0 || cu[b + 1] - cu[b] <= lens[b], op, "cu_seqlens_q gives "
-                       "seq ", b, " ", cu[b + 1] - cu[b], " query tokens, more than its "
-                       "seq_lens[", b, "] = ", lens[b]);
+      FASTDECODE_CHECK(!causal || lens[b] == 0 || cu[b + 1] - cu[b] <= lens[b], op,
+                       "cu_seqlens_q gives seq ", b, " ", cu[b + 1] - cu[b], " query tokens, "
+                       "more than its seq_lens[", b, "] = ", lens[b],
+                       " (allowed only with causal=False)");
     }
   }
   if (alibi_slopes) {
@@ -59,6 +63,14 @@ inline void paged_attention(const at::Tensor& block_tables, const at::Tensor& se
     for (int64_t h = 0; h < d.num_qo_heads; ++h) {
       FASTDECODE_CHECK(std::isfinite(s[h]), op, "alibi_slopes[", h, "] = ", s[h],
                        " is not finite");
+    }
+  }
+  if (relative_bias) {
+    const float* t = relative_bias->const_data_ptr<float>();
+    const int64_t width = relative_bias->size(1);
+    for (int64_t i = 0; i < relative_bias->numel(); ++i) {
+      FASTDECODE_CHECK(std::isfinite(t[i]), op, "relative_bias[", i / width, ", ", i % width,
+                       "] = ", t[i], " is not finite");
     }
   }
 }

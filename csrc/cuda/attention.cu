@@ -48,14 +48,17 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                      const at::Tensor& v_cache, const at::Tensor& block_tables,
                      const at::Tensor& seq_lens, const std::optional<at::Tensor>& cu_seqlens_q,
                      double scale, bool /*causal: implied by the decode form*/, double softcap,
-                     int64_t sliding_window, const std::optional<at::Tensor>& alibi_slopes) {
+                     int64_t sliding_window, const std::optional<at::Tensor>& alibi_slopes,
+                     const std::optional<at::Tensor>& relative_bias) {
   FASTDECODE_CHECK(!cu_seqlens_q.has_value(), "paged_attention", "the CUDA kernel implements "
                    "the decode form only; the packed (cu_seqlens_q) form runs on "
                    "backend='triton'");
+  FASTDECODE_CHECK(!relative_bias.has_value(), "paged_attention", "the CUDA kernel has no "
+                   "relative_bias; it runs on backend='triton'");
   check_cuda("paged_attention", query, "query");
   const checks::PagedDims dims = checks::paged_attention(
       out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, softcap,
-      sliding_window, alibi_slopes);
+      sliding_window, alibi_slopes, relative_bias);
   const int64_t num_seqs = dims.num_seqs, hq = dims.num_qo_heads, d = dims.cache.head_dim;
   if (num_seqs == 0) return;  // an empty grid is not a valid launch
   FASTDECODE_CHECK(kernels::is_supported_head_dim(static_cast<int>(d)), "paged_attention",

@@ -14,16 +14,18 @@ namespace fastdecode::cuda {
 void append_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
                at::Tensor& v_cache, const at::Tensor& slot_mapping);
 
-// Decode form only (cu_seqlens_q must be None): out, query: [B, Hq, D]; block_tables: [B, M]
-// int32; seq_lens: [B] int32; alibi_slopes: [Hq] float32. softcap 0 = off; sliding_window 0 =
-// off. `causal` is implied: the single query is the last KV position. Allocates a float32
+// Decode form only (cu_seqlens_q must be None), no relative_bias (both run on Triton): out,
+// query: [B, Hq, D]; block_tables: [B, M] int32; seq_lens: [B] int32; alibi_slopes: [Hq]
+// float32. softcap 0 = off; sliding_window 0 = off. `causal` is implied: the single query is
+// the last KV position. Allocates a float32
 // workspace of B * Hq * ceil(M * P / 256) * (D + 1) elements when M * P > 256 (through torch's
 // caching allocator: no sync, capturable in a CUDA graph).
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
                      const at::Tensor& v_cache, const at::Tensor& block_tables,
                      const at::Tensor& seq_lens, const std::optional<at::Tensor>& cu_seqlens_q,
                      double scale, bool causal, double softcap, int64_t sliding_window,
-                     const std::optional<at::Tensor>& alibi_slopes);
+                     const std::optional<at::Tensor>& alibi_slopes,
+                     const std::optional<at::Tensor>& relative_bias);
 
 // logits: [B, V]; per-row parameters [B]: temperature f32, top_k int32, top_p f32, min_p f32,
 // repetition_penalty f32; seen_tokens: [B, L] int64 (-1 = padding); seeds, offsets: [B] int64.
@@ -34,5 +36,10 @@ at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
                   const at::Tensor& repetition_penalty,
                   const std::optional<at::Tensor>& seen_tokens, const at::Tensor& seeds,
                   const at::Tensor& offsets);
+
+// expert_logits, amateur_logits: [B, V] any float dtypes; alpha, plausibility: [B] float32
+// (ranges checked by the public op, not here: no host sync). Returns [B, V] float32.
+at::Tensor contrastive_logits(const at::Tensor& expert_logits, const at::Tensor& amateur_logits,
+                              const at::Tensor& alpha, const at::Tensor& plausibility);
 
 }  // namespace fastdecode::cuda

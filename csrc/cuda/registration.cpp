@@ -9,4 +9,5 @@ TORCH_LIBRARY_IMPL(fastdecode, CUDA, m) {
   m.impl("append_kv", &fastdecode::cuda::append_kv);
   m.impl("paged_attention", &fastdecode::cuda::paged_attention);
   m.impl("sample", &fastdecode::cuda::sample);
+  m.impl("contrastive_logits", &fastdecode::cuda::contrastive_logits);
 }

@@ -1,8 +1,8 @@
 """HF's history-dependent masks for the Engine's requests: ``no_repeat_ngram_size`` and
 ``bad_words_ids`` over each request's prompt + generated ids.
 
-Rows that share a setting are masked in one batched call (:func:`fastdecode.ngram.
-ban_repeated_ngrams`, :class:`fastdecode.processors.BannedSequences`), their ids left-padded with
+Rows that share a setting are masked in one batched call (:func:`fastdecode.processors.
+block_repeated_ngrams`, :class:`fastdecode.processors.BannedSequences`), their ids left-padded with
 -1 (which never matches a token).
 """
 
@@ -14,8 +14,7 @@ from typing import Callable
 import torch
 
 from fastdecode.engine.sequence import Sequence
-from fastdecode.ngram import ban_repeated_ngrams
-from fastdecode.processors import BannedSequences
+from fastdecode.processors import BannedSequences, block_repeated_ngrams
 
 
 class HistoryMasks:
@@ -45,7 +44,7 @@ class HistoryMasks:
         def apply(logits: torch.Tensor) -> torch.Tensor:
             logits = logits.clone()
             for n, rows, history in ngram_groups:
-                logits[rows] = ban_repeated_ngrams(logits[rows], history, n)
+                logits[rows] = block_repeated_ngrams(logits[rows], history, n)
             for key, rows, history in word_groups:
                 if key not in self._banned:
                     self._banned[key] = BannedSequences(key, logits.shape[-1], self.device)

@@ -20,6 +20,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from fastdecode import ops
+
 from fastdecode.hf.prepare import Prepared
 from fastdecode.hf.runner import has_unsupported_attention, uses_attention_interface
 from fastdecode.hf.steppers import PagedStepper
@@ -60,20 +62,12 @@ def pop_options(kwargs: dict) -> Optional[Contrast]:
 
 def contrastive_logits(expert: torch.Tensor, amateur: torch.Tensor, *, alpha: float,
                        plausibility: float) -> torch.Tensor:
-    """expert, amateur: [B, V] logits -> [B, V] float32 contrastive scores (formula above).
-
-    The same formula as the fused ``ops.contrastive_logits``; written with torch until that op is
-    available on every backend.
-    """
+    """expert, amateur: [B, V] logits -> [B, V] float32 contrastive scores (formula above), by
+    the fused ``ops.contrastive_logits``."""
     if expert.shape != amateur.shape:
         raise ValueError(f"amateur_model's logits {tuple(amateur.shape)} do not match the "
                          f"model's {tuple(expert.shape)}: the vocabularies must be the same")
-    log_e = expert.float().log_softmax(-1)
-    log_a = amateur.float().log_softmax(-1)
-    # p >= plausibility * max p, in log space (plausibility 0 keeps every token).
-    floor = log_e.amax(-1, keepdim=True) + (math.log(plausibility) if plausibility > 0
-                                            else -math.inf)
-    return torch.where(log_e >= floor, log_e - alpha * log_a, float("-inf"))
+    return ops.contrastive_logits(expert, amateur, alpha=alpha, plausibility=plausibility)
 
 
 class ContrastStepper:

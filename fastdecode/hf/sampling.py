@@ -21,8 +21,7 @@ from fastdecode.hf import compat
 from fastdecode.hf.options import Options
 from fastdecode.engine.params import SamplingParams
 from fastdecode.plan.sampling import Sampler
-from fastdecode.ngram import ban_repeated_ngrams
-from fastdecode.processors import BannedSequences, remove_invalid_values
+from fastdecode.processors import BannedSequences, block_repeated_ngrams, remove_invalid_values
 
 
 class TokenSelector:
@@ -105,7 +104,7 @@ class TokenSelector:
         changes anything."""
         vocab = scores.shape[-1]
         if self.ngram_size:
-            scores = ban_repeated_ngrams(scores, sequences, self.ngram_size)
+            scores = block_repeated_ngrams(scores, sequences, self.ngram_size)
         if self.bad_words:
             if self._banned is None:
                 self._banned = BannedSequences(self.bad_words, vocab, scores.device,

@@ -8,6 +8,7 @@ and the debug mode, :func:`set_debug_checks` / ``FASTDECODE_DEBUG_CHECKS=1``, ch
 
 from fastdecode.ops._backends import BackendUnavailableError, available_backends, is_available
 from fastdecode.ops._checks import debug_checks, set_debug_checks
+from fastdecode.ops.contrastive import contrastive_logits
 from fastdecode.ops.attention import (
     append_kv,
     append_kv_unchecked,
@@ -25,6 +26,7 @@ __all__ = [
     "sample",
     "process_logits",
     "apply_repetition_penalty",
+    "contrastive_logits",
     "allocate_kv_cache",
     "set_debug_checks",
     "debug_checks",

@@ -78,6 +78,7 @@ class PagedArgs:
     seq_lens: torch.Tensor                 # [B] int32
     cu_seqlens_q: Optional[torch.Tensor]   # [B + 1] int32, or None (decode form)
     alibi_slopes: Optional[torch.Tensor]   # [Hq] float32, or None
+    relative_bias: Optional[torch.Tensor]  # [Hq, 2R + 1] float32, contiguous, or None
     out: torch.Tensor                      # [B or T, Hq, D], query dtype, contiguous
     scale: float
     causal: bool
@@ -88,13 +89,13 @@ class PagedArgs:
 
 def paged_attention_args(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, *,
                          scale, causal, softcap, sliding_window, alibi_slopes, out,
-                         workspace) -> PagedArgs:
+                         workspace, relative_bias=None) -> PagedArgs:
     """Checks paged_attention's arguments (not their values); returns them normalised."""
     n, p, hkv, d = check_cache(k_cache, v_cache)
     dev = query.device
     c.check_device(dev, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                    seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q, alibi_slopes=alibi_slopes,
-                   out=out, workspace=workspace)
+                   relative_bias=relative_bias, out=out, workspace=workspace)
     if query.dim() != 3 or query.shape[-1] != d:
         raise ValueError(f"query must be [tokens, num_qo_heads, {d}], got {list(query.shape)}")
     c.check_float("query", query, k_cache.dtype)
@@ -122,6 +123,8 @@ def paged_attention_args(query, k_cache, v_cache, block_tables, seq_lens, cu_seq
             raise ValueError(f"alibi_slopes must be a [{hq}] float tensor, got "
                              f"{alibi_slopes.dtype} {list(alibi_slopes.shape)}")
         alibi_slopes = alibi_slopes.to(torch.float32).contiguous()
+    if relative_bias is not None:
+        relative_bias = _relative_bias(relative_bias, hq)
     query = query if query.stride(-1) == 1 else query.contiguous()
     out = _check_out(out, query, k_cache, v_cache)
     if workspace is not None and (workspace.dtype != torch.float32
@@ -135,6 +138,7 @@ def paged_attention_args(query, k_cache, v_cache, block_tables, seq_lens, cu_seq
         seq_lens=c.to_index(seq_lens, torch.int32, -1, max_len + 1),
         cu_seqlens_q=cu_seqlens_q,
         alibi_slopes=alibi_slopes,
+        relative_bias=relative_bias,
         out=out,
         scale=d ** -0.5 if scale is None else c.real("scale", scale),
         causal=_flag("causal", causal),
@@ -143,6 +147,17 @@ def paged_attention_args(query, k_cache, v_cache, block_tables, seq_lens, cu_seq
         sliding_window=_window(sliding_window, max_len),
         workspace=workspace,
     )
+
+
+def _relative_bias(table: torch.Tensor, hq: int) -> torch.Tensor:
+    """relative_bias: [Hq, 2R + 1] float (an odd width: distances -R .. R) -> float32,
+    contiguous."""
+    if (not table.is_floating_point() or table.dim() != 2 or table.shape[0] != hq
+            or table.shape[1] % 2 == 0 or table.shape[1] >= INT32_MAX):
+        raise ValueError(f"relative_bias must be a [{hq}, 2 * R + 1] float tensor (the bias of "
+                         "distances -R .. R), got "
+                         f"{table.dtype} {list(table.shape)}")
+    return table.to(torch.float32).contiguous()
 
 
 def _check_out(out, query, k_cache, v_cache) -> torch.Tensor:
@@ -176,9 +191,11 @@ def _window(sliding_window, max_len: int) -> int:
 def paged_attention_values(block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            cu_seqlens_q: Optional[torch.Tensor],
                            alibi_slopes: Optional[torch.Tensor], tokens: int,
-                           k_cache: torch.Tensor) -> None:
+                           k_cache: torch.Tensor, causal: bool = True,
+                           relative_bias: Optional[torch.Tensor] = None) -> None:
     """Host checks of every id a kernel would follow (see the op's docstring for the rules), on
-    the arguments as the caller gave them (before narrowing) and ``tokens`` query tokens.
+    the arguments as the caller gave them (before narrowing), ``tokens`` query tokens and the
+    call's ``causal`` flag.
     Whole-tensor reductions first: the entry to blame is searched only when one is bad."""
     n, p = k_cache.shape[:2]
     max_blocks = block_tables.shape[1]
@@ -197,18 +214,21 @@ def paged_attention_values(block_tables: torch.Tensor, seq_lens: torch.Tensor,
                              f"block ids are in [0, {n}) (seq_lens[{b}] = {lens[b]} reads "
                              f"{-(-lens[b] // p)} blocks)")
     if cu_seqlens_q is not None:
-        _check_offsets(c.host(cu_seqlens_q), lens, tokens)
-    if alibi_slopes is not None:
-        slopes = c.host(alibi_slopes)
-        if not np.isfinite(slopes).all():
-            h = c.first(~np.isfinite(slopes))[0]
-            raise ValueError(f"alibi_slopes must be finite float32 numbers, got {slopes[h]} "
-                             f"at head {h}")
+        _check_offsets(c.host(cu_seqlens_q), lens, tokens, causal)
+    for name, table in (("alibi_slopes", alibi_slopes), ("relative_bias", relative_bias)):
+        if table is not None:
+            values = c.host(table)
+            if not np.isfinite(values).all():
+                at = c.first(~np.isfinite(values))
+                raise ValueError(f"{name} must be finite float32 numbers, got {values[at]} at "
+                                 f"{name}[{', '.join(map(str, at))}]")
 
 
-def _check_offsets(cu: np.ndarray, lens: np.ndarray, tokens: int) -> None:
-    """cu_seqlens_q [B + 1] from 0 to ``tokens``, non-decreasing, no sequence with more query
-    tokens than a non-zero seq_lens [B]."""
+def _check_offsets(cu: np.ndarray, lens: np.ndarray, tokens: int, causal: bool) -> None:
+    """cu_seqlens_q [B + 1] from 0 to ``tokens``, non-decreasing, and in a causal call no
+    sequence with more query tokens than a non-zero seq_lens [B] (a causal query needs its own
+    KV position; a non-causal one, e.g. a decoder token over a shorter encoder sequence, does
+    not)."""
     if cu[0] != 0 or cu[-1] != tokens:
         raise ValueError(f"cu_seqlens_q must run from 0 to the number of query tokens "
                          f"{tokens}, got {cu[0]} .. {cu[-1]}")
@@ -218,7 +238,7 @@ def _check_offsets(cu: np.ndarray, lens: np.ndarray, tokens: int) -> None:
         raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cu[b]} then {cu[b + 1]} "
                          f"at seq {b}")
     bad = (q_lens > lens) & (lens > 0)
-    if bad.any():
+    if causal and bad.any():
         b = c.first(bad)[0]
         raise ValueError(f"cu_seqlens_q gives seq {b} {q_lens[b]} query tokens, more than its "
-                         f"seq_lens[{b}] = {lens[b]}")
+                         f"seq_lens[{b}] = {lens[b]} (allowed only with causal=False)")

@@ -33,14 +33,17 @@ _MODULES = {
 }
 
 # Ops each backend implements; anything else raises for an explicit request.
-# "paged_prefill" is paged_attention's packed form (cu_seqlens_q given).
-_ALL_OPS = {"append_kv", "paged_attention", "paged_prefill", "process_logits", "sample",
-            "apply_repetition_penalty"}
+# "paged_prefill" is paged_attention's packed form (cu_seqlens_q given); "paged_relative_bias"
+# its decode form with a relative_bias table.
+_ALL_OPS = {"append_kv", "paged_attention", "paged_prefill", "paged_relative_bias",
+            "process_logits", "sample", "apply_repetition_penalty", "contrastive_logits"}
+_OP_WORDS = {"paged_prefill": "packed (prefill) paged_attention",
+             "paged_relative_bias": "paged_attention with relative_bias"}
 _COVERAGE = {
     "torch": _ALL_OPS,
     "cpu": _ALL_OPS,
     "triton": _ALL_OPS,
-    "cuda": {"append_kv", "paged_attention", "sample"},
+    "cuda": {"append_kv", "paged_attention", "sample", "contrastive_logits"},
 }
 
 
@@ -146,7 +149,7 @@ def _resolve(backend: str, op: str, device: torch.device, head_dim: int | None) 
                 return _load(name)
         return _load("torch")
     if op not in _COVERAGE[backend]:
-        what = "packed (prefill) paged_attention" if op == "paged_prefill" else op
+        what = _OP_WORDS.get(op, op)
         raise BackendUnavailableError(
             f"backend={backend!r} does not implement {what}; use backend='triton' or 'auto'"
         )

@@ -15,9 +15,10 @@ def append_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, *,
-                    scale, causal, softcap, sliding_window, alibi_slopes, workspace=None) -> None:
+                    scale, causal, softcap, sliding_window, alibi_slopes, relative_bias=None,
+                    workspace=None) -> None:
     _ops.paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
-                         scale, causal, softcap, sliding_window, alibi_slopes)
+                         scale, causal, softcap, sliding_window, alibi_slopes, relative_bias)
 
 
 def apply_repetition_penalty(logits, seen_tokens, penalty) -> torch.Tensor:
@@ -34,3 +35,7 @@ def process_logits(logits, params: SamplingTensors) -> torch.Tensor:
 
 def sample(logits, params: SamplingTensors, seeds, offsets) -> torch.Tensor:
     return _ops.sample(logits, *_args(params), seeds, offsets)
+
+
+def contrastive_logits(expert, amateur, alpha, plausibility) -> torch.Tensor:
+    return _ops.contrastive_logits(expert, amateur, alpha, plausibility)

@@ -22,10 +22,11 @@ def _append_kv_fake(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 @torch.library.register_fake(_LIB + "paged_attention")
 def _paged_attention_fake(out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
-                          scale, causal, softcap, sliding_window, alibi_slopes) -> None:
+                          scale, causal, softcap, sliding_window, alibi_slopes,
+                          relative_bias=None) -> None:
     same_device(query.device, out=out, k_cache=k_cache, v_cache=v_cache,
                 block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q,
-                alibi_slopes=alibi_slopes)
+                alibi_slopes=alibi_slopes, relative_bias=relative_bias)
 
 
 @torch.library.register_fake(_LIB + "apply_repetition_penalty")
@@ -59,6 +60,13 @@ def _pack_linear_weight_fake(packed, weight) -> None:
 def _packed_linear_fake(x, packed, bias, out_features):
     same_device(x.device, packed=packed, bias=bias)
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake(_LIB + "contrastive_logits")
+def _contrastive_fake(expert_logits, amateur_logits, alpha, plausibility):
+    same_device(expert_logits.device, amateur_logits=amateur_logits, alpha=alpha,
+                plausibility=plausibility)
+    return expert_logits.new_empty(expert_logits.shape, dtype=torch.float32)
 
 
 def has_cuda_kernels() -> bool:

@@ -73,29 +73,43 @@ def top_k_off(k: int, vocab: int) -> int:
     return 0 if k <= 0 or k >= vocab else k
 
 
-def _checked(name: str, value: Param, batch: int) -> Union[Number, torch.Tensor]:
-    """``value`` checked against the rule table: a number for all rows, or a ``[B]`` tensor."""
+def _checked(name: str, value: Param, batch: int,
+             label: Optional[str] = None) -> Union[Number, torch.Tensor]:
+    """``value`` checked against the rule table: a number for all rows, or a ``[B]`` tensor.
+    ``label``: the argument's name in messages (default ``name``)."""
+    label = label or name
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.item()
         elif value.shape != (batch,):
-            raise ValueError(f"{name} must be a number or a [{batch}] tensor, got shape "
+            raise ValueError(f"{label} must be a number or a [{batch}] tensor, got shape "
                              f"{tuple(value.shape)}")
         else:
-            _rules.check_rows(name, value)
+            _rules.check_rows(name, value, label=label)
             return value
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    return _rules.check(name, value, where=" (all rows)")
+        raise TypeError(f"{label} must be a number or a tensor, got {type(value).__name__}")
+    return _rules.check(name, value, label=label, where=" (all rows)")
+
+
+def per_row_rule(name: str, value: Param, batch: int, device: torch.device,
+                 label: Optional[str] = None) -> torch.Tensor:
+    """A parameter of ``_rules.RULES[name]`` given as a number or a ``[B]`` tensor -> [B]
+    float32 on ``device``, checked (``label``: its name in messages)."""
+    return _rows(_checked(name, value, batch, label), batch, device)
+
+
+def _rows(value: Union[Number, torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32)
+    return constant(value, batch, torch.float32, device)
 
 
 def _per_row(name: str, value: Param, batch: int,
              device: torch.device) -> tuple[torch.Tensor, Optional[float]]:
     """``([B] float32, the scalar when one value serves every row, else None)``."""
     value = _checked(name, value, batch)
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=torch.float32), None
-    return constant(value, batch, torch.float32, device), value
+    return _rows(value, batch, device), None if isinstance(value, torch.Tensor) else value
 
 
 def _top_k(top_k: Param, batch: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, bool]:

@@ -57,6 +57,10 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("min_p", "in [0, 1] (0: off)", low=0.0, high=1.0),
     Rule("repetition_penalty", f"> 0 (1: off), in {_FLOAT32_RANGE}", low=FLOAT32_TINY,
          high=FLOAT32_MAX),
+    # Contrastive decoding: the amateur's weight (finite in float32: alpha * log p must not
+    # overflow to inf) and the expert's plausibility threshold.
+    Rule("contrastive_alpha", "in [0, 1e6] (0: the expert alone)", low=0.0, high=1e6),
+    Rule("plausibility", "in [0, 1] (0: every token the expert gives mass)", low=0.0, high=1.0),
     Rule("seed", "an integer in [0, 2**63)", low=0, high=_INT64_END, high_open=True,
          integer=True),
     Rule("max_new_tokens", "an integer >= 1", low=1, high_open=True, integer=True),

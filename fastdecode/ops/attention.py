@@ -13,9 +13,9 @@ raises ValueError (its C++ adapter checks values at no cost); ``torch``, ``trito
 skip a slot outside [0, N * P) as if it were negative, and write NaN to every output row of a
 sequence whose ``seq_lens`` is outside [0, M * P], whose table holds a block id outside [0, N)
 among the blocks it reads, or whose ``cu_seqlens_q`` span is inconsistent (negative, decreasing,
-past the query tokens, or longer than a non-zero ``seq_lens``), and to every row no sequence
-owns (``cu_seqlens_q`` not starting at 0 or ending before the last token). The other
-sequences' rows are exact. Ids given as int64 reach the backends saturated to int32 (a value
+past the query tokens, or, in a causal call, longer than a non-zero ``seq_lens``), and to every
+row no sequence owns (``cu_seqlens_q`` not starting at 0 or ending before the last token). The
+other sequences' rows are exact. Ids given as int64 reach the backends saturated to int32 (a value
 beyond int32 stays out of range), never truncated.
 """
 
@@ -87,6 +87,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     causal: bool = True, softcap: Optional[float] = None,
                     sliding_window: Optional[int] = None,
                     alibi_slopes: Optional[torch.Tensor] = None,
+                    relative_bias: Optional[torch.Tensor] = None,
                     out: Optional[torch.Tensor] = None, workspace: Optional[torch.Tensor] = None,
                     backend: str = "auto") -> torch.Tensor:
     """Attention of queries over a paged KV cache.
@@ -95,14 +96,22 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     sequence, the sequence's last KV position. Packed form: query [num_tokens, num_qo_heads,
     head_dim] with cu_seqlens_q [num_seqs + 1] integer (int32); the query tokens of sequence b
     are its last ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` KV positions (bottom-right causal
-    alignment).
+    alignment). With ``causal=False`` a sequence may have more query tokens than KV tokens
+    (cross-attention: decoder tokens over a shorter encoder sequence); the positions keep the
+    same rule (query t of q_len at seq_lens[b] - q_len + t, negative ones included), which only
+    the sliding window and ALiBi read: without them every query sees the whole sequence, whatever
+    the alignment.
 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], keys already appended.
     block_tables: [num_seqs, max_blocks_per_seq] integer (int32). seq_lens: [num_seqs] integer
     (int32), KV lengths including the query tokens. scale: default head_dim ** -0.5.
     softcap: logits = softcap * tanh(logits / softcap), before masking. sliding_window w: a query
     at position i sees keys i - w < j <= i (None or <= 0: no window). alibi_slopes:
-    [num_qo_heads] float (used as float32), bias slope * (j - i). causal: a bool.
+    [num_qo_heads] float (used as float32), bias slope * (j - i). relative_bias: [num_qo_heads,
+    2 * R + 1] float (used as float32), bias ``relative_bias[h, R + clamp(j - i, -R, R)]``: a
+    learned bias per head and relative distance, saturating beyond R (T5's bucketed relative
+    position bias expanded per distance, see the README). Both biases are added after the
+    softcap, before masking. causal: a bool.
     Query head h reads kv head h // (num_qo_heads // num_kv_heads). Rows with seq_lens 0 give
     zeros. out: optional preallocated output, same shape / dtype as the result, contiguous, not
     overlapping query or the caches. workspace: optional float32 scratch for split-KV backends
@@ -110,16 +119,17 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
     Value rules (ValueError naming the argument and the offending entry): 0 <= seq_lens[b] <=
     M * P; every block id a sequence reads (its first ceil(seq_lens[b] / P) table entries) in
-    [0, N); cu_seqlens_q runs from 0 to num_tokens, non-decreasing, no sequence with more query
-    tokens than a non-zero seq_lens; alibi slopes finite; scale finite; softcap None or a finite
-    number > 0. Ids given as int64 are never truncated to int32. Values are checked on the host
+    [0, N); cu_seqlens_q runs from 0 to num_tokens, non-decreasing, and when causal no sequence
+    with more query tokens than a non-zero seq_lens; alibi slopes and relative_bias finite;
+    scale finite; softcap None or a finite number > 0. Ids given as int64 are never truncated to int32. Values are checked on the host
     for CPU tensors; for CUDA tensors only in the debug mode (``FASTDECODE_DEBUG_CHECKS=1`` or
     ``set_debug_checks(True)``), the kernels' guards standing in otherwise (module docstring).
 
     Returns out: [num_seqs or num_tokens, num_qo_heads, head_dim], the query dtype.
     """
     return _attend(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                   causal, softcap, sliding_window, alibi_slopes, out, workspace, backend, True)
+                   causal, softcap, sliding_window, alibi_slopes, relative_bias, out, workspace,
+                   backend, True)
 
 
 def paged_attention_unchecked(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -129,6 +139,7 @@ def paged_attention_unchecked(query: torch.Tensor, k_cache: torch.Tensor, v_cach
                               softcap: Optional[float] = None,
                               sliding_window: Optional[int] = None,
                               alibi_slopes: Optional[torch.Tensor] = None,
+                              relative_bias: Optional[torch.Tensor] = None,
                               out: Optional[torch.Tensor] = None,
                               workspace: Optional[torch.Tensor] = None,
                               backend: str = "auto") -> torch.Tensor:
@@ -136,27 +147,30 @@ def paged_attention_unchecked(query: torch.Tensor, k_cache: torch.Tensor, v_cach
     still checked): for callers that built the block tables, lengths and offsets themselves,
     e.g. once per step for every layer. See the module docstring for what bad values do then."""
     return _attend(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                   causal, softcap, sliding_window, alibi_slopes, out, workspace, backend, False)
+                   causal, softcap, sliding_window, alibi_slopes, relative_bias, out, workspace,
+                   backend, False)
 
 
 
 def _attend(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal,
-            softcap, sliding_window, alibi_slopes, out, workspace, backend: str,
+            softcap, sliding_window, alibi_slopes, relative_bias, out, workspace, backend: str,
             checked: bool) -> torch.Tensor:
     a = paged_attention_args(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
                              scale=scale, causal=causal, softcap=softcap,
                              sliding_window=sliding_window, alibi_slopes=alibi_slopes, out=out,
-                             workspace=workspace)
-    op = "paged_attention" if a.cu_seqlens_q is None else "paged_prefill"
+                             workspace=workspace, relative_bias=relative_bias)
+    op = ("paged_prefill" if a.cu_seqlens_q is not None
+          else "paged_attention" if a.relative_bias is None else "paged_relative_bias")
     impl = _backends.resolve(backend, op, a.query.device, head_dim=a.query.shape[-1])
     if checked and _values_here(impl, a.query.device, block_tables, seq_lens, cu_seqlens_q):
         paged_attention_values(block_tables, seq_lens, cu_seqlens_q, a.alibi_slopes,
-                               a.query.shape[0], k_cache)
+                               a.query.shape[0], k_cache, a.causal, a.relative_bias)
     if a.query.shape[0] and a.seq_lens.shape[0]:
         impl.paged_attention(a.query, k_cache, v_cache, a.block_tables, a.seq_lens,
                              a.cu_seqlens_q, a.out, scale=a.scale, causal=a.causal,
                              softcap=a.softcap, sliding_window=a.sliding_window,
-                             alibi_slopes=a.alibi_slopes, workspace=a.workspace)
+                             alibi_slopes=a.alibi_slopes, relative_bias=a.relative_bias,
+                             workspace=a.workspace)
     elif a.query.shape[0]:  # query tokens but no sequence (unchecked cu_seqlens_q): no owner
         a.out.fill_(float("nan"))
     return a.out

@@ -9,6 +9,7 @@ from fastdecode.ops import _extension  # noqa: F401  (loads the extension, regis
 from fastdecode.ops._cxx_ops import (  # noqa: F401
     append_kv,
     apply_repetition_penalty,
+    contrastive_logits,
     paged_attention,
     process_logits,
     sample,

@@ -1,5 +1,6 @@
 """``backend="cuda"``: the hand-written CUDA kernels of ``fastdecode._C`` (decode attention,
-append_kv, sample). Packed-prefill attention is served by Triton, as the contract says."""
+append_kv, sample, contrastive_logits). Packed-prefill attention is served by Triton, as the
+contract says."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastdecode.ops._backends import BackendUnavailableError
 
 append_kv = _cxx_ops.append_kv
 sample = _cxx_ops.sample
+contrastive_logits = _cxx_ops.contrastive_logits
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 

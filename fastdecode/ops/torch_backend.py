@@ -6,7 +6,8 @@ arguments arrive validated and normalised by :mod:`fastdecode.ops`):
 - ``append_kv(key, value, k_cache, v_cache, slot_mapping) -> None``
 - ``paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, *, scale:
   float, causal: bool, softcap: float (0 = off), sliding_window: int (0 = off), alibi_slopes:
-  [Hq] float32 | None, workspace) -> None`` (writes ``out``)
+  [Hq] float32 | None, relative_bias: [Hq, 2R + 1] float32 | None, workspace) -> None``
+  (writes ``out``)
 
 Values arrive unchecked from the ``*_unchecked`` ops (and from CUDA calls outside the debug
 mode): a backend must then never access memory outside a tensor, and follows the contract in
@@ -14,6 +15,8 @@ mode): a backend must then never access memory outside a tensor, and follows the
 - ``process_logits(logits, params: SamplingTensors) -> [B, V] float32``
 - ``sample(logits, params, seeds [B] int64 >= 0, offsets [B] int64) -> [B] int64``
 - ``apply_repetition_penalty(logits, seen_tokens | None, penalty [B] float32) -> [B, V] float32``
+- ``contrastive_logits(expert, amateur, alpha [B] float32, plausibility [B] float32) -> [B, V]
+  float32`` (expert, amateur: [B, V] contiguous, float32 / float16 / bfloat16)
 
 Draws use one uniform per row from Philox4x32-10 keyed by the row's seed (key = seed low / high
 32 bits, counter = offset low / high 32 bits, 0, 0; u = (x0 >> 8) * 2**-24), and pick the first
@@ -39,7 +42,8 @@ def append_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, *,
-                    scale, causal, softcap, sliding_window, alibi_slopes, workspace=None) -> None:
+                    scale, causal, softcap, sliding_window, alibi_slopes, relative_bias=None,
+                    workspace=None) -> None:
     n, p, hkv = k_cache.shape[:3]
     group = query.shape[1] // hkv
     # Rows of a sequence with bad values (possible in unchecked calls) stay NaN, and so do rows
@@ -50,7 +54,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
     for b, kv_len in enumerate(lens):
         first, end = starts[b], starts[b + 1]
         if not (0 <= first <= end <= query.shape[0] and 0 <= kv_len <= block_tables.shape[1] * p
-                and (end - first <= kv_len or kv_len == 0)):
+                and (end - first <= kv_len or kv_len == 0 or not causal)):
             continue
         q = query[first:end].float()  # [Sq, Hq, D]
         if kv_len == 0:
@@ -68,6 +72,9 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
         k_pos = torch.arange(kv_len, device=q.device)[None, :]
         if alibi_slopes is not None:
             logits = logits + alibi_slopes[:, None, None] * (k_pos - q_pos)
+        if relative_bias is not None:
+            radius = relative_bias.shape[1] // 2
+            logits = logits + relative_bias[:, (k_pos - q_pos).clamp(-radius, radius) + radius]
         visible = torch.ones_like(logits[0], dtype=torch.bool)
         if causal:
             visible &= k_pos <= q_pos
@@ -163,3 +170,16 @@ def sample(logits, params: SamplingTensors, seeds, offsets) -> torch.Tensor:
     drawn = torch.minimum(drawn, last_kept)
     ids = torch.where(greedy, greedy_ids, drawn)
     return torch.where(bad, -1, ids)
+
+
+def contrastive_logits(expert, amateur, alpha, plausibility) -> torch.Tensor:
+    """expert, amateur: [B, V] float; alpha, plausibility: [B] float32 -> [B, V] float32."""
+    x_e, x_a = expert.float(), amateur.float()
+    lse_e, lse_a = x_e.logsumexp(-1, keepdim=True), x_a.logsumexp(-1, keepdim=True)
+    top = x_e.amax(-1, keepdim=True)
+    # p_e >= plausibility * p_max, on logits (the normaliser cancels); log(0) = -inf keeps all.
+    plausible = (x_e >= top + plausibility.log()[:, None]) & (x_e > float("-inf"))
+    penalty = torch.where(alpha[:, None] > 0, alpha[:, None] * (x_a - lse_a), 0.0)
+    scores = torch.where(plausible, (x_e - lse_e) - penalty, float("-inf"))
+    bad = ~(lse_e.isfinite() & lse_a.isfinite())  # NaN, +inf or nothing finite in a row
+    return scores.masked_fill(bad, float("nan"))

@@ -3,11 +3,11 @@ TRITON_INTERPRET=1), implementing the backend interface of :mod:`fastdecode.ops.
 through the custom ops ``torch.ops.fastdecode.triton_*``.
 
 Kernels and launchers: :mod:`.attention` (paged attention, split-KV merge), :mod:`.kv_cache`
-(append_kv), :mod:`.sampling`. Decode attention follows a plan / run split: ``plan_attention``
-derives the launch from shapes alone (once per step, cached), and a caller that preallocates
-``workspace_size(num_seqs, num_qo_heads, head_dim, max_blocks_per_seq, block_size)`` float32
-elements and passes them as ``workspace=`` gets per-layer calls that neither allocate nor sync
-(CUDA-graph capturable).
+(append_kv), :mod:`.sampling`, :mod:`.contrastive` (contrastive-decoding scores). Decode
+attention follows a plan / run split: ``plan_attention`` derives the launch from shapes alone
+(once per step, cached), and a caller that preallocates ``workspace_size(num_seqs, num_qo_heads,
+head_dim, max_blocks_per_seq, block_size)`` float32 elements and passes them as ``workspace=``
+gets per-layer calls that neither allocate nor sync (CUDA-graph capturable).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ if triton is not None:
     from fastdecode.triton.attention import plan_attention, workspace_size
 
     __all__ = ["append_kv", "paged_attention", "process_logits", "sample",
-               "apply_repetition_penalty", "unavailable_reason", "plan_attention",
-               "workspace_size"]
+               "apply_repetition_penalty", "contrastive_logits", "unavailable_reason",
+               "plan_attention", "workspace_size"]
 
 
 def unavailable_reason() -> str | None:
@@ -44,13 +44,14 @@ def append_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, *,
-                    scale, causal, softcap, sliding_window, alibi_slopes, workspace=None,
-                    partition_size=None) -> None:
+                    scale, causal, softcap, sliding_window, alibi_slopes, relative_bias=None,
+                    workspace=None, partition_size=None) -> None:
     """partition_size: KV tokens per split-KV partition (default ``attention.PARTITION_SIZE``,
     read at each call so tests can lower it)."""
     _torch_ops.paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
                                cu_seqlens_q, alibi_slopes, workspace, scale, causal, softcap,
-                               sliding_window, partition_size or attention.PARTITION_SIZE)
+                               sliding_window, partition_size or attention.PARTITION_SIZE,
+                               relative_bias)
 
 
 def _sampling_args(params):
@@ -69,3 +70,7 @@ def sample(logits, params, seeds, offsets) -> torch.Tensor:
 
 def apply_repetition_penalty(logits, seen_tokens, penalty) -> torch.Tensor:
     return _torch_ops.apply_repetition_penalty(logits, seen_tokens, penalty)
+
+
+def contrastive_logits(expert, amateur, alpha, plausibility) -> torch.Tensor:
+    return _torch_ops.contrastive_logits(expert, amateur, alpha, plausibility)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fastdecode.ops._params import SamplingTensors
-from fastdecode.triton import attention, kv_cache, sampling
+from fastdecode.triton import attention, contrastive, kv_cache, sampling
 
 
 @torch.library.custom_op("fastdecode::triton_append_kv", mutates_args=("k_cache", "v_cache"))
@@ -28,17 +28,19 @@ def _(key, value, k_cache, v_cache, slot_mapping) -> None:
 def paged_attention(out: Tensor, query: Tensor, k_cache: Tensor, v_cache: Tensor,
                     block_tables: Tensor, seq_lens: Tensor, cu_seqlens_q: Optional[Tensor],
                     alibi_slopes: Optional[Tensor], workspace: Optional[Tensor], scale: float,
-                    causal: bool, softcap: float, sliding_window: int,
-                    partition_size: int) -> None:
+                    causal: bool, softcap: float, sliding_window: int, partition_size: int,
+                    relative_bias: Optional[Tensor] = None) -> None:
     attention.paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out,
                               scale=scale, causal=causal, softcap=softcap,
                               sliding_window=sliding_window, alibi_slopes=alibi_slopes,
-                              workspace=workspace, partition_size=partition_size)
+                              workspace=workspace, partition_size=partition_size,
+                              relative_bias=relative_bias)
 
 
 @paged_attention.register_fake
 def _(out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes,
-      workspace, scale, causal, softcap, sliding_window, partition_size) -> None:
+      workspace, scale, causal, softcap, sliding_window, partition_size,
+      relative_bias=None) -> None:
     return None
 
 
@@ -51,6 +53,17 @@ def apply_repetition_penalty(logits: Tensor, seen_tokens: Optional[Tensor],
 @apply_repetition_penalty.register_fake
 def _(logits, seen_tokens, penalty) -> Tensor:
     return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdecode::triton_contrastive_logits", mutates_args=())
+def contrastive_logits(expert: Tensor, amateur: Tensor, alpha: Tensor,
+                       plausibility: Tensor) -> Tensor:
+    return contrastive.contrastive_logits(expert, amateur, alpha, plausibility)
+
+
+@contrastive_logits.register_fake
+def _(expert, amateur, alpha, plausibility) -> Tensor:
+    return expert.new_empty(expert.shape, dtype=torch.float32)
 
 
 def _params(temperature, top_k, top_p, min_p, penalty, seen_tokens) -> SamplingTensors:

@@ -14,8 +14,8 @@ straight to ``out``; merging a single partition would give the same bits.
 
 Device-side guards (on CUDA tensors the public op does not copy index tensors to the host to
 check them): a sequence whose seq_len lies outside [0, max_blocks_per_seq * block_size], whose
-``cu_seqlens_q`` range is inconsistent (negative start, decreasing, longer than its KV, ending past
-num_tokens) or whose block table holds an id outside [0, num_blocks) gets NaN in its output rows
+``cu_seqlens_q`` range is inconsistent (negative start, decreasing, longer than a non-empty KV in
+a causal call, ending past num_tokens) or whose block table holds an id outside [0, num_blocks) gets NaN in its output rows
 (those inside [0, num_tokens)), and nothing outside the tensors is ever read or written. Decode
 checks each block id as it loads it (the id is in a register already; the split-KV merge carries
 the NaN); the packed form checks the sequence's whole table first, so every row of it is flagged.
@@ -101,19 +101,21 @@ _BATCH_ARGS = ["num_seqs", "num_tokens", "stride_bt", "max_blocks_per_seq", "max
 @triton.jit(do_not_specialize=_BATCH_ARGS)
 def _paged_attention_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
-    block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, alibi_slopes_ptr,
+    block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, alibi_slopes_ptr, relative_bias_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kp, stride_kh, stride_bt,
     num_seqs, num_tokens, num_qo_heads, group, head_dim, block_size, num_blocks,
     max_blocks_per_seq, partition_size, max_partitions,
-    scale, softcap, sliding_window, causal, use_alibi,
+    scale, softcap, sliding_window, causal, use_alibi, relative_radius,
     BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PACKED: tl.constexpr, UPCAST: tl.constexpr,
+    PACKED: tl.constexpr, RELATIVE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Grid (row tiles, num_kv_heads, partitions). Online softmax over the program's KV range
     in BLOCK_N-token steps, gathering each token's block through the block table. Writes
     ``out`` when the sequence has one partition, else (partial out, lse) to the workspace
     part_out [num_tokens, num_qo_heads, max_partitions, head_dim] float32 and part_lse
-    [num_tokens, num_qo_heads, max_partitions] float32. UPCAST: interpreter only."""
+    [num_tokens, num_qo_heads, max_partitions] float32. RELATIVE: add relative_bias
+    [num_qo_heads, 2R + 1] (R = relative_radius) at R + clamp(j - i, -R, R). UPCAST: interpreter
+    only."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -134,8 +136,10 @@ def _paged_attention_kernel(
     # Guards: a bad sequence keeps kv_len 0 (nothing read, one partition) and NaN rows.
     valid = (kv_len >= 0) & (kv_len.to(tl.int64) <= max_blocks_per_seq.to(tl.int64) * block_size)
     if PACKED:
+        # More query tokens than KV positions: fine without causality (cross-attention) and
+        # for an empty sequence (zeros), a bad span otherwise.
         valid = (valid & (q_start >= 0) & (q_len >= 0) & (q_end <= num_tokens)
-                 & (q_len <= kv_len))
+                 & ((q_len <= kv_len) | (kv_len == 0) | (causal == 0)))
         valid = valid & _table_in_range(table, tl.where(valid, tl.cdiv(kv_len, block_size), 0),
                                         num_blocks, 128)
         q_start = tl.maximum(q_start, 0)  # the guarded rows of a negative start: [0, q_end)
@@ -196,6 +200,11 @@ def _paged_attention_kernel(
                 s = softcap * _tanh(s / softcap)
             rel = offs_n[None, :] - pos[:, None]  # key position - query position
             s += slope[:, None] * rel.to(tl.float32)
+            if RELATIVE:  # a gather from the [Hq, 2R + 1] table, cached on chip
+                dist = tl.minimum(tl.maximum(rel, -relative_radius), relative_radius)
+                bias_off = head.to(tl.int64)[:, None] * (2 * relative_radius + 1) + dist
+                s += tl.load(relative_bias_ptr + relative_radius + bias_off,
+                             mask=row_ok[:, None] & n_ok[None, :], other=0.0)
             visible = (row_ok[:, None] & n_ok[None, :] & ((causal == 0) | (rel <= 0))
                        & ((sliding_window == 0) | (rel > -sliding_window)))
             s = tl.where(visible, s, float("-inf"))
@@ -293,13 +302,14 @@ class AttentionConfig:
     head_dim_pad: int
     block_rows: int
     packed: bool
+    relative: bool  # adds a relative_bias table
     block_n: int
     num_warps: int
     num_stages: int
 
 
-def attention_config(dtype: torch.dtype, head_dim: int, group: int,
-                     packed: bool) -> AttentionConfig:
+def attention_config(dtype: torch.dtype, head_dim: int, group: int, packed: bool,
+                     relative: bool = False) -> AttentionConfig:
     """The variant the launcher runs for these sizes (the compile test enumerates its range)."""
     d_pad = next_pow2(head_dim, HEAD_DIM_PADS[0])
     fp32 = dtype == torch.float32
@@ -311,15 +321,20 @@ def attention_config(dtype: torch.dtype, head_dim: int, group: int,
     # (3 stages gained nothing for the 16-row decode tile when compiled for sm_90a). These
     # choices are spill-free on sm_90a (tests/test_triton_compile.py).
     block_n = 32 if fp32 or d_pad == 256 else 64
+    if relative and (rows == TILE_ROWS or (fp32 and d_pad == 256)):
+        # The relative bias adds a [rows, block_n] tile of gathered offsets: without halving
+        # block_n these variants spill on sm_90a.
+        block_n = 16 if fp32 else 32
     num_warps = 4 if rows == DECODE_ROWS and d_pad <= 128 else 8
-    return AttentionConfig(dtype, d_pad, rows, packed, block_n, num_warps, num_stages=2)
+    return AttentionConfig(dtype, d_pad, rows, packed, relative, block_n, num_warps,
+                           num_stages=2)
 
 
 def attention_configs() -> list[AttentionConfig]:
     """Every variant ``attention_config`` can return (one representative input per bucket)."""
-    configs = {attention_config(dtype, d, group, packed) for dtype in FLOAT_DTYPES
+    configs = {attention_config(dtype, d, group, packed, relative) for dtype in FLOAT_DTYPES
                for d in HEAD_DIM_PADS for group in (1, DECODE_ROWS + 1)
-               for packed in (False, True)}
+               for packed in (False, True) for relative in (False, True)}
     return sorted(configs, key=repr)
 
 
@@ -336,10 +351,10 @@ class AttentionPlan:
 
 @lru_cache(maxsize=256)
 def _plan(num_seqs: int, num_tokens: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-          max_kv_len: int, dtype: torch.dtype, packed: bool,
-          partition_size: int) -> AttentionPlan:
+          max_kv_len: int, dtype: torch.dtype, packed: bool, partition_size: int,
+          relative: bool) -> AttentionPlan:
     group = num_qo_heads // num_kv_heads
-    cfg = attention_config(dtype, head_dim, group, packed)
+    cfg = attention_config(dtype, head_dim, group, packed, relative)
     if packed:
         # Sequence b's tiles start at cu_seqlens_q[b] * group // rows + b: an upper bound on
         # the tile count that needs no read of cu_seqlens_q.
@@ -353,14 +368,17 @@ def _plan(num_seqs: int, num_tokens: int, num_qo_heads: int, num_kv_heads: int, 
 
 def plan_attention(num_seqs: int, num_tokens: int, num_qo_heads: int, num_kv_heads: int,
                    head_dim: int, max_blocks_per_seq: int, block_size: int, dtype: torch.dtype,
-                   packed: bool, partition_size: Optional[int] = None) -> AttentionPlan:
+                   packed: bool, partition_size: Optional[int] = None,
+                   relative: bool = False) -> AttentionPlan:
     """Plan a step once on the host; every layer then runs with the same plan and workspace.
 
     The partition count is bounded by ``max_blocks_per_seq * block_size``, known from the shape
-    of block_tables, so neither planning nor running reads seq_lens on the host.
+    of block_tables, so neither planning nor running reads seq_lens on the host. relative: the
+    step passes a relative_bias table.
     """
     return _plan(num_seqs, num_tokens, num_qo_heads, num_kv_heads, head_dim,
-                 max_blocks_per_seq * block_size, dtype, packed, partition_size or PARTITION_SIZE)
+                 max_blocks_per_seq * block_size, dtype, packed, partition_size or PARTITION_SIZE,
+                 relative)
 
 
 def workspace_size(num_seqs: int, num_qo_heads: int, head_dim: int, max_blocks_per_seq: int,
@@ -377,11 +395,13 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     cu_seqlens_q: Optional[torch.Tensor], out: torch.Tensor, *, scale: float,
                     causal: bool, softcap: float, sliding_window: int,
                     alibi_slopes: Optional[torch.Tensor], workspace: Optional[torch.Tensor] = None,
-                    partition_size: Optional[int] = None) -> None:
+                    partition_size: Optional[int] = None,
+                    relative_bias: Optional[torch.Tensor] = None) -> None:
     """Writes ``out`` [num_tokens, num_qo_heads, head_dim]; see the module docstring for shapes.
 
     workspace: float32, at least ``workspace_size(...)`` elements; with it the call neither
-    allocates nor syncs (CUDA-graph safe). softcap / sliding_window: 0 = off.
+    allocates nor syncs (CUDA-graph safe). softcap / sliding_window: 0 = off. relative_bias:
+    [num_qo_heads, 2R + 1] float32, contiguous, or None.
     """
     num_tokens, num_qo_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -390,7 +410,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     _, block_size, num_kv_heads, _ = k_cache.shape
     plan = plan_attention(num_seqs, num_tokens, num_qo_heads, num_kv_heads, head_dim,
                           block_tables.shape[1], block_size, query.dtype,
-                          cu_seqlens_q is not None, partition_size)
+                          cu_seqlens_q is not None, partition_size, relative_bias is not None)
     cfg = plan.config
     if cfg.packed:
         # Rows that no sequence owns (a cu_seqlens_q not from 0 to T on an unchecked call) are
@@ -414,13 +434,15 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         out, part_out, part_lse, query, k_cache, v_cache, block_tables, seq_lens,
         seq_lens if cu_seqlens_q is None else cu_seqlens_q,
         unused if alibi_slopes is None else alibi_slopes,
+        unused if relative_bias is None else relative_bias,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         num_seqs, num_tokens, num_qo_heads, num_qo_heads // num_kv_heads, head_dim, block_size,
         k_cache.shape[0], block_tables.shape[1], plan.partition_size, max(plan.max_partitions, 1),
         scale, softcap, sliding_window, int(causal), int(alibi_slopes is not None),
+        0 if relative_bias is None else relative_bias.shape[1] // 2,
         BLOCK_ROWS=cfg.block_rows, BLOCK_N=cfg.block_n, HEAD_DIM_PAD=cfg.head_dim_pad,
-        PACKED=cfg.packed, UPCAST=upcast_loads(query.dtype),
+        PACKED=cfg.packed, RELATIVE=cfg.relative, UPCAST=upcast_loads(query.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if plan.workspace_numel:

@@ -1,6 +1,7 @@
 // C entry points (for ctypes) that run the CUDA kernels of csrc/kernels under the CPU emulator
 // (emu.h). Arguments are raw pointers to host tensors plus sizes / strides in elements.
 #include "../../csrc/kernels/append_kv.cuh"
+#include "../../csrc/kernels/contrastive.cuh"
 #include "../../csrc/kernels/paged_attention.cuh"
 #include "../../csrc/kernels/sampling.cuh"
 
@@ -124,6 +125,25 @@ int emu_sample(const void* logits, float* floats, int32_t* ints, uint32_t* ticke
   p.dtype = static_cast<fk::DType>(dtype);
   fk::bind_sampling_workspace(p, floats, ints);
   return fk::sample(p, nullptr);
+}
+
+// strides: expert, amateur, out rows. dtype: of expert and amateur (one dtype).
+int emu_contrastive(const void* expert, const void* amateur, const float* alpha,
+                    const float* plausibility, float* out, const int64_t* strides, int num_rows,
+                    int vocab_size, int dtype) {
+  fk::ContrastiveParams p{};
+  p.expert = expert;
+  p.amateur = amateur;
+  p.alpha = alpha;
+  p.plausibility = plausibility;
+  p.out = out;
+  p.expert_stride = strides[0];
+  p.amateur_stride = strides[1];
+  p.out_stride = strides[2];
+  p.num_rows = num_rows;
+  p.vocab_size = vocab_size;
+  p.dtype = static_cast<fk::DType>(dtype);
+  return fk::contrastive_logits(p, nullptr);
 }
 
 // The kernels' softcap tanh and the modelled fast-math tanhf, for the accuracy tests.

@@ -95,3 +95,16 @@ def sample(lib, logits, params, seeds, offsets, num_sms: int = 4) -> torch.Tenso
     assert rc == 0
     assert (tickets == 0).all(), "the last CTA of each row resets its ticket"
     return out
+
+
+def contrastive(lib, expert, amateur, alpha, plausibility) -> torch.Tensor:
+    """[B, V] float32 scores of the CUDA kernel (expert, amateur: one dtype, unit stride along V;
+    alpha, plausibility: [B] float32), into a NaN-poisoned output."""
+    b, v = expert.shape
+    out = torch.full((b, v), float("nan"))
+    strides = i64(expert.stride(0), amateur.stride(0), out.stride(0))
+    rc = lib.emu_contrastive(ptr(expert), ptr(amateur), ptr(alpha), ptr(plausibility), ptr(out),
+                             ptr(strides), b, v, DTYPE_CODE[expert.dtype])
+    assert rc == 0
+    return out
+
