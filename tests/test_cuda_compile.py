@@ -38,7 +38,9 @@ def test_expected_kernels_cover_the_dispatch_lists():
     names = set(compile_check.expected_kernels().values())
     assert compile_check.head_dims() == [64, 80, 96, 128, 256]
     assert "paged_decode_kernel<__nv_bfloat16, 80>" in names
-    assert len(names) == 3 * 5 + 3 + 3 + 4  # attention, merge, sample, append_kv copy widths
+    # attention, merge, sample, append_kv copy widths, contrastive
+    assert len(names) == 3 * 5 + 3 + 3 + 4 + 3
+    assert "contrastive_kernel<__nv_bfloat16>" in names
 
 
 def test_sass_rules_catch_what_they_promise():
