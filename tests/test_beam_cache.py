@@ -9,6 +9,7 @@ from _beam_helpers import assert_beams_match
 from _hf_helpers import padded_batch
 from fastdecode.engine.block_manager import BlockManager, cdiv
 from fastdecode.hf import beam_cache
+from fastdecode.plan.attention import PagedKVCache
 from tiny import tiny_model
 
 BLOCK = 16  # the block size fastdecode.generate uses
@@ -66,8 +67,8 @@ def test_beams_copy_the_shared_partial_block_before_writing(monkeypatch):
     model = tiny_model("qwen2")
     ids, mask = padded_batch([21, 9], model.config.vocab_size, seed=6)
     copies = []
-    inner = beam_cache.BeamKV._copy_blocks
-    monkeypatch.setattr(beam_cache.BeamKV, "_copy_blocks",
+    inner = PagedKVCache.copy_blocks
+    monkeypatch.setattr(PagedKVCache, "copy_blocks",
                         lambda self, c: (copies.append(list(c)), inner(self, c)))
     assert_beams_match(model, monkeypatch, ids, attention_mask=mask, num_beams=4,
                        max_new_tokens=6, do_sample=False)

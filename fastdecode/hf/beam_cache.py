@@ -15,7 +15,6 @@ import torch
 
 from fastdecode.engine.block_manager import BlockManager, cdiv
 from fastdecode.hf import compat
-from fastdecode.hf.context import PagedContext
 from fastdecode.hf.prepare import Prepared
 from fastdecode.hf.runner import PagedRunner
 from fastdecode.hf.steppers import fill_hf_cache
@@ -34,7 +33,6 @@ class BeamKV:
         self.prepared = prepared
         self.num_beams = num_beams
         self.block_size = block_size
-        self.backend = backend
         mask = prepared.mask[::num_beams]
         self.lens = mask.sum(-1).tolist()  # the one host read of the prompt layout
         self.batch = len(self.lens)
@@ -42,6 +40,7 @@ class BeamKV:
         blocks = sum(cdiv(n, block_size) + num_beams for n in self.lens)
         self.manager = BlockManager(blocks, block_size)
         self.runner = PagedRunner(model, num_blocks=blocks, block_size=block_size, backend=backend)
+        self.planner = self.runner.planner()
         self.device = self.runner.device
         self.session = self.runner.session
         self.tables: list[list[int]] = []
@@ -70,15 +69,15 @@ class BeamKV:
             table: list[int] = []
             self._append(table, 0, n)
             prompts.append(table)
-        ctx = PagedContext.build(prompts, self.lens, self.lens, self.block_size, self.device,
-                                 self.backend)
 
         def packed(t):  # [B * K, S, ...] -> [T, ...], the first beam of each prompt
             return None if t is None else t[::k][keep].to(self.device)
 
-        logits = self.runner.forward(
-            packed(p.input_ids) if embeds is None else None, packed(positions), ctx,
-            inputs_embeds=packed(embeds), token_type_ids=packed(types))
+        plan = self.planner.build(self.lens, self.lens, prompts,
+                                  input_ids=packed(p.input_ids) if embeds is None else None,
+                                  positions=packed(positions))
+        logits = self.runner.forward(plan.input_ids, plan.positions, plan,
+                                     inputs_embeds=packed(embeds), token_type_ids=packed(types))
         self.tables = [self.manager.fork(t) if j else t for t in prompts for j in range(k)]
         self._pos = (positions[:, -1] + 1).to(self.device)
         if types is not None:
@@ -98,18 +97,11 @@ class BeamKV:
         kv = self._kv.tolist()
         for table, n in zip(self.tables, kv):
             copies += self._append(table, n, 1)
-        if copies:
-            self._copy_blocks(copies)
-        size = self.block_size
-        slots = [t[n // size] * size + n % size for t, n in zip(self.tables, kv)]
-        rows, dev = len(self.tables), self.device
-        ctx = PagedContext(
-            block_tables=self._tables(), seq_lens=(self._kv + 1).to(dev, torch.int32),
-            cu_seqlens_q=torch.arange(rows + 1, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev), decode_only=True,
-            logits_indices=torch.arange(rows, dtype=torch.int64, device=dev),
-            backend=self.backend)
-        logits = self.runner.forward(tokens.to(dev), self._pos, ctx, token_type_ids=self._types)
+        self.runner.kv.copy_blocks(copies)
+        plan = self.planner.build([1] * len(self.tables), [n + 1 for n in kv], self.tables,
+                                  input_ids=tokens.to(self.device), positions=self._pos)
+        logits = self.runner.forward(plan.input_ids, plan.positions, plan,
+                                     token_type_ids=self._types)
         self._kv += 1
         self._pos += 1
         return logits
@@ -139,8 +131,3 @@ class BeamKV:
             manager.grow(size)
             self.runner.grow(size)
         return manager.append_slots(table, num_computed, num_new)
-
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        src, dst = (torch.tensor(c, dtype=torch.int64, device=self.device) for c in zip(*copies))
-        for cache in (*self.runner.k_caches, *self.runner.v_caches):
-            cache.index_copy_(0, dst, cache.index_select(0, src))
