@@ -5,6 +5,11 @@ indices straight to the kernels). Skipped without a GPU."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -120,23 +125,31 @@ def test_unaligned_out_and_strided_query():
     _check_against_reference(out, fused, k_cache, v_cache, block_tables, seq_lens)
 
 
-def test_unsupported_head_dim_raises():
+ADAPTER_ERRORS = {
+    "packed_form": "decode form only",
+    "decode_tokens": "the decode form takes one token per sequence, got 2 tokens for 1",
+    "head_dim_72": r"unsupported head_dim 72 \(supported: 64, 80, 96, 128, 256\)",
+    "misaligned_cache": "k_cache / v_cache must be 16-byte aligned",
+}
+
+
+def test_adapter_errors_raise_in_their_own_process():
+    # Each case in a process of its own (tests/cuda_adapter_errors.py), all at once: a crash
+    # names the failing path instead of taking the test session with it.
+    script = Path(__file__).with_name("cuda_adapter_errors.py")
+    procs = {case: subprocess.Popen([sys.executable, str(script), case], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+             for case in ADAPTER_ERRORS}
+    outcomes = {case: (p.communicate(timeout=120)[0], p.returncode) for case, p in procs.items()}
+    bad = {case: f"exit {rc}: {text.strip()[-300:]}" for case, (text, rc) in outcomes.items()
+           if rc != 0 or not re.search(f"raised ValueError: .*{ADAPTER_ERRORS[case]}", text)}
+    assert not bad, f"adapter error paths that did not raise ValueError: {bad}"
+
+
+def test_unsupported_head_dim_is_unavailable_through_ops():
     query, k_cache, v_cache, block_tables, seq_lens = _paged([5], hq=2, hkv=1, d=72)
-    out = torch.empty_like(query)
-    with pytest.raises(ValueError, match=r"unsupported head_dim 72 \(supported: 64, 80, 96, "
-                                           r"128, 256\)"):
-        torch.ops.fastdecode.paged_attention(out, query, k_cache, v_cache, block_tables,
-                                             seq_lens, None, 0.1, True, 0.0, 0, None)
     with pytest.raises(ops.BackendUnavailableError, match="unsupported head_dim 72"):
         ops.paged_attention(query, k_cache, v_cache, block_tables, seq_lens, backend="cuda")
-
-
-def test_packed_form_is_rejected():
-    query, k_cache, v_cache, block_tables, seq_lens = _paged([5], hq=2, hkv=1, d=64)
-    cu = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
-    with pytest.raises(ValueError, match="decode form only"):
-        torch.ops.fastdecode.paged_attention(torch.empty_like(query), query, k_cache, v_cache,
-                                             block_tables, seq_lens, cu, 0.1, True, 0.0, 0, None)
 
 
 def _sampling_args(batch: int, vocab: int):

@@ -61,7 +61,7 @@ OPS_BY_TEST = [
     (r"test_sampling::test_repetition_penalty", {"apply_repetition_penalty"}),
     (r"test_sampling(_stats)?::", {"sample", "process_logits"}),
     (r"test_cuda_specific::test_(split_kv|batch_invariance|unaligned|unsupported_head_dim|"
-     r"packed_form|decode_guards)", {"paged_attention"}),
+     r"adapter_errors|decode_guards)", {"paged_attention"}),
     (r"test_cuda_specific::test_large_cache", {"append_kv", "paged_attention"}),
     (r"test_cuda_specific::test_sample", {"sample"}),
     (r"test_cuda_specific::test_append_kv", {"append_kv"}),
