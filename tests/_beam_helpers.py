@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from _hf_helpers import NEAR_TIE, fd_generate
+from _hf_helpers import NEAR_TIE, fd_generate, padded_batch
 
 
 def _hf_with_candidates(model, monkeypatch, *args, **kwargs):
@@ -90,3 +90,12 @@ def assert_matches_reference(out, expected: torch.Tensor, scores: torch.Tensor, 
             assert gaps[b] <= NEAR_TIE, (b, out.sequences[rows], expected[rows])
     if out.sequences.shape != expected.shape:
         assert any(g <= NEAR_TIE for g in gaps)
+
+
+def eos_on_the_way(model, lengths: list[int], seed: int) -> list[int]:
+    """EOS ids that beams of the two prompts ``padded_batch(lengths, seed=seed)`` meet early
+    (tokens of HF's 2-beam search without EOS), so that hypotheses finish mid-search."""
+    ids, mask = padded_batch(lengths, model.config.vocab_size, seed=seed)
+    plain = model.generate(ids, attention_mask=mask, num_beams=2, max_new_tokens=5,
+                           do_sample=False, eos_token_id=None)
+    return [int(plain[0, ids.shape[1] + 1]), int(plain[1, ids.shape[1] + 2])]

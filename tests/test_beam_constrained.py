@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastdecode
-from _beam_helpers import assert_matches_reference
+from _beam_helpers import assert_matches_reference, eos_on_the_way
 from _hf_helpers import RecordingStreamer, fd_generate, forbid_original_generate, padded_batch
 from constrained_reference import _progress, constrained_beam_search
 from fastdecode.hf import compat
@@ -64,10 +64,7 @@ def test_constrained_beams_match_the_reference(family, case, lengths):
 def test_constrained_beams_with_eos(early_stopping):
     assert compat.penalty_skips_padding(), "the reference skips left padding in the penalty"
     model = tiny_model("llama")
-    ids, mask = padded_batch([5, 8], model.config.vocab_size, seed=12)
-    plain = model.generate(ids, attention_mask=mask, num_beams=2, max_new_tokens=5,
-                           do_sample=False, eos_token_id=None)
-    eos = [int(plain[0, ids.shape[1] + 1]), int(plain[1, ids.shape[1] + 2])]
+    eos = eos_on_the_way(model, [5, 8], seed=12)
     _compare(model, [5, 8], seed=12, force=[[20, 21], [[30], [40, 41]]], eos=eos, num_beams=4,
              max_new_tokens=12, early_stopping=early_stopping, length_penalty=0.8,
              num_return_sequences=2, repetition_penalty=1.2)
