@@ -31,13 +31,14 @@ from typing import Optional
 
 import torch
 
-from fastdecode.hf.beam import _gather
+from fastdecode.hf.beam import BeamResult, _gather
 from fastdecode.hf.beam_groups import GroupBeamSearch
 from fastdecode.hf.constraints import Constraints, parse
 from fastdecode.hf.options import Options
 
 
 def constrained(opts: Options) -> bool:
+    """Whether the call forces words (HF's constrained beam search mode)."""
     return opts.constraints is not None or opts.force_words_ids is not None
 
 
@@ -68,20 +69,26 @@ class ConstrainedBeamSearch(GroupBeamSearch):
         self.constraints = constraints
         self.state = None
 
-    def run(self, input_ids: torch.Tensor, penalty_mask: Optional[torch.Tensor]):
+    def run(self, input_ids: torch.Tensor, penalty_mask: Optional[torch.Tensor]) -> BeamResult:
+        """As :meth:`GroupBeamSearch.run`; the prompts' rows (padding included) set the
+        constraint progress the beams start from."""
         k = self.opts.num_beams
         self.state = self.constraints.start(input_ids[::k]).expand(k)
         return super().run(input_ids, penalty_mask)
 
     def _recorded(self, processed: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """4.5x recorded the summed scores [B, K, V] (processed + the beam's score)."""
         return processed + score[:, :, None]
 
     def _joins(self, g: int) -> torch.Tensor:
+        """Running beams of open prompts that complete the constraints (all of them where fewer
+        than ``num_return_sequences`` do)."""
         complete = self.state.done()
         few = complete.sum(-1, keepdim=True) < self.opts.num_return_sequences
         return ~self.done[:, g, None] & (complete | few)
 
-    def _step_group(self, g: int, scores, score, seq, idx, cur: int, length: int, pad: int):
+    def _step_group(self, g: int, scores: torch.Tensor, score: torch.Tensor, seq: torch.Tensor,
+                    idx: torch.Tensor, cur: int, length: int, pad: int):
         """The step of all K beams -> (tokens [B, K], parent beams [B, K], running scores
         [B, K]); files the finished hypotheses and moves the constraint state on."""
         batch, k, vocab = scores.shape
@@ -103,9 +110,11 @@ class ConstrainedBeamSearch(GroupBeamSearch):
         return (torch.where(open_, tokens, pad), torch.where(open_, parents, own),
                 torch.where(open_, new_score, 0.0))
 
-    def _bank(self, total, seq, tokens, parents, scores):
+    def _bank(self, total: torch.Tensor, seq: torch.Tensor, tokens: torch.Tensor,
+              parents: torch.Tensor, scores: torch.Tensor):
         """The K chosen continuations (tokens / parents / scores [B, K]) plus the tokens the
-        running beams propose -> the K that run on, by bank; updates ``self.state``."""
+        running beams propose -> the K that run on, by bank; updates ``self.state``.
+        total: [B, K, V] float32 summed scores; seq: [B, K, cur] the running beams' ids."""
         batch, k, vocab = total.shape
         dev = total.device
         proposed = self.constraints.advance(self.state)  # [B, K, A]
