@@ -130,6 +130,10 @@ def test_progress_matches_the_reference_automaton():
             assert int(table.bank(state)[r]) == expected.bank()
             got = [t for t in proposed[r].tolist() if t >= 0]
             assert got == expected.advance(), (row[:n], got)
+    # 4.5x never backtracks: the 5 that breaks "5 5 6" starts nothing.
+    phrase = Constraints([[[5, 5, 6]]], "cpu")
+    assert not phrase.start(torch.tensor([[5, 5, 5, 6]])).done().item()
+    assert phrase.start(torch.tensor([[5, 5, 7, 5, 5, 6]])).done().item()
 
 
 @pytest.mark.parametrize("options,message", [
