@@ -2,6 +2,8 @@
 
 - ``fastdecode.ops``: paged-KV attention and fused sampling ops (CUDA, Triton, CPU, torch).
 - ``fastdecode.generate`` / ``patch`` / ``unpatch``: drop-in replacement of ``model.generate``.
+- ``fastdecode.PhrasalConstraint`` / ``DisjunctiveConstraint``: forced words for constrained beam
+  search (``generate(..., constraints=[...])``; transformers 5 no longer ships them).
 - ``fastdecode.Engine``: continuous batching for serving stacks; ``fastdecode.AsyncEngine``: the
   same behind an engine loop thread, for asyncio servers (``fastdecode serve``).
 """
@@ -12,7 +14,7 @@ from fastdecode.engine import Engine, RequestOutput, SamplingParams
 __version__ = "0.1.0"
 
 __all__ = ["ops", "generate", "patch", "unpatch", "Engine", "AsyncEngine", "RequestOutput",
-           "SamplingParams", "__version__"]
+           "SamplingParams", "PhrasalConstraint", "DisjunctiveConstraint", "__version__"]
 
 
 def __getattr__(name: str):
@@ -21,6 +23,10 @@ def __getattr__(name: str):
         from fastdecode import hf
 
         return getattr(hf, name)
+    if name in ("PhrasalConstraint", "DisjunctiveConstraint"):
+        from fastdecode.hf import constraints
+
+        return getattr(constraints, name)
     if name == "AsyncEngine":
         from fastdecode.serving import AsyncEngine
 

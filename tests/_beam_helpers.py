@@ -1,4 +1,5 @@
-"""Comparison of fastdecode's beam search with ``model.generate`` up to near-ties.
+"""Comparison of fastdecode's beam search with ``model.generate`` (or with a reference of an
+algorithm transformers no longer ships) up to near-ties.
 
 Near-tie detection: HF's run is repeated with its candidate-selection step
 (``_get_top_k_continuations``) wrapped, recording the accumulated scores of every continuation
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from _hf_helpers import NEAR_TIE, fd_generate
+from _hf_helpers import NEAR_TIE, fd_generate, padded_batch
 
 
 def _hf_with_candidates(model, monkeypatch, *args, **kwargs):
@@ -69,3 +70,32 @@ def assert_beams_match(model, monkeypatch, *args, seed: int | None = None, **kwa
         for a, b in zip(out.scores, ref.scores):
             torch.testing.assert_close(a, b, rtol=0, atol=NEAR_TIE)
     return ties
+
+
+def assert_matches_reference(out, expected: torch.Tensor, scores: torch.Tensor, gaps: list[float],
+                             rtol: float = 0.0):
+    """fastdecode's dict output against a reference's ``(sequences, scores, gaps)``
+    (tests/beam_reference.py): a prompt's rows may differ only where the reference compared two
+    values within ``NEAR_TIE`` (``gaps[b]``)."""
+    per_prompt = out.sequences.shape[0] // len(gaps)
+    assert out.sequences.shape[0] == expected.shape[0]
+    for b in range(len(gaps)):
+        rows = slice(b * per_prompt, (b + 1) * per_prompt)
+        width = min(out.sequences.shape[1], expected.shape[1])
+        if torch.equal(out.sequences[rows, :width], expected[rows, :width]):
+            torch.testing.assert_close(out.sequences_scores[rows],
+                                       scores[rows].to(out.sequences_scores.dtype), rtol=rtol,
+                                       atol=NEAR_TIE)
+        else:
+            assert gaps[b] <= NEAR_TIE, (b, out.sequences[rows], expected[rows])
+    if out.sequences.shape != expected.shape:
+        assert any(g <= NEAR_TIE for g in gaps)
+
+
+def eos_on_the_way(model, lengths: list[int], seed: int) -> list[int]:
+    """EOS ids that beams of the two prompts ``padded_batch(lengths, seed=seed)`` meet early
+    (tokens of HF's 2-beam search without EOS), so that hypotheses finish mid-search."""
+    ids, mask = padded_batch(lengths, model.config.vocab_size, seed=seed)
+    plain = model.generate(ids, attention_mask=mask, num_beams=2, max_new_tokens=5,
+                           do_sample=False, eos_token_id=None)
+    return [int(plain[0, ids.shape[1] + 1]), int(plain[1, ids.shape[1] + 2])]

@@ -47,8 +47,9 @@ class _Hypotheses:
         return self.worst >= best / length ** self.lp
 
 
-def _next_log_probs(model, rows: list[list[int]], prompt_pad: list[int]) -> torch.Tensor:
-    """[R, V] float32 log-softmax of the next token of each row (left padding masked)."""
+def _next_log_probs(model, rows: list[list[int]], prompt_pad: list[int],
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[R, V] log-softmax (in ``dtype``) of the next token of each row (left padding masked)."""
     ids = torch.tensor(rows)
     mask = torch.ones_like(ids)
     for r, pad in enumerate(prompt_pad):
@@ -56,7 +57,7 @@ def _next_log_probs(model, rows: list[list[int]], prompt_pad: list[int]) -> torc
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-    return torch.log_softmax(logits.float(), -1)
+    return torch.log_softmax(logits.to(dtype), -1)
 
 
 def _penalise(scores: torch.Tensor, row: list[int], prompt_pad: int, penalty: float,
@@ -133,19 +134,27 @@ def group_beam_search(model, prompts: list[list[int]], *, num_beams: int, num_be
         finished = all(all(d) for d in done)
         if finished or cur >= max_length or (eos and all(r[-1] in eos for r in beams)):
             break
-    sequences, best_scores = [], []
     for b in range(len(prompts)):
         for g in range(num_beam_groups):
             if not done[b][g]:
                 for j in range(size):
                     r = b * num_beams + g * size + j
                     hyps[b][g].add(beams[r], scores[r], cur - width)
-        ranked = sorted((h for group in hyps[b] for h in group.beams), key=lambda h: h[0])
-        for _ in range(num_return_sequences):
+    found = [[h for group in per_prompt for h in group.beams] for per_prompt in hyps]
+    return (*_best(found, num_return_sequences, eos, pad, max_length), gaps)
+
+
+def _best(found: list[list[tuple[float, list[int]]]], count: int, eos, pad: int,
+          max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` best hypotheses of each prompt, 4.5x's layout: (sequences, scores)."""
+    sequences, best_scores = [], []
+    for hypotheses in found:
+        ranked = sorted(hypotheses, key=lambda h: h[0])
+        for _ in range(count):
             score, tokens = ranked.pop()
             sequences.append(tokens)
             best_scores.append(score)
     out = min(max(len(s) for s in sequences) + 1, max_length)
     rows = [s + ([eos[0]] if eos and len(s) < out else []) for s in sequences]
     rows = [r + [pad] * (out - len(r)) for r in rows]
-    return torch.tensor(rows), torch.tensor(best_scores), gaps
+    return torch.tensor(rows), torch.tensor(best_scores)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _hf_helpers import (NEAR_TIE, RecordingStreamer, fd_generate, forbid_original_generate,
-                         padded_batch)
+from _beam_helpers import assert_matches_reference, eos_on_the_way
+from _hf_helpers import RecordingStreamer, fd_generate, forbid_original_generate, padded_batch
 from beam_reference import group_beam_search
 from fastdecode.hf import compat
 from tiny import tiny_model
@@ -25,19 +25,7 @@ def _compare(model, lengths, seed, **options):
     out = fd_generate(model, ids, attention_mask=mask, fallback="error", pad_token_id=0,
                       eos_token_id=options.pop("eos", None), return_dict_in_generate=True,
                       output_scores=True, do_sample=False, **options)
-    per_prompt = out.sequences.shape[0] // len(lengths)
-    assert out.sequences.shape[0] == expected.shape[0]
-    for b in range(len(lengths)):
-        rows = slice(b * per_prompt, (b + 1) * per_prompt)
-        width = min(out.sequences.shape[1], expected.shape[1])
-        same = torch.equal(out.sequences[rows, :width], expected[rows, :width])
-        if same:
-            torch.testing.assert_close(out.sequences_scores[rows], scores[rows], rtol=0,
-                                       atol=NEAR_TIE)
-        else:  # accepted only where the reference saw two candidates within NEAR_TIE
-            assert gaps[b] <= NEAR_TIE, (b, out.sequences[rows], expected[rows])
-    if out.sequences.shape != expected.shape:
-        assert any(g <= NEAR_TIE for g in gaps)
+    assert_matches_reference(out, expected, scores, gaps)
     return out
 
 
@@ -54,10 +42,7 @@ def test_diverse_beams_match_the_reference(family, groups, beams, returned):
 def test_diverse_beams_with_eos_and_processors(early_stopping):
     assert compat.penalty_skips_padding(), "the reference skips left padding in the penalty"
     model = tiny_model("llama")
-    ids, mask = padded_batch([5, 8], model.config.vocab_size, seed=12)
-    plain = model.generate(ids, attention_mask=mask, num_beams=2, max_new_tokens=5,
-                           do_sample=False, eos_token_id=None)
-    eos = [int(plain[0, ids.shape[1] + 1]), int(plain[1, ids.shape[1] + 2])]
+    eos = eos_on_the_way(model, [5, 8], seed=12)
     _compare(model, [5, 8], seed=12, num_beams=4, num_beam_groups=2, diversity_penalty=0.7,
              max_new_tokens=10, eos=eos, early_stopping=early_stopping, length_penalty=0.8,
              num_return_sequences=3, repetition_penalty=1.3, no_repeat_ngram_size=2)

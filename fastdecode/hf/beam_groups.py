@@ -98,7 +98,7 @@ class GroupBeamSearch:
                 tokens[:, beams], parents[:, beams], new_score[:, beams] = self._step_group(
                     g, scores, score[:, beams], seq[:, beams], idx[:, beams], cur, length, pad)
             if opts.return_dict and opts.output_scores:
-                result.scores.append(processed.flatten(0, 1))
+                result.scores.append(self._recorded(processed, score).flatten(0, 1))
             if opts.return_dict and opts.output_logits:
                 result.logits.append(logits)
             seq, idx, score = _gather(seq, parents), _gather(idx, parents), new_score
@@ -113,6 +113,15 @@ class GroupBeamSearch:
             if stop:
                 return self._output(seq, score, idx, cur, length, result)
             logits = kv.decode(tokens.flatten())
+
+    def _recorded(self, processed: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """The step's ``scores`` entry [B, K, V]: the processed log-probabilities (4.5x)."""
+        return processed
+
+    def _joins(self, g: int) -> torch.Tensor:
+        """[B, 1 or S] bool: the running beams of group g that join its hypotheses at the end
+        (those of open groups)."""
+        return ~self.done[:, g, None]
 
     def _process(self, log_probs, earlier, history, prompt_seen, cur: int, g: int):
         """A group's processed scores [B, S, V]: the diversity penalty against the tokens the
@@ -204,7 +213,7 @@ class GroupBeamSearch:
         for g in range(self.groups):
             beams = slice(g * s, (g + 1) * s)
             final = score[:, beams] / ((cur - length) ** opts.length_penalty)
-            final = torch.where(self.done[:, g, None], float("-inf"), final)
+            final = torch.where(self._joins(g), final, float("-inf"))
             self._merge(g, final, seq[:, beams], torch.full_like(final, cur, dtype=torch.long),
                         idx[:, beams])
         r = opts.num_return_sequences

@@ -24,6 +24,7 @@ from fastdecode.hf import compat, contrastive_decoding, loop, strategies
 from fastdecode.hf import options as _options
 from fastdecode.hf.beam import BeamSearch
 from fastdecode.hf.beam_cache import BeamKV
+from fastdecode.hf.beam_constrained import ConstrainedBeamSearch, check_constraints, constrained
 from fastdecode.hf.beam_groups import GroupBeamSearch, check_groups
 from fastdecode.hf.patching import original_generate
 from fastdecode.hf.prepare import Prepared, prepare, prepare_cache
@@ -144,7 +145,7 @@ def _paged(model, prepared: Prepared, user_cache: bool) -> bool:
 
 def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_processor,
             backend: str, contrast: Optional[contrastive_decoding.Contrast]):
-    if opts.num_beams > 1:
+    if opts.num_beams > 1 or constrained(opts):
         return _decode_beams(model, prepared, opts, streamer, logits_processor, backend)
     paged = _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name()) is not None)
     if not paged or opts.return_dict:  # the paged path fills HF's cache only to return it
@@ -182,7 +183,11 @@ def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_
 def _decode_beams(model, prepared: Prepared, opts: _options.Options, streamer, logits_processor,
                   backend: str):
     """Beam search / beam sampling on the paged cache (the caller checked it takes the call)."""
-    if opts.num_beam_groups > 1:
+    forced = None
+    if constrained(opts):
+        forced = check_constraints(opts, model.config.get_text_config().vocab_size, streamer,
+                                   prepared.input_ids.device)
+    elif opts.num_beam_groups > 1:
         check_groups(opts, streamer)
     elif streamer is not None:  # model.generate sends the prompt, then streams no beam
         streamer.put(prepared.input_ids.cpu())
@@ -190,8 +195,12 @@ def _decode_beams(model, prepared: Prepared, opts: _options.Options, streamer, l
         prepare_cache(model, prepared)
     kv = BeamKV(model, prepared, opts.num_beams, opts.max_new_tokens, backend=backend)
     selector = TokenSelector(opts, logits_processor, True, backend)
-    search = (GroupBeamSearch(kv, selector, opts) if opts.num_beam_groups > 1
-              else BeamSearch(kv, selector, opts))
+    if forced is not None:
+        search = ConstrainedBeamSearch(kv, selector, opts, forced)
+    elif opts.num_beam_groups > 1:
+        search = GroupBeamSearch(kv, selector, opts)
+    else:
+        search = BeamSearch(kv, selector, opts)
     with kv.session():
         result = search.run(prepared.input_ids, prepared.model_kwargs.get("attention_mask"))
     if not opts.return_dict:

@@ -24,7 +24,7 @@ from fastdecode.hf.prepare import Prepared
 _NEUTRAL = {
     "dola_layers": (None,), "guidance_scale": (None, 1.0), "sequence_bias": (None,),
     "encoder_no_repeat_ngram_size": (None, 0), "encoder_repetition_penalty": (None, 1.0),
-    "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
+    "forced_bos_token_id": (None,),
     "forced_eos_token_id": (None,), "exponential_decay_length_penalty": (None,),
     "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "typical_p": (None, 1.0),
     "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "top_h": (None,),
@@ -41,7 +41,8 @@ OTHER_METHODS = ("prefix_allowed_tokens_fn", "negative_prompt_ids",
 # (fastdecode.hf.strategies.reasons, fastdecode.hf.generate).
 PLAIN_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 _NATIVE_MODES = (*PLAIN_MODES, GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE,
-                 GenerationMode.GROUP_BEAM_SEARCH, GenerationMode.ASSISTED_GENERATION,
+                 GenerationMode.GROUP_BEAM_SEARCH, GenerationMode.CONSTRAINED_BEAM_SEARCH,
+                 GenerationMode.ASSISTED_GENERATION,
                  GenerationMode.CONTRASTIVE_SEARCH)
 # HF processors fastdecode implements itself (by class name: the classes move between modules).
 _BUILT_IN = {"RepetitionPenaltyLogitsProcessor", "NoBadWordsLogitsProcessor",
@@ -63,7 +64,8 @@ class Options:
     without the single-token EOS entries; no_repeat_ngram_size: 0 = off; criteria: stopping
     criteria besides length and EOS. Beam search (``num_beams > 1``): early_stopping (True, False
     or "never"), length_penalty, num_return_sequences (the best beams returned per prompt);
-    diverse beam search: num_beam_groups > 1, diversity_penalty > 0.
+    diverse beam search: num_beam_groups > 1, diversity_penalty > 0; constrained beam search:
+    constraints / force_words_ids as given (checked by :mod:`fastdecode.hf.beam_constrained`).
     """
 
     max_length: float
@@ -91,6 +93,8 @@ class Options:
     num_return_sequences: int = 1
     num_beam_groups: int = 1
     diversity_penalty: float = 0.0
+    constraints: Optional[list] = None
+    force_words_ids: Optional[list] = None
 
 
 def options(prepared: Prepared, criteria: list) -> Options:
@@ -118,7 +122,8 @@ def options(prepared: Prepared, criteria: list) -> Options:
         length_penalty=_float(config.length_penalty, 1.0),
         num_return_sequences=int(config.num_return_sequences or 1),
         num_beam_groups=int(config.num_beam_groups or 1),
-        diversity_penalty=_float(config.diversity_penalty, 0.0))
+        diversity_penalty=_float(config.diversity_penalty, 0.0),
+        constraints=config.constraints, force_words_ids=config.force_words_ids)
 
 
 def _float(value, default: float) -> float:
