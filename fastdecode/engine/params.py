@@ -26,6 +26,13 @@ class SamplingParams:
     ``no_repeat_ngram_size`` (0 = off) and ``bad_words_ids`` (token sequences, multi-token
     too) are HF's processors over the request's prompt + generated ids.
 
+    Speculative decoding (prompt lookup, as ``model.generate``'s): ``prompt_lookup_num_tokens``
+    (0 = off) draft tokens are copied each decode step from what followed an earlier
+    occurrence of the request's last n-gram (``max_matching_ngram_size`` tokens at most) and
+    verified in the step's forward pass. The output is the one the request gets without it
+    (greedy: token for token; sampled: the same distribution, and the same tokens with a
+    ``seed``), in fewer steps when drafts are accepted.
+
     Immutable (assigning a field raises ``dataclasses.FrozenInstanceError``; derive a variant
     with ``dataclasses.replace``) and validated at construction against the same ranges as
     ``ops.sample`` (:mod:`fastdecode.ops._rules`): a ValueError names the field and its range.
@@ -46,6 +53,8 @@ class SamplingParams:
     ignore_eos: bool = False
     no_repeat_ngram_size: int = 0
     bad_words_ids: Optional[tuple[tuple[int, ...], ...]] = None
+    prompt_lookup_num_tokens: int = 0
+    max_matching_ngram_size: int = 2
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p",
@@ -66,6 +75,13 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.no_repeat_ngram_size must be an integer >= 0 "
                              f"(0 = off); got {_rules.short_repr(n)}")
         object.__setattr__(self, "bad_words_ids", _bad_words(self.bad_words_ids))
+        for name, low, note in (("prompt_lookup_num_tokens", 0, " (0 = off)"),
+                                ("max_matching_ngram_size", 1, "")):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"SamplingParams.{name} must be an integer >= {low}{note}; "
+                                 f"got {_rules.short_repr(value)}")
+            object.__setattr__(self, name, int(value))
 
 
 def _is_int(value) -> bool:

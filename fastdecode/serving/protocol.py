@@ -4,7 +4,8 @@ Numeric sampling fields are checked by the shared rule table (:mod:`fastdecode.o
 the server accepts exactly what ``SamplingParams`` and the ops accept, with the same messages,
 naming the request field. Fields of OpenAI's API that this server cannot honour are refused
 with a 400 naming them, never ignored. Beyond OpenAI's fields (as vLLM): ``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``.
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, and
+``prompt_lookup_num_tokens`` (speculative decoding by prompt lookup, see ``SamplingParams``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class _Sampling(BaseModel):
     min_tokens: Any = None
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
+    prompt_lookup_num_tokens: Any = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -112,12 +114,16 @@ class _Sampling(BaseModel):
         if low > high:
             raise RequestError(f"min_tokens must be at most max_tokens={high}; got {low}",
                                param="min_tokens")
+        if self.prompt_lookup_num_tokens is not None:
+            kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_num_tokens
         try:
             return SamplingParams(**kwargs, ignore_eos=self.ignore_eos,
                                   stop_token_ids=self.stop_token_ids)
-        except ValueError as exc:  # what is left to refuse: negative stop ids
-            raise RequestError(str(exc).replace("SamplingParams.", ""),
-                               param="stop_token_ids") from None
+        except ValueError as exc:  # what is left to refuse: negative stop ids, lookup length
+            message = str(exc).replace("SamplingParams.", "")
+            param = ("prompt_lookup_num_tokens" if message.startswith("prompt_lookup")
+                     else "stop_token_ids")
+            raise RequestError(message, param=param) from None
 
 
 class CompletionRequest(_Sampling):
