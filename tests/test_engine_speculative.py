@@ -135,6 +135,19 @@ def test_stop_ids_eos_and_length_exact_when_drafts_reach_past_them(max_new):
     assert vocab > 30
 
 
+def test_penalties_and_history_masks_see_the_drafts_before_each_position():
+    """The echo model repeats its last token, lookup drafts repeats too: a repetition penalty,
+    n-gram blocking and bad words must each reject some drafts, exactly as without lookup."""
+    model = echo_model(scale=0.5)
+    prompts = [[5, 9, 9, 9, 9], [3, 4, 3, 4, 3, 4, 3], [6, 7, 8, 6, 7, 8, 6]]
+    engine = Engine(model, block_size=4, num_blocks=80)
+    for extra in (dict(repetition_penalty=1.5), dict(no_repeat_ngram_size=2),
+                  dict(bad_words_ids=[[4, 3], [8, 6, 7]])):
+        kw = dict(temperature=0.0, max_new_tokens=14, ignore_eos=True, **extra)
+        want = outputs(engine, prompts, SamplingParams(**kw))
+        assert outputs(engine, prompts, SamplingParams(prompt_lookup_num_tokens=4, **kw)) == want
+
+
 def test_seeded_sampling_draws_the_same_tokens_with_lookup():
     model = echo_model(scale=0.3)
     prompts = [[5, 9, 9, 9, 9], [3, 4, 3, 4, 3, 4]]

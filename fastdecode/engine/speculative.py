@@ -35,20 +35,22 @@ def propose(seq: Sequence, budget: int, max_model_len: Optional[int]) -> list[in
 
 
 class Position:
-    """A draw after ``token_ids`` = the request's tokens and its first drafts: what the
-    sampler and the history masks read of a request."""
+    """A draw after the request's tokens and its first ``drafts``: what the sampler and the
+    history masks read of a request (``token_ids`` is built only if they read it: for a
+    repetition penalty or a history mask)."""
 
-    __slots__ = ("params", "stop_ids", "token_ids", "num_generated")
+    __slots__ = ("params", "stop_ids", "num_generated", "num_tokens", "_tokens", "_drafts")
 
     def __init__(self, seq: Sequence, drafts: list[int]) -> None:
         self.params: SamplingParams = seq.params
         self.stop_ids = seq.stop_ids
-        self.token_ids = seq.token_ids + drafts
         self.num_generated = seq.num_generated + len(drafts)
+        self.num_tokens = seq.num_tokens + len(drafts)
+        self._tokens, self._drafts = seq.token_ids, drafts
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+    def token_ids(self) -> list[int]:
+        return self._tokens + self._drafts
 
 
 def positions(seqs: list[Sequence], drafts: list[list[int]]) -> list:
