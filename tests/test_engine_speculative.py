@@ -123,14 +123,13 @@ def test_stop_ids_eos_and_length_exact_when_drafts_reach_past_them(max_new):
     model = echo_model(scale=0.5)
     vocab, eos = model.config.vocab_size, model.config.eos_token_id
     prompts = [[7, 8, eos, 7, 8, eos, 7, 8], [4, 11, 12, 4, 11, 12, 4, 11], [9, 9, 9, 9]]
-    engine = Engine(model, block_size=4, num_blocks=80)
+    engine = Engine(model, block_size=4, num_blocks=80, draft_model=model)
     for extra in (dict(), dict(min_new_tokens=min(3, max_new), stop_token_ids=[12, 30]),
                   dict(stop_token_ids=[9], min_new_tokens=max_new // 2)):
         plain = SamplingParams(temperature=0.0, max_new_tokens=max_new, **extra)
-        spec = SamplingParams(temperature=0.0, max_new_tokens=max_new,
-                              prompt_lookup_num_tokens=6, **extra)
         want = outputs(engine, prompts, plain)
-        assert outputs(engine, prompts, spec) == want
+        for spec in (dict(prompt_lookup_num_tokens=6), dict(num_speculative_tokens=6)):
+            assert outputs(engine, prompts, replace(plain, **spec)) == want
         assert all(len(w) <= max_new for w in want)
     assert vocab > 30
 
@@ -152,10 +151,11 @@ def test_seeded_sampling_draws_the_same_tokens_with_lookup():
     model = echo_model(scale=0.3)
     prompts = [[5, 9, 9, 9, 9], [3, 4, 3, 4, 3, 4]]
     kw = dict(temperature=0.9, top_k=6, max_new_tokens=20, ignore_eos=True)
-    engine = Engine(model, block_size=4, num_blocks=80)
+    engine = Engine(model, block_size=4, num_blocks=80, draft_model=tiny_model("qwen2"))
     plain = [SamplingParams(seed=s, **kw) for s in (1, 2)]
-    spec = [SamplingParams(seed=s, prompt_lookup_num_tokens=3, **kw) for s in (1, 2)]
-    assert outputs(engine, prompts, spec) == outputs(engine, prompts, plain)
+    want = outputs(engine, prompts, plain)
+    for spec in (dict(prompt_lookup_num_tokens=3), dict(num_speculative_tokens=3)):
+        assert outputs(engine, prompts, [replace(p, **spec) for p in plain]) == want
 
 
 WARP = dict(temperature=0.8, top_k=4, top_p=1.0, min_p=0.0)
@@ -202,3 +202,75 @@ def test_sampling_follows_the_target_joint_distribution(verifier, monkeypatch):
 def test_invalid_speculation_parameters_are_refused(field, value, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**{field: value})
+
+
+def acceptance(monkeypatch) -> dict:
+    """Counts draft tokens proposed and kept by the Engine's verifier."""
+    seen = {"proposed": 0, "kept": 0}
+    accept = speculative.accept
+
+    def counted(drawn, drafts):
+        new = accept(drawn, drafts)
+        seen["proposed"] += sum(map(len, drafts))
+        seen["kept"] += sum(len(n) - 1 for n in new)
+        return new
+    monkeypatch.setattr(speculative, "accept", counted)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_draft_model_greedy_equals_plain_engine_mixed(family, monkeypatch):
+    model = tiny_model(family)
+    draft = tiny_model("llama")  # another model of the same vocabulary (sizes differ)
+    vocab = model.config.vocab_size
+    prompts = [repetitive(n, vocab, seed) for seed, n in enumerate([13, 5, 21, 30])]
+    plain = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
+             for n in (24, 17, 30, 9)]
+    ref = outputs(Engine(model, block_size=4, num_blocks=200), prompts, plain)
+    for candidate in (draft, model):  # mostly rejected; the target itself: always accepted
+        seen = acceptance(monkeypatch)
+        mixed = [replace(p, num_speculative_tokens=k) for p, k in zip(plain, (4, 0, 3, 2))]
+        engine = Engine(model, block_size=4, num_blocks=200, draft_model=candidate)
+        assert outputs(engine, prompts, mixed) == ref
+        assert engine.stats["free_blocks"] == engine.stats["num_blocks"]
+        # The draft's cache is in step with the target's: a copy of it drafts the same tokens.
+        assert seen["proposed"] > 0 and (candidate is draft or seen["kept"] == seen["proposed"])
+
+
+def test_draft_model_under_preemption_abort_and_prefix_cache(monkeypatch):
+    """The target as its own draft: every draft is kept only if the draft's cache stays in
+    step through preemption (recomputed), prefix-cache hits and aborts."""
+    seen = acceptance(monkeypatch)
+    model = tiny_model("llama")
+    vocab = model.config.vocab_size
+    prompts = [repetitive(n, vocab, seed) for seed, n in enumerate([11, 18, 7, 25, 14, 9])]
+    plain = SamplingParams(temperature=0.0, max_new_tokens=28, ignore_eos=True)
+    spec = replace(plain, num_speculative_tokens=3)
+    ref = outputs(Engine(model, block_size=4), prompts, plain)
+    small = Engine(model, block_size=4, num_blocks=22, draft_model=model)
+    assert outputs(small, prompts, [spec, plain] * 3) == ref
+    assert outputs(small, prompts, [spec] * 6) == ref  # prompts from the prefix cache
+    assert small.stats["preemptions"] > 0
+    engine = Engine(model, block_size=4, num_blocks=60, draft_model=model)
+    ids = [engine.add_request(p, spec) for p in prompts]
+    for _ in range(3):
+        engine.step()
+    engine.abort(ids[1])
+    finals = {}
+    while engine.has_unfinished():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert [list(finals[r].output_ids) for r in ids if r != ids[1]] == ref[:1] + ref[2:]
+    assert engine.stats["free_blocks"] == engine.stats["num_blocks"]
+    assert seen["proposed"] > 0 and seen["kept"] == seen["proposed"]
+
+
+def test_draft_model_parameters_are_checked():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="num_speculative_tokens needs a draft model"):
+        Engine(model, num_blocks=8).add_request([3, 4], SamplingParams(num_speculative_tokens=2))
+    with pytest.raises(ValueError, match="at most one of prompt_lookup_num_tokens"):
+        SamplingParams(num_speculative_tokens=2, prompt_lookup_num_tokens=2)
+    with pytest.raises(ValueError, match="cannot be combined with repetition_penalty"):
+        SamplingParams(num_speculative_tokens=2, repetition_penalty=1.2)
+    with pytest.raises(ValueError, match="num_speculative_tokens must be an integer >= 0"):
+        SamplingParams(num_speculative_tokens=-1)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from fastdecode.engine import speculative
 from fastdecode.engine.block_manager import cdiv
+from fastdecode.engine.draft import DraftJob, DraftRunner
 from fastdecode.engine.history_masks import HistoryMasks
 from fastdecode.engine.scheduler import ScheduledBatch
 from fastdecode.plan import Sampler, SamplingBatch, StepPlan, sampling
@@ -64,7 +65,8 @@ class StepInputs:
     apply first; rows: the batch entries that draw a token; num_entries: the batch's entries;
     masks: n-gram / bad-words bans of the drawn positions' logits (None when no row asks);
     drafts: the speculative drafts of each drawing entry (None when no entry has one: one
-    draw per entry).
+    draw per entry); jobs: the draft model's work, with the index in ``drafts`` of each (its
+    PENDING drafts are filled in at the start of the step).
     Everything was read from the requests by ``prepare``: ``run`` touches no request."""
 
     plan: StepPlan
@@ -74,6 +76,7 @@ class StepInputs:
     num_entries: int
     masks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     drafts: Optional[list[list[int]]] = None
+    jobs: list[tuple[int, DraftJob]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -94,6 +97,15 @@ class ModelRunner:
         self.planner = self.paged.planner(sampling.FIELDS)
         self.sampler = Sampler(model.config.get_text_config().vocab_size, self.device)
         self._history_masks = HistoryMasks(self.device)
+        self.draft: Optional[DraftRunner] = None
+        self._kv_dtype = kv_dtype
+
+    def attach_draft(self, model) -> None:
+        """Give requests with ``num_speculative_tokens`` a draft model (its cache mirrors this
+        runner's: same block count and size)."""
+        self.draft = DraftRunner(model, vocab_size=self.sampler.vocab_size,
+                                 block_size=self.block_size, num_blocks=self.num_blocks,
+                                 kv_dtype=self._kv_dtype, device=self.device)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The step's plan, read from the requests now and sent to the device in one copy.
@@ -127,7 +139,20 @@ class ModelRunner:
             stage_more=stage if rows else None)
         masks = (self._history_masks.prepare(drawing) if HistoryMasks.needed(drawing) else None)
         return StepInputs(plan, staged[0] if staged else None, list(batch.block_copies), rows,
-                          len(seqs), masks, drafts)
+                          len(seqs), masks, drafts, self._jobs(batch, rows))
+
+    @staticmethod
+    def _jobs(batch: ScheduledBatch, rows: list[int]) -> list[tuple[int, DraftJob]]:
+        """The draft model's work of the step, read from the requests now."""
+        ends = list(itertools.accumulate(batch.num_new))
+        jobs = []
+        for j, i in enumerate(rows):
+            d = batch.drafts[i] if batch.drafts else []
+            if d and d[0] == speculative.PENDING:
+                seq = batch.seqs[i]
+                jobs.append((j, DraftJob(seq.token_ids[-1], seq.num_computed,
+                                         list(seq.block_table), len(d), ends[i] - len(d))))
+        return jobs
 
     @torch.inference_mode()
     def run(self, step: StepInputs) -> tuple[list[Optional[list[int]]], dict[int, str]]:
@@ -138,8 +163,19 @@ class ModelRunner:
         its sequence's end; and, for entries whose sampling raised, why. A forward-pass failure raises (it is no single request's fault).
         """
         self.paged.kv.copy_blocks(step.copies)
-        plan = step.plan
+        plan, drafts = step.plan, step.drafts
+        if step.jobs:
+            self.draft.paged.kv.copy_blocks(step.copies)
+            drafts = list(drafts)
+            made = self.draft.draft([job for _, job in step.jobs])
+            for (j, job), d in zip(step.jobs, made):
+                drafts[j] = d
+                plan.input_ids[job.offset:job.offset + job.count] = torch.tensor(d)
         logits = self.paged.forward(plan.input_ids, plan.positions, plan)
+        if self.draft is not None:
+            if not step.jobs:
+                self.draft.paged.kv.copy_blocks(step.copies)
+            self.draft.mirror(plan)
         tokens: list[Optional[list[int]]] = [None] * step.num_entries
         errors: dict[int, str] = {}
         if step.rows and step.sampling is not None:
@@ -149,11 +185,11 @@ class ModelRunner:
             failed.update((j, f"sampling failed: {why}") for j, why in
                           step.sampling.errors.items())
             owner = list(range(len(step.rows)))  # the drawing entry of each drawn position
-            if step.drafts is None:
+            if drafts is None:
                 new = [[tok] for tok in drawn]
             else:
-                new = speculative.accept(drawn, step.drafts)
-                owner = [j for j, d in enumerate(step.drafts) for _ in range(len(d) + 1)]
+                new = speculative.accept(drawn, drafts)
+                owner = [j for j, d in enumerate(drafts) for _ in range(len(d) + 1)]
             for i, toks in zip(step.rows, new):
                 tokens[i] = toks
             errors = {step.rows[owner[j]]: why for j, why in failed.items()}

@@ -144,9 +144,10 @@ class Scheduler:
         return out
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
-        """Draft tokens for this step of ``seq``: none unless it decodes with prompt lookup,
-        and none when their blocks are not free (a plain step, not a preemption)."""
-        if not (seq.params.prompt_lookup_num_tokens and is_decode(seq)):
+        """Draft tokens for this step of ``seq``: none unless it decodes with speculation, and
+        none when their blocks are not free (a plain step, not a preemption)."""
+        p = seq.params
+        if not ((p.prompt_lookup_num_tokens or p.num_speculative_tokens) and is_decode(seq)):
             return []
         draft = speculative.propose(seq, budget, self.max_model_len)
         if draft and not self.blocks.can_append(seq.block_table, seq.num_computed,

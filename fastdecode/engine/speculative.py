@@ -1,7 +1,9 @@
-"""Speculative decoding per request in the Engine (prompt lookup).
+"""Speculative decoding per request in the Engine (prompt lookup, or a draft model).
 
 A decode step of a request with ``prompt_lookup_num_tokens`` feeds its last token and ``k``
-draft tokens (:func:`fastdecode.speculation.lookup_draft`) in the step's packed forward pass.
+draft tokens (:func:`fastdecode.speculation.lookup_draft`) in the step's packed forward pass;
+with ``num_speculative_tokens`` the scheduler reserves ``k`` slots (:data:`PENDING` tokens)
+that the draft model fills at the start of the step (:mod:`fastdecode.engine.draft`).
 The step draws a token after each of the ``k + 1`` positions with the request's own sampling
 parameters (a :class:`Position` per draw: its history includes the drafts before it, so
 penalties, n-gram / bad-words bans and ``min_new_tokens`` apply as they would without
@@ -21,16 +23,23 @@ from fastdecode.engine.sequence import Sequence
 from fastdecode.speculation import accepted_prefix, lookup_draft
 
 
+# A draft token the draft model is yet to propose.
+PENDING = -1
+
+
 def propose(seq: Sequence, budget: int, max_model_len: Optional[int]) -> list[int]:
-    """The draft of a decode step of ``seq`` with at most ``budget`` tokens in all; drafts
-    never reach past max_new_tokens or the context (the step adds a token after them)."""
+    """The draft of a decode step of ``seq`` with at most ``budget`` tokens in all (PENDING
+    tokens for a draft model); drafts never reach past max_new_tokens or the context (the step
+    adds a token after them)."""
     p = seq.params
-    room = min(p.prompt_lookup_num_tokens, budget - 1,
+    room = min(p.prompt_lookup_num_tokens or p.num_speculative_tokens, budget - 1,
                p.max_new_tokens - seq.num_generated - 1)
     if max_model_len is not None:
         room = min(room, max_model_len - seq.num_tokens - 1)
     if room <= 0:
         return []
+    if p.num_speculative_tokens:
+        return [PENDING] * room
     return lookup_draft(seq.token_ids, p.max_matching_ngram_size, room, seq.stop_ids)
 
 
