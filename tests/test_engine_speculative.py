@@ -1,7 +1,8 @@
-"""Speculative decoding per request in the Engine (prompt lookup): greedy output token for token
-the Engine's own without it (and fastdecode.generate's), mixed with plain requests, under
-preemption and abort; sampled output with the target's distribution; stop ids, EOS and
-max_new_tokens exact when drafts reach past them; rejected drafts' blocks given back."""
+"""Speculative decoding per request in the Engine (prompt lookup, a draft model): greedy output
+token for token the Engine's own without it (and fastdecode.generate's), mixed with plain
+requests, under preemption, prefix-cache hits and abort; sampled output with the target's
+distribution (seeded: the same tokens); stop ids, EOS and max_new_tokens exact when drafts
+reach past them; rejected drafts' blocks given back; the draft model's cache kept in step."""
 
 from __future__ import annotations
 
@@ -49,6 +50,20 @@ def counting_steps(monkeypatch) -> dict:
     return seen
 
 
+def acceptance(monkeypatch) -> dict:
+    """Counts draft tokens proposed and kept by the Engine's verifier."""
+    seen = {"proposed": 0, "kept": 0}
+    accept = speculative.accept
+
+    def counted(drawn, drafts):
+        new = accept(drawn, drafts)
+        seen["proposed"] += sum(map(len, drafts))
+        seen["kept"] += sum(len(n) - 1 for n in new)
+        return new
+    monkeypatch.setattr(speculative, "accept", counted)
+    return seen
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_greedy_lookup_equals_plain_engine_and_generate_mixed(family, monkeypatch):
     model = tiny_model(family)
@@ -89,31 +104,6 @@ def test_accepted_drafts_save_steps_and_rollback_frees_blocks():
     blocks.append_slots(table, 0, 11)  # 3 blocks: a verify step's last token and drafts
     blocks.truncate(table, 5)          # 5 tokens kept: the third block held rejected drafts
     assert len(table) == 2 and blocks.num_free_blocks == 6
-
-
-def test_preemption_and_abort_keep_outputs_exact():
-    model = tiny_model("llama")
-    vocab = model.config.vocab_size
-    prompts = [repetitive(n, vocab, seed) for seed, n in enumerate([11, 18, 7, 25, 14, 9])]
-    plain = SamplingParams(temperature=0.0, max_new_tokens=28, ignore_eos=True)
-    spec = SamplingParams(temperature=0.0, max_new_tokens=28, ignore_eos=True,
-                          prompt_lookup_num_tokens=4)
-    ref = outputs(Engine(model, block_size=4), prompts, plain)
-    small = Engine(model, block_size=4, num_blocks=22, enable_prefix_caching=False)
-    assert outputs(small, prompts, [spec, plain] * 3) == ref
-    assert small.stats["preemptions"] > 0
-    assert small.stats["free_blocks"] == small.stats["num_blocks"]
-    engine = Engine(model, block_size=4, num_blocks=60)
-    ids = [engine.add_request(p, spec) for p in prompts]
-    for _ in range(3):
-        engine.step()
-    engine.abort(ids[1])
-    finals = {}
-    while engine.has_unfinished():
-        finals.update({o.request_id: o for o in engine.step() if o.finished})
-    assert finals[ids[1]].finish_reason == "abort"
-    assert [list(finals[r].output_ids) for r in ids if r != ids[1]] == ref[:1] + ref[2:]
-    assert engine.stats["free_blocks"] == engine.stats["num_blocks"]
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 5, 13])
@@ -204,20 +194,6 @@ def test_invalid_speculation_parameters_are_refused(field, value, match):
         SamplingParams(**{field: value})
 
 
-def acceptance(monkeypatch) -> dict:
-    """Counts draft tokens proposed and kept by the Engine's verifier."""
-    seen = {"proposed": 0, "kept": 0}
-    accept = speculative.accept
-
-    def counted(drawn, drafts):
-        new = accept(drawn, drafts)
-        seen["proposed"] += sum(map(len, drafts))
-        seen["kept"] += sum(len(n) - 1 for n in new)
-        return new
-    monkeypatch.setattr(speculative, "accept", counted)
-    return seen
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_draft_model_greedy_equals_plain_engine_mixed(family, monkeypatch):
     model = tiny_model(family)
@@ -237,21 +213,24 @@ def test_draft_model_greedy_equals_plain_engine_mixed(family, monkeypatch):
         assert seen["proposed"] > 0 and (candidate is draft or seen["kept"] == seen["proposed"])
 
 
-def test_draft_model_under_preemption_abort_and_prefix_cache(monkeypatch):
-    """The target as its own draft: every draft is kept only if the draft's cache stays in
-    step through preemption (recomputed), prefix-cache hits and aborts."""
+@pytest.mark.parametrize("drafter", ["lookup", "model"])
+def test_preemption_abort_and_prefix_cache_keep_outputs_exact(drafter, monkeypatch):
+    """Outputs equal to plain greedy through preemption (recomputed), prefix-cache hits and an
+    abort. With the target as its own draft, every draft is kept only if the draft's cache
+    stays in step with the target's."""
     seen = acceptance(monkeypatch)
     model = tiny_model("llama")
     vocab = model.config.vocab_size
     prompts = [repetitive(n, vocab, seed) for seed, n in enumerate([11, 18, 7, 25, 14, 9])]
     plain = SamplingParams(temperature=0.0, max_new_tokens=28, ignore_eos=True)
-    spec = replace(plain, num_speculative_tokens=3)
+    spec, kw = ((replace(plain, prompt_lookup_num_tokens=4), {}) if drafter == "lookup" else
+                (replace(plain, num_speculative_tokens=3), dict(draft_model=model)))
     ref = outputs(Engine(model, block_size=4), prompts, plain)
-    small = Engine(model, block_size=4, num_blocks=22, draft_model=model)
+    small = Engine(model, block_size=4, num_blocks=22, **kw)
     assert outputs(small, prompts, [spec, plain] * 3) == ref
     assert outputs(small, prompts, [spec] * 6) == ref  # prompts from the prefix cache
-    assert small.stats["preemptions"] > 0
-    engine = Engine(model, block_size=4, num_blocks=60, draft_model=model)
+    assert small.stats["preemptions"] > 0 and small.stats["prefix_cache_hits"] > 0
+    engine = Engine(model, block_size=4, num_blocks=60, **kw)
     ids = [engine.add_request(p, spec) for p in prompts]
     for _ in range(3):
         engine.step()
@@ -259,9 +238,10 @@ def test_draft_model_under_preemption_abort_and_prefix_cache(monkeypatch):
     finals = {}
     while engine.has_unfinished():
         finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert finals[ids[1]].finish_reason == "abort"
     assert [list(finals[r].output_ids) for r in ids if r != ids[1]] == ref[:1] + ref[2:]
     assert engine.stats["free_blocks"] == engine.stats["num_blocks"]
-    assert seen["proposed"] > 0 and seen["kept"] == seen["proposed"]
+    assert seen["proposed"] > 0 and (drafter == "lookup" or seen["kept"] == seen["proposed"])
 
 
 def test_draft_model_parameters_are_checked():
