@@ -165,6 +165,9 @@ def test_seeded_sampling_is_reproducible(client):
     (dict(extra_body={"stop_token_ids": [10 ** 6]}), None, "vocabulary"),
     (dict(extra_body={"prompt_lookup_num_tokens": -2}), "prompt_lookup_num_tokens",
      "prompt_lookup_num_tokens must be an integer >= 0"),
+    (dict(extra_body={"num_speculative_tokens": 2, "repetition_penalty": 1.2}),
+     "num_speculative_tokens", "cannot be combined with repetition_penalty"),
+    (dict(extra_body={"num_speculative_tokens": 2}), None, "needs a draft model"),
 ])
 def test_bad_fields_get_openai_style_400(client, served, kwargs, param, match):
     with pytest.raises(openai.BadRequestError, match=match) as info:
