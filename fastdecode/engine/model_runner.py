@@ -160,12 +160,14 @@ class ModelRunner:
 
         Returns ``(tokens, errors)``: per batch entry its new tokens (the accepted drafts, then
         the token drawn after them; -1: no finite logit) or None for a prompt chunk short of
-        its sequence's end; and, for entries whose sampling raised, why. A forward-pass failure raises (it is no single request's fault).
+        its sequence's end; and, for entries whose sampling raised, why. A forward-pass
+        failure raises (it is no single request's fault).
         """
         self.paged.kv.copy_blocks(step.copies)
+        if self.draft is not None:
+            self.draft.paged.kv.copy_blocks(step.copies)
         plan, drafts = step.plan, step.drafts
         if step.jobs:
-            self.draft.paged.kv.copy_blocks(step.copies)
             drafts = list(drafts)
             made = self.draft.draft([job for _, job in step.jobs])
             for (j, job), d in zip(step.jobs, made):
@@ -173,8 +175,6 @@ class ModelRunner:
                 plan.input_ids[job.offset:job.offset + job.count] = torch.tensor(d)
         logits = self.paged.forward(plan.input_ids, plan.positions, plan)
         if self.draft is not None:
-            if not step.jobs:
-                self.draft.paged.kv.copy_blocks(step.copies)
             self.draft.mirror(plan)
         tokens: list[Optional[list[int]]] = [None] * step.num_entries
         errors: dict[int, str] = {}

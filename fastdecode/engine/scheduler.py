@@ -4,13 +4,15 @@ Each step packs, under ``max_batch_tokens``: first one decode token per running 
 (oldest first), then the next chunks of prompts being prefilled, then chunks of waiting prompts
 admitted in FIFO order while ``max_num_seqs`` and the free blocks allow. A prompt whose first
 full blocks are in the block manager's prefix cache (or are filled earlier in the same step)
-starts after them (at least one token is always computed, to draw the first new token from). When a running request needs a block and
-none is free, the newest running request is preempted: its blocks are freed and it goes back to
-the front of the waiting queue, to be recomputed (prompt + generated tokens, from the prefix
-cache where its blocks are still there) once blocks are free again. A decode step of a request with prompt lookup also feeds its draft
-tokens (:mod:`fastdecode.engine.speculative`) when the budget and the free blocks allow; the
-slots of rejected drafts are given back in ``postprocess``. ``postprocess`` applies a step's
-results: every change to a request's state after scheduling happens there. No torch here.
+starts after them (at least one token is always computed, to draw the first new token from).
+When a running request needs a block and none is free, the newest running request is
+preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
+recomputed (prompt + generated tokens, from the prefix cache where its blocks are still there)
+once blocks are free again. A decode step of a request with speculation (prompt lookup, or a
+draft model) also feeds its draft tokens (:mod:`fastdecode.engine.speculative`) when the budget
+and the free blocks allow; the slots of rejected drafts are given back in ``postprocess``.
+``postprocess`` applies a step's results: every change to a request's state after scheduling
+happens there. No torch here.
 """
 
 from __future__ import annotations
