@@ -151,27 +151,32 @@ def test_seeded_sampling_draws_the_same_tokens_with_lookup():
 WARP = dict(temperature=0.8, top_k=4, top_p=1.0, min_p=0.0)
 
 
-def sampled_joint(model, prompt: list[int], rows: int, steps: int) -> torch.Tensor:
+def sampled_joint(model, prompt: list[int], rows: int, steps: int, drafter: str) -> torch.Tensor:
+    """[rows, steps] tokens of ``rows`` requests of one prompt, sampled with speculation."""
+    extra, kw = ((dict(prompt_lookup_num_tokens=2), {}) if drafter == "lookup" else
+                 (dict(num_speculative_tokens=2), dict(draft_model=echo_model(scale=1.0))))
     engine = Engine(model, block_size=4, num_blocks=rows * 4, max_num_seqs=rows,
-                    max_batch_tokens=rows * 8, enable_prefix_caching=False)
-    params = SamplingParams(max_new_tokens=steps, ignore_eos=True, prompt_lookup_num_tokens=2,
-                            **WARP)
+                    max_batch_tokens=rows * 8, enable_prefix_caching=False, **kw)
+    params = SamplingParams(max_new_tokens=steps, ignore_eos=True, **extra, **WARP)
     torch.manual_seed(3)
     return torch.tensor(outputs(engine, [prompt] * rows, params))
 
 
-@pytest.mark.parametrize("verifier", ["engine", "accept_all"])
-def test_sampling_follows_the_target_joint_distribution(verifier, monkeypatch):
-    """Joint frequencies of 4 new tokens over 2000 requests of one prompt (lookup drafts of the
-    prompt's run are accepted or rejected) against the exact joint; a verifier that keeps every
-    draft must fail the same test."""
+@pytest.mark.parametrize("drafter, verifier", [("lookup", "engine"), ("lookup", "accept_all"),
+                                               ("model", "engine"), ("model", "accept_all")])
+def test_sampling_follows_the_target_joint_distribution(drafter, verifier, monkeypatch):
+    """Joint frequencies of 4 new tokens over 2000 requests of one prompt against the exact
+    joint. The drafts (lookup: the prompt's run; model: the echo model's greedy repeats) are
+    accepted or rejected; a verifier that keeps every draft must fail the same test."""
     model = echo_model(scale=0.25)
     prompt = [17, 40, 23, 23, 23, 23]
+    seen = acceptance(monkeypatch)
     if verifier == "accept_all":
         def keep_all(choice, drafts, lengths):
             return lengths, choice.gather(1, lengths[:, None])[:, 0]
         monkeypatch.setattr(speculative, "accepted_prefix", keep_all)
-    out = sampled_joint(model, prompt, rows=2000, steps=4)
+    out = sampled_joint(model, prompt, rows=2000, steps=4, drafter=drafter)
+    assert 0 < seen["kept"] < seen["proposed"] or verifier == "accept_all"
     joint = exact_joint(model, torch.tensor(prompt), 4, WARP)
     cells = {seq: i for i, seq in enumerate(joint)}
     index = torch.tensor([cells.get(tuple(r), -1) for r in out.tolist()])
