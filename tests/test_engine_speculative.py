@@ -38,18 +38,6 @@ def outputs(engine: Engine, prompts, params) -> list[list[int]]:
     return [list(o.output_ids) for o in engine.generate(prompts, params)]
 
 
-def counting_steps(monkeypatch) -> dict:
-    """Counts Engine steps that fed draft tokens."""
-    seen = {"drafted": 0}
-    prepare = fastdecode.engine.model_runner.ModelRunner.prepare
-
-    def counted(self, batch):
-        seen["drafted"] += any(batch.drafts)
-        return prepare(self, batch)
-    monkeypatch.setattr(fastdecode.engine.model_runner.ModelRunner, "prepare", counted)
-    return seen
-
-
 def acceptance(monkeypatch) -> dict:
     """Counts draft tokens proposed and kept by the Engine's verifier."""
     seen = {"proposed": 0, "kept": 0}
@@ -74,9 +62,12 @@ def test_greedy_lookup_equals_plain_engine_and_generate_mixed(family, monkeypatc
     mixed = [replace(p, prompt_lookup_num_tokens=k)
              for p, k in zip(plain, (4, 0, 3, 1, 0))]
     ref = outputs(Engine(model, block_size=4, num_blocks=200), prompts, plain)
-    drafted = counting_steps(monkeypatch)
-    assert outputs(Engine(model, block_size=4, num_blocks=200), prompts, mixed) == ref
-    assert drafted["drafted"] > 0
+    seen = acceptance(monkeypatch)
+    engine = Engine(model, block_size=4, num_blocks=200)
+    assert outputs(engine, prompts, mixed) == ref
+    assert seen["proposed"] > 0
+    assert (engine.stats["draft_tokens"], engine.stats["accepted_draft_tokens"]) == (
+        seen["proposed"], seen["kept"])
     for prompt, p, want in zip(prompts, plain, ref):
         ids = torch.tensor([prompt])
         alone = fastdecode.generate(model, ids, attention_mask=torch.ones_like(ids),

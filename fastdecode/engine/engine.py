@@ -288,7 +288,8 @@ class Engine:
     def stats(self) -> dict[str, Union[int, float]]:
         """Requests running / waiting, KV blocks free (cached blocks nobody holds count as
         free), preemptions so far, the last step's prefill / decode token counts, the tokens
-        generated so far, and the prefix cache: blocks cached, tokens looked up and found."""
+        generated so far, the prefix cache: blocks cached, tokens looked up and found, and
+        speculative decoding: draft tokens verified and accepted so far."""
         with self._lock:
             return {"running": len(self.scheduler.running),
                     "waiting": len(self.scheduler.waiting),
@@ -300,4 +301,6 @@ class Engine:
                     "cached_blocks": self.blocks.num_cached_blocks,
                     "prefix_cache_queries": self.blocks.num_queried_tokens,
                     "prefix_cache_hits": self.blocks.num_hit_tokens,
-                    "prefix_cache_hit_rate": self.blocks.hit_rate}
+                    "prefix_cache_hit_rate": self.blocks.hit_rate,
+                    "draft_tokens": self.scheduler.num_draft_tokens,
+                    "accepted_draft_tokens": self.scheduler.num_accepted_drafts}

@@ -69,6 +69,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_generated = 0
+        self.num_draft_tokens = 0     # speculative drafts verified so far
+        self.num_accepted_drafts = 0  # of which kept
         # Requests admitted on blocks a step was to fill, until that step's results come.
         self._unconfirmed: list[Sequence] = []
 
@@ -219,6 +221,9 @@ class Scheduler:
                     error = "the sampler found no finite logit (NaN or all -inf logits)"
                 reason = None
                 if error is None:
+                    if drafted:
+                        self.num_draft_tokens += drafted
+                        self.num_accepted_drafts += len(new) - 1
                     reason = self._take(seq, new)
                     # The accepted drafts' keys and values are in the cache; the rest go.
                     seq.num_computed = min(seq.num_computed + len(new) - 1, seq.num_tokens)
