@@ -9,6 +9,8 @@ produces the very same tokens). Variants, each timed alternately with plain deco
   embeddings, final norm and head (a self-speculative draft): acceptance is what a correlated draft
   gets from this target.
 - ``prompt-lookup``: a prompt that repeats one phrase, drafts looked up in the sequence.
+- ``engine-lookup``: the same prompt through ``fastdecode.Engine``, one request with
+  ``SamplingParams(prompt_lookup_num_tokens=...)`` against the same request without it.
 - ``trained-layers``: the shipped trained 3.5M default model (4 layers) as the target and its
   first ``--trained-draft-layers`` layers with its head as the draft: what a draft correlated with
   a trained target gets (random weights decorrelate the layers, so ``draft-layers`` gets little).
@@ -33,20 +35,31 @@ import transformers
 
 import fastdecode
 from common import Report
+from fastdecode import Engine, SamplingParams
+from fastdecode.engine import speculative as engine_speculative
 from fastdecode.hf import speculative
 from fastdecode.hf.default_model import DEFAULT_MODEL_DIR
 from tiny import default_model
 
 
 class Acceptance:
-    """Counts kept / proposed draft tokens by wrapping the verifier while enabled."""
+    """Counts kept / proposed draft tokens by wrapping the verifiers (generate's and the
+    Engine's) while enabled."""
 
     def __init__(self):
         self.kept = self.proposed = 0
         self._call = speculative.Verifier.__call__
+        self._accept = engine_speculative.accept
 
     def __enter__(self):
-        counter, call = self, self._call
+        counter, call, accept = self, self._call, self._accept
+
+        def engine_counted(drawn, drafts):
+            new = accept(drawn, drafts)
+            counter.kept += sum(len(n) - 1 for n in new)
+            counter.proposed += sum(map(len, drafts))
+            return new
+        engine_speculative.accept = engine_counted
 
         def counted(verifier, logits, drafts, lengths, probs):
             accepted, following = call(verifier, logits, drafts, lengths, probs)
@@ -58,6 +71,7 @@ class Acceptance:
 
     def __exit__(self, *exc):
         speculative.Verifier.__call__ = self._call
+        engine_speculative.accept = self._accept
 
     @property
     def rate(self) -> float:
@@ -86,6 +100,20 @@ def layer_draft(target, layers: int) -> transformers.PreTrainedModel:
     return draft
 
 
+def engine_runs(model, ids: torch.Tensor, new_tokens: int, lookup: int):
+    """(plain, speculative) runs of the prompt ``ids`` [1, L] through one Engine -> [1, L + new]
+    greedy sequences."""
+    engine = Engine(model, num_blocks=-(-(ids.shape[1] + new_tokens) // 16) + 1,
+                    enable_prefix_caching=False)
+
+    def run(k: int) -> torch.Tensor:
+        params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, prompt_lookup_num_tokens=k)
+        out = engine.generate([ids[0].tolist()], params)[0].output_ids
+        return torch.cat([ids, torch.tensor([list(out)])], 1)
+    return lambda: run(0), lambda: run(lookup)
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -103,7 +131,7 @@ def main() -> None:
     parser.add_argument("--draft-layers", type=int, default=8)
     parser.add_argument("--trained-draft-layers", type=int, default=2)
     parser.add_argument("--variants",
-                        default="draft-small,draft-layers,prompt-lookup,trained-layers")
+                        default="draft-small,draft-layers,prompt-lookup,engine-lookup,trained-layers")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -117,11 +145,23 @@ def main() -> None:
     repetitive = phrase.repeat(1, -(-args.prompt_len // 8))[:, :args.prompt_len]
     builders = {"draft-small": lambda: small_draft(model),
                 "draft-layers": lambda: layer_draft(model, args.draft_layers)}
+    # min_new_tokens: a random model may emit EOS early. fallback="error": never time
+    # model.generate by accident.
+    common = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                  do_sample=False, fallback="error")
+
+    def generate_runs(target, ids, extra):
+        mask = torch.ones_like(ids)
+        return (lambda: fastdecode.generate(target, ids, attention_mask=mask, **common),
+                lambda: fastdecode.generate(target, ids, attention_mask=mask, **common, **extra))
     variants = {}
     for name in args.variants.split(","):
         if name == "prompt-lookup":
-            variants[name] = (model, repetitive,
-                              dict(prompt_lookup_num_tokens=args.lookup_tokens))
+            variants[name] = generate_runs(model, repetitive,
+                                           dict(prompt_lookup_num_tokens=args.lookup_tokens))
+            continue
+        if name == "engine-lookup":
+            variants[name] = engine_runs(model, repetitive, args.new_tokens, args.lookup_tokens)
             continue
         if name == "trained-layers":
             target = transformers.AutoModelForCausalLM.from_pretrained(
@@ -131,24 +171,16 @@ def main() -> None:
         else:
             target, ids, draft = model, random_prompt, builders[name]()
         draft.generation_config.num_assistant_tokens = args.draft_tokens
-        variants[name] = (target, ids, dict(assistant_model=draft))
-    # min_new_tokens: a random model may emit EOS early. fallback="error": never time
-    # model.generate by accident.
-    common = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                  do_sample=False, fallback="error")
+        variants[name] = generate_runs(target, ids, dict(assistant_model=draft))
     rows = []
-    for name, (target, ids, extra) in variants.items():
-        mask = torch.ones_like(ids)
-        plain = fastdecode.generate(target, ids, attention_mask=mask, **common)
-        fast = fastdecode.generate(target, ids, attention_mask=mask, **common, **extra)
-        assert torch.equal(plain, fast), f"{name}: speculative output differs from plain greedy"
+    for name, (plain_run, spec_run) in variants.items():
+        assert torch.equal(plain_run(), spec_run()), (
+            f"{name}: speculative output differs from plain greedy")
         times = {"plain": [], "spec": []}
         with Acceptance() as acceptance:
             for _ in range(args.repeats):
-                times["plain"].append(timed(lambda: fastdecode.generate(
-                    target, ids, attention_mask=mask, **common)))
-                times["spec"].append(timed(lambda: fastdecode.generate(
-                    target, ids, attention_mask=mask, **common, **extra)))
+                times["plain"].append(timed(plain_run))
+                times["spec"].append(timed(spec_run))
         plain_t, spec_t = statistics.median(times["plain"]), statistics.median(times["spec"])
         rows.append(dict(variant=name, new_tokens=args.new_tokens,
                          plain_tok_s=round(args.new_tokens / plain_t, 2),
@@ -163,7 +195,8 @@ def main() -> None:
         f"num_assistant_tokens {args.draft_tokens}, prompt_lookup_num_tokens "
         f"{args.lookup_tokens}, draft-layers = first {args.draft_layers} of "
         f"{model.config.num_hidden_layers} layers; trained-layers: the shipped 3.5M model "
-        f"drafted by its first {args.trained_draft_layers} layers. "
+        f"drafted by its first {args.trained_draft_layers} layers; engine-lookup: the Engine, "
+        f"one request, with and without prompt_lookup_num_tokens. "
         f"transformers {transformers.__version__}, "
         f"fastdecode {fastdecode.__version__}. Median of {args.repeats} runs alternating with "
         "plain decoding (the machine is shared). Every variant's output was checked equal to "

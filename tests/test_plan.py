@@ -88,6 +88,12 @@ def test_padded_decode_rows_are_inert_and_logits_rows_pick_last_tokens():
     packed = planner.build([3, 1, 2], [3, 5, 2], [[0], [1, 2], [3]], token_ids=range(6),
                            logits_rows=[0, 2])
     assert packed.logits_indices.tolist() == [2, 5]
+    verify = planner.build([3, 1, 2], [3, 5, 2], [[0], [1, 2], [3]], token_ids=range(6),
+                           logits_rows=[0, 2], logits_counts=[3, 2])
+    assert verify.logits_indices.tolist() == [0, 1, 2, 4, 5]
+    every = planner.build([3, 1, 2], [3, 5, 2], [[0], [1, 2], [3]], token_ids=range(6),
+                          logits_counts=[1, 1, 2])
+    assert every.logits_indices.tolist() == [2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -93,7 +93,7 @@ def test_scheduler_starts_a_prompt_after_its_cached_blocks(suffix):
     first = sequence("a", shared + [40] * suffix, 0)
     sched.add(first)
     batch = sched.schedule()
-    sched.postprocess(batch, [50], {})
+    sched.postprocess(batch, [[50]], {})
     second = sequence("b", shared + [41] * suffix, 1)
     sched.add(second)
     batch = sched.schedule()

@@ -123,14 +123,16 @@ def test_chat_template_of_the_tokenizer_is_used(model_and_tokenizer):
                                                              add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_stop_string_ends_the_text_before_it(client, stream):
+@pytest.mark.parametrize("stream, lookup", [(False, 0), (True, 0), (False, 3), (True, 3)])
+def test_stop_string_ends_the_text_before_it(client, stream, lookup):
+    """Also with prompt lookup, whose steps may bring several tokens past the stop string."""
     whole = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24,
                                       temperature=0).choices[0].text
     stop = whole[len(whole) // 2:len(whole) // 2 + 3]
     expected = whole[:whole.index(stop)]
     r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0,
-                                  stop=[stop, "never appears"], stream=stream)
+                                  stop=[stop, "never appears"], stream=stream,
+                                  extra_body={"prompt_lookup_num_tokens": lookup})
     if stream:
         chunks = [c.choices[0] for c in r]
         text, reason = "".join(c.text for c in chunks), chunks[-1].finish_reason
@@ -161,6 +163,11 @@ def test_seeded_sampling_is_reproducible(client):
     (dict(extra_body={"tempreature": 0.5}), "tempreature", "Extra inputs"),
     (dict(extra_body={"stop_token_ids": [-1]}), "stop_token_ids", "stop_token_ids must be"),
     (dict(extra_body={"stop_token_ids": [10 ** 6]}), None, "vocabulary"),
+    (dict(extra_body={"prompt_lookup_num_tokens": -2}), "prompt_lookup_num_tokens",
+     "prompt_lookup_num_tokens must be an integer >= 0"),
+    (dict(extra_body={"num_speculative_tokens": 2, "repetition_penalty": 1.2}),
+     "num_speculative_tokens", "cannot be combined with repetition_penalty"),
+    (dict(extra_body={"num_speculative_tokens": 2}), None, "needs a draft model"),
 ])
 def test_bad_fields_get_openai_style_400(client, served, kwargs, param, match):
     with pytest.raises(openai.BadRequestError, match=match) as info:

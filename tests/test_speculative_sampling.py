@@ -7,36 +7,18 @@ distribution of the first tokens of a tiny model, enumerated in float64.
 
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
-from scipy import stats
 
 import reference
 from _hf_helpers import BACKEND, fd_generate, forbid_original_generate, padded_batch
-from _spec_helpers import echo_model
+from _spec_helpers import echo_model, exact_joint, p_value
 from fastdecode.hf.speculative import Verifier
 from tiny import tiny_model
 
 WARP = dict(temperature=0.8, top_k=4, top_p=1.0, min_p=0.0)
-
-
-def p_value(samples: torch.Tensor, probs: torch.Tensor) -> float:
-    """Chi-square goodness of fit of int samples against probs [V] float64; cells expecting
-    fewer than 5 draws are pooled. 0 when a sample falls outside the support."""
-    counts = torch.bincount(samples, minlength=probs.shape[0]).double()
-    if counts[probs == 0].sum() > 0:
-        return 0.0
-    expected = probs * samples.numel()
-    small = expected < 5
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()
-    chi2 = float(((obs - exp) ** 2 / exp).sum())
-    return float(stats.chi2.sf(chi2, max(len(obs) - 1, 1)))
 
 
 def verifier(do_sample: bool = True) -> Verifier:
@@ -82,22 +64,6 @@ def test_verifier_greedy_keeps_the_argmax_prefix():
     assert following.tolist() == best.gather(1, accepted[:, None])[:, 0].tolist()
 
 
-def exact_joint(model, prompt: torch.Tensor, steps: int) -> dict[tuple, float]:
-    """Probability of every continuation of ``steps`` tokens under the call's warp, float64."""
-    model64 = copy.deepcopy(model).double()
-    joint = {(): 1.0}
-    for _ in range(steps):
-        prefixes = list(joint)
-        batch = torch.stack([torch.cat([prompt, torch.tensor(pre, dtype=torch.long)])
-                             for pre in prefixes])
-        with torch.no_grad():
-            logits = model64(batch).logits[:, -1]
-        probs = reference.distribution(logits, **WARP)
-        joint = {pre + (t,): joint[pre] * float(probs[i, t])
-                 for i, pre in enumerate(prefixes) for t in probs[i].nonzero()[:, 0].tolist()}
-    return joint
-
-
 @pytest.mark.parametrize("draft", ["assistant_model", "prompt_lookup"])
 def test_generate_samples_the_target_joint_distribution(draft, monkeypatch):
     """3000 rows of one prompt, 4 new tokens each (the first from the prefill, the next up to
@@ -119,7 +85,7 @@ def test_generate_samples_the_target_joint_distribution(draft, monkeypatch):
     forbid_original_generate(monkeypatch)
     torch.manual_seed(3)
     out = fd_generate(model, ids.expand(rows, -1), **kwargs)[:, ids.shape[1]:]
-    joint = exact_joint(model, ids[0], steps)
+    joint = exact_joint(model, ids[0], steps, WARP)
     cells = {seq: i for i, seq in enumerate(joint)}
     index = [cells.get(tuple(r), -1) for r in out.tolist()]
     assert min(index) >= 0, "a sequence of probability zero was drawn"

@@ -137,6 +137,13 @@ class BlockManager:
             table.append(self._take())
         return copies
 
+    def truncate(self, table: list[int], num_tokens: int) -> None:
+        """Keep the blocks of tokens ``[0, num_tokens)``: those past them (filled with rejected
+        speculative drafts) are freed."""
+        keep = cdiv(num_tokens, self.block_size)
+        self.free(table[keep:])
+        del table[keep:]
+
     def fork(self, table: list[int]) -> list[int]:
         """A child table sharing every block of ``table`` (e.g. for parallel samples)."""
         for b in table:

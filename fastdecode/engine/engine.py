@@ -41,6 +41,11 @@ class Engine:
     ``stats["prefix_cache_hit_rate"]``: the fraction of the admitted requests' tokens found
     cached.
 
+    Speculative decoding per request: ``SamplingParams.prompt_lookup_num_tokens``, or, with
+    ``draft_model`` (a smaller causal LM of the same vocabulary), ``num_speculative_tokens``.
+    The draft model runs every step over the step's tokens, on a KV cache of its own with the
+    target's block count and block size (the same block tables), and drafts greedily.
+
     Threads. ``add_request``, ``abort``, ``has_unfinished`` and ``stats`` may be called from any
     thread, also while another thread is inside ``step()``: a request added then joins the next
     step; one aborted then has its blocks freed at once and its tokens of that step dropped. The
@@ -66,13 +71,17 @@ class Engine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  max_num_seqs: int = 256, max_batch_tokens: int = 2048,
                  kv_dtype: Optional[torch.dtype] = None, device=None,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, draft_model=None) -> None:
         if block_size < 1 or (num_blocks is not None and num_blocks < 1):
             raise ValueError(f"block_size and num_blocks must be >= 1, got {block_size}, "
                              f"{num_blocks}")
         self.runner = self.runner_class(model, block_size=block_size, num_blocks=num_blocks,
                                         max_num_seqs=max_num_seqs, kv_dtype=kv_dtype,
                                         device=device)
+        if draft_model is not None:
+            if self.runner_class is not ModelRunner:
+                raise ValueError(f"draft_model is not supported by {type(self).__name__}")
+            self.runner.attach_draft(draft_model)
         cfg = model.config.get_text_config()
         self.vocab_size: int = cfg.vocab_size
         self.max_model_len: Optional[int] = getattr(cfg, "max_position_embeddings", None)
@@ -104,6 +113,9 @@ class Engine:
     def _add(self, prompt_ids, params: Optional[SamplingParams], request_id: Optional[str],
              claim: bool) -> Sequence:
         prompt, params = self._check(prompt_ids, params)
+        if params.num_speculative_tokens and self.runner.draft is None:
+            raise ValueError("SamplingParams.num_speculative_tokens needs a draft model: "
+                             "Engine(model, draft_model=...)")
         if request_id is not None and not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
         stop = frozenset(params.stop_token_ids or ())
@@ -276,7 +288,8 @@ class Engine:
     def stats(self) -> dict[str, Union[int, float]]:
         """Requests running / waiting, KV blocks free (cached blocks nobody holds count as
         free), preemptions so far, the last step's prefill / decode token counts, the tokens
-        generated so far, and the prefix cache: blocks cached, tokens looked up and found."""
+        generated so far, the prefix cache: blocks cached, tokens looked up and found, and
+        speculative decoding: draft tokens verified and accepted so far."""
         with self._lock:
             return {"running": len(self.scheduler.running),
                     "waiting": len(self.scheduler.waiting),
@@ -288,4 +301,6 @@ class Engine:
                     "cached_blocks": self.blocks.num_cached_blocks,
                     "prefix_cache_queries": self.blocks.num_queried_tokens,
                     "prefix_cache_hits": self.blocks.num_hit_tokens,
-                    "prefix_cache_hit_rate": self.blocks.hit_rate}
+                    "prefix_cache_hit_rate": self.blocks.hit_rate,
+                    "draft_tokens": self.scheduler.num_draft_tokens,
+                    "accepted_draft_tokens": self.scheduler.num_accepted_drafts}

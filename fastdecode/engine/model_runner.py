@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
+from fastdecode.engine import speculative
 from fastdecode.engine.block_manager import cdiv
+from fastdecode.engine.draft import DraftJob, DraftRunner
 from fastdecode.engine.history_masks import HistoryMasks
 from fastdecode.engine.scheduler import ScheduledBatch
 from fastdecode.plan import Sampler, SamplingBatch, StepPlan, sampling
@@ -58,10 +60,13 @@ def default_num_blocks(model, block_size: int, kv_dtype: torch.dtype, device: to
 
 @dataclass
 class StepInputs:
-    """One step, ready to run. plan: the forward pass (its logits_indices: the entries that
+    """One step, ready to run. plan: the forward pass (its logits_indices: the positions that
     draw a token); sampling: their parameters; copies: copy-on-write ``(src, dst)`` blocks to
     apply first; rows: the batch entries that draw a token; num_entries: the batch's entries;
-    masks: n-gram / bad-words bans of the drawing rows' logits (None when no row asks).
+    masks: n-gram / bad-words bans of the drawn positions' logits (None when no row asks);
+    drafts: the speculative drafts of each drawing entry (None when no entry has one: one
+    draw per entry); jobs: the draft model's work, with the index in ``drafts`` of each (its
+    PENDING drafts are filled in at the start of the step).
     Everything was read from the requests by ``prepare``: ``run`` touches no request."""
 
     plan: StepPlan
@@ -70,6 +75,8 @@ class StepInputs:
     rows: list[int]
     num_entries: int
     masks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    drafts: Optional[list[list[int]]] = None
+    jobs: list[tuple[int, DraftJob]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -90,6 +97,15 @@ class ModelRunner:
         self.planner = self.paged.planner(sampling.FIELDS)
         self.sampler = Sampler(model.config.get_text_config().vocab_size, self.device)
         self._history_masks = HistoryMasks(self.device)
+        self.draft: Optional[DraftRunner] = None
+        self._kv_dtype = kv_dtype
+
+    def attach_draft(self, model) -> None:
+        """Give requests with ``num_speculative_tokens`` a draft model (its cache mirrors this
+        runner's: same block count and size)."""
+        self.draft = DraftRunner(model, vocab_size=self.sampler.vocab_size,
+                                 block_size=self.block_size, num_blocks=self.num_blocks,
+                                 kv_dtype=self._kv_dtype, device=self.device)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The step's plan, read from the requests now and sent to the device in one copy.
@@ -99,7 +115,10 @@ class ModelRunner:
         """
         seqs, num_new = batch.seqs, batch.num_new
         rows = [i for i in range(len(seqs)) if batch.samples(i)]
-        drawing = [seqs[i] for i in rows]
+        drafts = [batch.drafts[i] for i in rows] if any(batch.drafts) else None
+        # One draw per drawing entry, or per verified position when some entry has drafts.
+        drawing = ([seqs[i] for i in rows] if drafts is None
+                   else speculative.positions([seqs[i] for i in rows], drafts))
         staged: list[SamplingBatch] = []
 
         def stage(staging) -> None:
@@ -113,25 +132,51 @@ class ModelRunner:
             num_new, [s.num_computed + n for s, n in zip(seqs, num_new)],
             [s.block_table for s in seqs],
             token_ids=itertools.chain.from_iterable(
-                s.token_ids[s.num_computed:s.num_computed + n] for s, n in zip(seqs, num_new)),
-            logits_rows=None if len(rows) == len(seqs) else rows,
+                s.token_ids[s.num_computed:s.num_computed + n - len(d)] + d
+                for s, n, d in zip(seqs, num_new, batch.drafts or itertools.repeat([]))),
+            logits_rows=None if len(rows) == len(seqs) and drafts is None else rows,
+            logits_counts=None if drafts is None else [len(d) + 1 for d in drafts],
             stage_more=stage if rows else None)
         masks = (self._history_masks.prepare(drawing) if HistoryMasks.needed(drawing) else None)
         return StepInputs(plan, staged[0] if staged else None, list(batch.block_copies), rows,
-                          len(seqs), masks)
+                          len(seqs), masks, drafts, self._jobs(batch, rows))
+
+    @staticmethod
+    def _jobs(batch: ScheduledBatch, rows: list[int]) -> list[tuple[int, DraftJob]]:
+        """The draft model's work of the step, read from the requests now."""
+        ends = list(itertools.accumulate(batch.num_new))
+        jobs = []
+        for j, i in enumerate(rows):
+            d = batch.drafts[i] if batch.drafts else []
+            if d and d[0] == speculative.PENDING:
+                seq = batch.seqs[i]
+                jobs.append((j, DraftJob(seq.token_ids[-1], seq.num_computed,
+                                         list(seq.block_table), len(d), ends[i] - len(d))))
+        return jobs
 
     @torch.inference_mode()
-    def run(self, step: StepInputs) -> tuple[list[Optional[int]], dict[int, str]]:
+    def run(self, step: StepInputs) -> tuple[list[Optional[list[int]]], dict[int, str]]:
         """The forward pass and the sampling call.
 
-        Returns ``(tokens, errors)``: per batch entry the token drawn (-1: no finite logit) or
-        None for a prompt chunk short of its sequence's end; and, for entries whose sampling
-        raised, why. A forward-pass failure raises (it is no single request's fault).
+        Returns ``(tokens, errors)``: per batch entry its new tokens (the accepted drafts, then
+        the token drawn after them; -1: no finite logit) or None for a prompt chunk short of
+        its sequence's end; and, for entries whose sampling raised, why. A forward-pass
+        failure raises (it is no single request's fault).
         """
         self.paged.kv.copy_blocks(step.copies)
-        plan = step.plan
+        if self.draft is not None:
+            self.draft.paged.kv.copy_blocks(step.copies)
+        plan, drafts = step.plan, step.drafts
+        if step.jobs:
+            drafts = list(drafts)
+            made = self.draft.draft([job for _, job in step.jobs])
+            for (j, job), d in zip(step.jobs, made):
+                drafts[j] = d
+                plan.input_ids[job.offset:job.offset + job.count] = torch.tensor(d)
         logits = self.paged.forward(plan.input_ids, plan.positions, plan)
-        tokens: list[Optional[int]] = [None] * step.num_entries
+        if self.draft is not None:
+            self.draft.mirror(plan)
+        tokens: list[Optional[list[int]]] = [None] * step.num_entries
         errors: dict[int, str] = {}
         if step.rows and step.sampling is not None:
             if step.masks is not None:
@@ -139,9 +184,15 @@ class ModelRunner:
             drawn, failed = self._sample_rows(logits, step.sampling)
             failed.update((j, f"sampling failed: {why}") for j, why in
                           step.sampling.errors.items())
-            for i, tok in zip(step.rows, drawn):
-                tokens[i] = tok
-            errors = {step.rows[j]: why for j, why in failed.items()}
+            owner = list(range(len(step.rows)))  # the drawing entry of each drawn position
+            if drafts is None:
+                new = [[tok] for tok in drawn]
+            else:
+                new = speculative.accept(drawn, drafts)
+                owner = [j for j, d in enumerate(drafts) for _ in range(len(d) + 1)]
+            for i, toks in zip(step.rows, new):
+                tokens[i] = toks
+            errors = {step.rows[owner[j]]: why for j, why in failed.items()}
         return tokens, errors
 
     def _sample_rows(self, logits: torch.Tensor,

@@ -26,6 +26,16 @@ class SamplingParams:
     ``no_repeat_ngram_size`` (0 = off) and ``bad_words_ids`` (token sequences, multi-token
     too) are HF's processors over the request's prompt + generated ids.
 
+    Speculative decoding (prompt lookup, as ``model.generate``'s): ``prompt_lookup_num_tokens``
+    (0 = off) draft tokens are copied each decode step from what followed an earlier
+    occurrence of the request's last n-gram (``max_matching_ngram_size`` tokens at most) and
+    verified in the step's forward pass. The output is the one the request gets without it
+    (greedy: token for token; sampled: the same distribution, and the same tokens with a
+    ``seed``), in fewer steps when drafts are accepted. With a draft model given to the Engine
+    (``Engine(model, draft_model=small)``), ``num_speculative_tokens`` (0 = off) draft tokens
+    come from it instead (greedy drafts; not with a repetition penalty, n-gram blocking or bad
+    words). At most one of the two may be set.
+
     Immutable (assigning a field raises ``dataclasses.FrozenInstanceError``; derive a variant
     with ``dataclasses.replace``) and validated at construction against the same ranges as
     ``ops.sample`` (:mod:`fastdecode.ops._rules`): a ValueError names the field and its range.
@@ -46,6 +56,9 @@ class SamplingParams:
     ignore_eos: bool = False
     no_repeat_ngram_size: int = 0
     bad_words_ids: Optional[tuple[tuple[int, ...], ...]] = None
+    prompt_lookup_num_tokens: int = 0
+    max_matching_ngram_size: int = 2
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p",
@@ -66,6 +79,22 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.no_repeat_ngram_size must be an integer >= 0 "
                              f"(0 = off); got {_rules.short_repr(n)}")
         object.__setattr__(self, "bad_words_ids", _bad_words(self.bad_words_ids))
+        for name, low, note in (("prompt_lookup_num_tokens", 0, " (0 = off)"),
+                                ("max_matching_ngram_size", 1, ""),
+                                ("num_speculative_tokens", 0, " (0 = off)")):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"SamplingParams.{name} must be an integer >= {low}{note}; "
+                                 f"got {_rules.short_repr(value)}")
+            object.__setattr__(self, name, int(value))
+        if self.prompt_lookup_num_tokens and self.num_speculative_tokens:
+            raise ValueError("SamplingParams: set at most one of prompt_lookup_num_tokens and "
+                             "num_speculative_tokens")
+        history = (self.repetition_penalty != 1.0 or self.no_repeat_ngram_size
+                   or self.bad_words_ids)
+        if self.num_speculative_tokens and history:
+            raise ValueError("SamplingParams.num_speculative_tokens cannot be combined with "
+                             "repetition_penalty, no_repeat_ngram_size or bad_words_ids")
 
 
 def _is_int(value) -> bool:

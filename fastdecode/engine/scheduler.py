@@ -4,12 +4,15 @@ Each step packs, under ``max_batch_tokens``: first one decode token per running 
 (oldest first), then the next chunks of prompts being prefilled, then chunks of waiting prompts
 admitted in FIFO order while ``max_num_seqs`` and the free blocks allow. A prompt whose first
 full blocks are in the block manager's prefix cache (or are filled earlier in the same step)
-starts after them (at least one token is always computed, to draw the first new token from). When a running request needs a block and
-none is free, the newest running request is preempted: its blocks are freed and it goes back to
-the front of the waiting queue, to be recomputed (prompt + generated tokens, from the prefix
-cache where its blocks are still there) once blocks are free again. ``postprocess`` applies a
-step's results: every change to a request's state after scheduling happens there. No torch
-here.
+starts after them (at least one token is always computed, to draw the first new token from).
+When a running request needs a block and none is free, the newest running request is
+preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
+recomputed (prompt + generated tokens, from the prefix cache where its blocks are still there)
+once blocks are free again. A decode step of a request with speculation (prompt lookup, or a
+draft model) also feeds its draft tokens (:mod:`fastdecode.engine.speculative`) when the budget
+and the free blocks allow; the slots of rejected drafts are given back in ``postprocess``.
+``postprocess`` applies a step's results: every change to a request's state after scheduling
+happens there. No torch here.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
+from fastdecode.engine import speculative
 from fastdecode.engine.block_manager import BlockManager
 from fastdecode.engine.sequence import Sequence, Status
 
@@ -27,18 +31,22 @@ class ScheduledBatch:
     """One step's work: ``num_new[i]`` tokens of ``seqs[i]``, starting at its ``num_computed``.
 
     Decode entries come first. ``block_copies``: ``(src, dst)`` copy-on-write block copies to
-    apply before the forward pass.
+    apply before the forward pass. ``drafts[i]``: the draft tokens fed after the request's last
+    token (the last ``len(drafts[i])`` of its ``num_new``; empty without speculation).
     """
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    drafts: list[list[int]] = field(default_factory=list)
     num_decode_tokens: int = 0
     num_prefill_tokens: int = 0
 
     def samples(self, i: int) -> bool:
         """Whether entry ``i`` reaches the end of its tokens, so that a new token is drawn."""
-        return self.seqs[i].num_computed + self.num_new[i] == self.seqs[i].num_tokens
+        seq = self.seqs[i]
+        drafted = len(self.drafts[i]) if self.drafts else 0
+        return seq.num_computed + self.num_new[i] - drafted == seq.num_tokens
 
 
 def is_decode(seq: Sequence) -> bool:
@@ -61,6 +69,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_generated = 0
+        self.num_draft_tokens = 0     # speculative drafts verified so far
+        self.num_accepted_drafts = 0  # of which kept
         # Requests admitted on blocks a step was to fill, until that step's results come.
         self._unconfirmed: list[Sequence] = []
 
@@ -82,6 +92,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         self._recover()
         batch: dict[Sequence, int] = {}
+        drafts: dict[Sequence, list[int]] = {}
         copies: list[tuple[int, int]] = []
         budget = self.max_batch_tokens
         preempted = False
@@ -92,11 +103,14 @@ class Scheduler:
             n = min(seq.num_pending, budget)
             if n == 0:
                 break
+            draft = self._draft(seq, budget)
+            n += len(draft)
             while not self.blocks.can_append(seq.block_table, seq.num_computed, n):
                 victim = self.running[-1]
                 # A victim already batched gives its tokens back; a copy-on-write copy queued
                 # for it may stay: its destination block is free, writing it is harmless.
                 budget += batch.pop(victim, 0)
+                drafts.pop(victim, None)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -104,6 +118,7 @@ class Scheduler:
             else:
                 copies += self._append(seq, n)
                 batch[seq] = n
+                drafts[seq] = draft
                 budget -= n
         # After a preemption blocks are short: admitting more would only thrash.
         while (not preempted and self.waiting and budget > 0
@@ -123,13 +138,26 @@ class Scheduler:
             copies += self._append(seq, n)
             batch[seq] = n
             budget -= n
-        out = ScheduledBatch(list(batch), list(batch.values()), copies)
+        out = ScheduledBatch(list(batch), list(batch.values()), copies,
+                             [drafts.get(seq, []) for seq in batch])
         for seq, n in batch.items():
             if is_decode(seq):
                 out.num_decode_tokens += n
             else:
                 out.num_prefill_tokens += n
         return out
+
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens for this step of ``seq``: none unless it decodes with speculation, and
+        none when their blocks are not free (a plain step, not a preemption)."""
+        p = seq.params
+        if not ((p.prompt_lookup_num_tokens or p.num_speculative_tokens) and is_decode(seq)):
+            return []
+        draft = speculative.propose(seq, budget, self.max_model_len)
+        if draft and not self.blocks.can_append(seq.block_table, seq.num_computed,
+                                                1 + len(draft)):
+            return []
+        return draft
 
     def _append(self, seq: Sequence, n: int) -> list[tuple[int, int]]:
         """Give ``seq`` room for ``n`` more tokens this step; the blocks they fill are expected
@@ -166,12 +194,14 @@ class Scheduler:
             return [], 0
         return [], min(seq.num_tokens, budget, self.blocks.admissible_tokens())
 
-    def postprocess(self, batch: ScheduledBatch, tokens: list[Optional[int]],
+    def postprocess(self, batch: ScheduledBatch, tokens: list[Optional[list[int]]],
                     errors: dict[int, str]) -> list[Sequence]:
         """Apply a step's results; return the sequences that got a token or finished.
 
-        tokens[i]: the token drawn for ``batch.seqs[i]`` (-1: the sampler found no finite
-        logit), or None for a prompt chunk short of the prompt's end. errors[i]: why entry i
+        tokens[i]: the new tokens of ``batch.seqs[i]``: its accepted drafts, then the token
+        drawn after them (-1: the sampler found no finite logit); None for a prompt chunk
+        short of the prompt's end. Tokens past one that ends the request are dropped, and
+        the cache slots of rejected drafts are given back. errors[i]: why entry i
         could not be sampled. A failure ends that request alone, with finish_reason "error" and
         a message naming it; a request ended while the step ran (aborted) is left as it is.
         """
@@ -180,26 +210,45 @@ class Scheduler:
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             if seq.is_finished:
                 continue
-            tok, error = tokens[i], errors.get(i)
+            new, error = tokens[i], errors.get(i)
+            drafted = len(batch.drafts[i]) if batch.drafts else 0
             try:
-                seq.num_computed += n
-                self._cache(seq)
-                if error is None and tok is None:
+                seq.num_computed += n - drafted
+                if error is None and new is None:
+                    self._cache(seq)
                     continue
-                if error is None and tok < 0:
+                if error is None and new[-1] < 0:
                     error = "the sampler found no finite logit (NaN or all -inf logits)"
+                reason = None
                 if error is None:
-                    seq.token_ids.append(tok)
-                    self.num_generated += 1
-                    reason = self._finish_reason(seq, tok)
-                    if reason is not None:
-                        self.finish(seq, reason)
+                    if drafted:
+                        self.num_draft_tokens += drafted
+                        self.num_accepted_drafts += len(new) - 1
+                    reason = self._take(seq, new)
+                    # The accepted drafts' keys and values are in the cache; the rest go.
+                    seq.num_computed = min(seq.num_computed + len(new) - 1, seq.num_tokens)
+                    if drafted:
+                        self.blocks.truncate(seq.block_table, seq.num_computed)
+                self._cache(seq)
+                if reason is not None:
+                    self.finish(seq, reason)
             except Exception as exc:  # this request's own bookkeeping: the others go on
                 error = f"{type(exc).__name__}: {exc}"
             if error is not None:
                 self.finish(seq, "error", f"request {seq.request_id!r}: {error}")
             changed.append(seq)
         return changed
+
+    def _take(self, seq: Sequence, new: list[int]) -> Optional[str]:
+        """Append ``new`` to ``seq`` up to the first token that ends it; why it ends, or
+        None."""
+        for tok in new:
+            seq.token_ids.append(tok)
+            self.num_generated += 1
+            reason = self._finish_reason(seq, tok)
+            if reason is not None:
+                return reason
+        return None
 
     def _cache(self, seq: Sequence) -> None:
         """Offer the blocks this step filled to the prefix cache."""

@@ -20,6 +20,7 @@ import torch
 
 from fastdecode.hf.prepare import Prepared
 from fastdecode.hf.steppers import PagedStepper
+from fastdecode.speculation import lookup_draft
 
 if TYPE_CHECKING:
     from fastdecode.hf.speculative import Verifier
@@ -28,9 +29,8 @@ if TYPE_CHECKING:
 class PromptLookup:
     """Drafts what followed an earlier occurrence of the row's last n-gram.
 
-    As transformers' prompt lookup: for n from ``max_ngram`` down to 1, the first (leftmost)
-    earlier occurrence of the row's last n tokens that has a continuation gives up to
-    ``num_tokens`` draft tokens, cut before an EOS token. A row without a match drafts nothing.
+    Up to ``num_tokens`` draft tokens of :func:`fastdecode.speculation.lookup_draft` (n-grams
+    of at most ``max_ngram`` tokens), cut before an EOS token; no match drafts nothing.
     """
 
     def __init__(self, num_tokens: int, max_ngram: int, eos: list[int] | None,
@@ -52,24 +52,10 @@ class PromptLookup:
         pass
 
     def propose(self, sequences: list[list[int]], room: int, done: list[bool]):
-        found = [[] if stop else self._lookup(seq, min(room, self.num_tokens))
+        found = [[] if stop else lookup_draft(seq, self.max_ngram, min(room, self.num_tokens),
+                                              self.eos)
                  for seq, stop in zip(sequences, done)]
         return _pad(found, self.device) + (None,)
-
-    def _lookup(self, seq: list[int], limit: int) -> list[int]:
-        if limit <= 0:
-            return []
-        ids = torch.tensor(seq)
-        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
-            windows = ids.unfold(0, n, 1)
-            starts = (windows == ids[-n:]).all(1).nonzero()[:, 0] + n
-            for start in starts.tolist():
-                if start < len(seq):  # the last n-gram matches itself with nothing after it
-                    draft = seq[start:start + limit]
-                    cut = next((i for i, t in enumerate(draft) if t in self.eos), len(draft))
-                    if cut:
-                        return draft[:cut]
-        return []
 
 
 class DraftModel:

@@ -22,6 +22,7 @@ import torch
 
 from fastdecode import ops
 from fastdecode.hf.options import Options
+from fastdecode.speculation import accepted_prefix
 
 
 class Verifier:
@@ -63,10 +64,7 @@ class Verifier:
         valid = torch.arange(width, device=drafts.device)[None, :] < lengths[:, None]
         safe = torch.where(valid, drafts, 0)
         if not self.do_sample:
-            choice = logits.argmax(-1)  # [B, K + 1]
-            kept = (choice[:, :width] == safe) & valid
-            accepted = kept.int().cumprod(1).sum(1)
-            return accepted, choice.gather(1, accepted[:, None])[:, 0]
+            return accepted_prefix(logits.argmax(-1), safe, lengths)
         vocab = logits.shape[-1]
         p = self.probabilities(logits.flatten(0, 1)).view(batch, width + 1, vocab)
         q = (torch.nn.functional.one_hot(safe, vocab).float() if draft_probs is None

@@ -111,7 +111,8 @@ class StepPlanner:
               block_tables: Union[Sequence[Sequence[int]], np.ndarray], *,
               token_ids: Optional[Iterable[int]] = None, input_ids: Optional[torch.Tensor] = None,
               positions: Union[None, Sequence[int], torch.Tensor] = None,
-              logits_rows: Optional[Sequence[int]] = None, pad_to: Optional[int] = None,
+              logits_rows: Optional[Sequence[int]] = None,
+              logits_counts: Optional[Sequence[int]] = None, pad_to: Optional[int] = None,
               width: Optional[int] = None, stage_more=None, upload: bool = True) -> StepPlan:
         """Plan a step of B sequences (T = sum(query_lens) tokens).
 
@@ -120,7 +121,9 @@ class StepPlanner:
         integer array; token_ids: the T new ids on the host, or input_ids: [T] int64 on the
         device (or neither: embeddings fed); positions: T position ids on the host, or [T]
         int64 on the device (default: each token's KV index); logits_rows: the sequences
-        whose last token's logits are needed (default: all); pad_to: a decode step (one token
+        whose last token's logits are needed (default: all); logits_counts: for each of
+        them, how many of its last tokens' logits (default 1; more: the positions that verify
+        speculative drafts), in packed order; pad_to: a decode step (one token
         per sequence) padded with inert rows to this many; width: block-table columns M
         (default: the longest table); stage_more: ``f(staging)`` writing extra fields before
         the upload; upload: False leaves the copy to the caller (``staging.upload()``).
@@ -149,7 +152,11 @@ class StepPlanner:
         width = int(n_tab.max()) if width is None else width
         if width < n_tab.max():
             raise ValueError(f"width {width} is narrower than a block table of {n_tab.max()}")
-        n_logits = rows if logits_rows is None else len(logits_rows)
+        if logits_counts is not None and logits_rows is None:
+            logits_rows = range(b)
+        counts = None if logits_counts is None else np.asarray(logits_counts, dtype=np.int64)
+        n_logits = (rows if logits_rows is None else
+                    len(logits_rows) if counts is None else int(counts.sum()))
         t_rows = tokens + rows - b
         stg.wait()
         stg.reserve(input_ids=t_rows, positions=t_rows, slot_mapping=t_rows, seq_lens=rows,
@@ -199,7 +206,12 @@ class StepPlanner:
             logits_rows = range(b)
         if logits_rows is not None:
             picked = stg.host("logits_indices", n_logits)
-            picked[:] = cu[np.asarray(logits_rows, dtype=np.int64) + 1] - 1
+            ends = cu[np.asarray(logits_rows, dtype=np.int64) + 1]
+            if counts is None:
+                picked[:] = ends - 1
+            else:  # the last counts[i] tokens of each sequence, in order
+                before = np.repeat(np.cumsum(counts) - counts, counts)
+                picked[:] = np.repeat(ends - counts, counts) + _arange(n_logits) - before
         if stage_more is not None:
             stage_more(stg)
         if upload:

@@ -4,7 +4,9 @@ Numeric sampling fields are checked by the shared rule table (:mod:`fastdecode.o
 the server accepts exactly what ``SamplingParams`` and the ops accept, with the same messages,
 naming the request field. Fields of OpenAI's API that this server cannot honour are refused
 with a 400 naming them, never ignored. Beyond OpenAI's fields (as vLLM): ``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``.
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, and the
+speculative-decoding fields of ``SamplingParams``: ``prompt_lookup_num_tokens``,
+``num_speculative_tokens`` (for an engine given a draft model).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class _Sampling(BaseModel):
     min_tokens: Any = None
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
+    prompt_lookup_num_tokens: Any = None
+    num_speculative_tokens: Any = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -112,12 +116,17 @@ class _Sampling(BaseModel):
         if low > high:
             raise RequestError(f"min_tokens must be at most max_tokens={high}; got {low}",
                                param="min_tokens")
+        speculation = ("num_speculative_tokens", "prompt_lookup_num_tokens")
+        for name in speculation:
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
         try:
             return SamplingParams(**kwargs, ignore_eos=self.ignore_eos,
                                   stop_token_ids=self.stop_token_ids)
-        except ValueError as exc:  # what is left to refuse: negative stop ids
-            raise RequestError(str(exc).replace("SamplingParams.", ""),
-                               param="stop_token_ids") from None
+        except ValueError as exc:  # what is left to refuse: negative stop ids, speculation
+            message = str(exc).replace("SamplingParams.", "")
+            param = next((name for name in speculation if name in message), "stop_token_ids")
+            raise RequestError(message, param=param) from None
 
 
 class CompletionRequest(_Sampling):
