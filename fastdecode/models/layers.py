@@ -1,0 +1,91 @@
+"""The building blocks of the native decoder step: projections, RMSNorm and rotary embedding.
+
+Each mirrors the arithmetic of the transformers module it replaces (same operation order, same
+dtype casts), so that a native step's logits equal the HF modules' within float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastdecode.models.packed import Product
+
+
+class Projection:
+    """``y = x @ W.T (+ b)`` for one or several ``nn.Linear`` reading the same input, their
+    outputs side by side (q/k/v, gate/up fused into one product).
+
+    packed: run on the streaming kernel's packed copy (:class:`~fastdecode.hf.transform.Product`)
+    up to the rows it serves; larger products (prefill) run ``F.linear`` per part on the
+    original weights, so no unpacked fused copy is kept. Unpacked, several parts are concatenated
+    once into one weight.
+    """
+
+    def __init__(self, linears: Sequence[torch.nn.Linear], packed: bool) -> None:
+        weights = [m.weight.detach() for m in linears]
+        biases = [None if m.bias is None else m.bias.detach() for m in linears]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            biases = [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
+                      for w, b in zip(weights, biases)]
+        packed = packed and all(w.dtype == torch.float32 and w.device.type == "cpu"
+                                for w in weights)
+        fused_w = weights[0] if len(weights) == 1 else torch.cat(weights)
+        fused_b = biases[0] if len(biases) == 1 or biases[0] is None else torch.cat(biases)
+        self.parts = list(zip(weights, biases))
+        self.product = Product(fused_w, fused_b) if packed else None
+        self.weight, self.bias = (None, None) if packed else (fused_w, fused_b)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] -> [T, sum of out features]."""
+        if self.product is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.product.fits(x):
+            return self.product(x)
+        if len(self.parts) == 1:
+            return F.linear(x, *self.parts[0])
+        return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., H]; weight: [H] (or any shape broadcasting against x) -> [..., H]:
+    ``weight * (x / rms(x))`` with the normalisation in float32 and the product in x's dtype, as
+    Llama's RMSNorm computes it."""
+    if x.dtype == weight.dtype == torch.float32 and weight.dim() == 1:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * y.to(x.dtype)
+
+
+class Rotary:
+    """Rotary position embedding from a model's own rotary module (``inv_freq`` [D / 2] float32,
+    ``attention_scaling``), for frequencies that do not depend on the sequence length."""
+
+    def __init__(self, rotary: torch.nn.Module) -> None:
+        self.inv_freq = rotary.inv_freq.detach().float()
+        self.scaling = float(rotary.attention_scaling)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
+                                                                             torch.Tensor]:
+        """positions: [T] int64 -> (cos, signed sin): [T, 1, D] each in ``dtype``, built once per
+        step. The sine's first half is negated so that :meth:`apply` needs no ``rotate_half``."""
+        freqs = positions.float()[:, None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.scaling).to(dtype)
+        sin = (emb.sin() * self.scaling).to(dtype)
+        half = freqs.shape[-1]
+        sin[:, :half].neg_()
+        return cos[:, None], sin[:, None]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, D] (last dim contiguous) -> [T, H, D] contiguous:
+        ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x) = (-x2, x1)``; the swap of
+        halves times the signed sine gives the same products."""
+        t, h, d = x.shape
+        out = x * cos
+        swapped = x.reshape(t, h, 2, d // 2).flip(2).view(t, h, d)
+        out += swapped.mul_(sin)
+        return out
