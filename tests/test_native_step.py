@@ -9,7 +9,6 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from _hf_helpers import BACKEND
-from fastdecode.hf.context import PagedContext
 from fastdecode.hf.runner import PagedRunner
 from fastdecode.models.support import STATIC_ROPE_TYPES
 from tiny import tiny_model
@@ -44,17 +43,16 @@ def run_steps(model, native: bool, seed: int = 0, **runner_kwargs) -> list[torch
     runner = PagedRunner(model, num_blocks=12, block_size=P, backend=BACKEND, native=native,
                          **runner_kwargs)
     assert (runner.native is not None) == native
+    planner = runner.planner()
     tables = [[9, 2, 5, 0], [1, 11, 7], [3, 8]]
-
-    def step(spans):  # spans: (seq, start, stop) of new tokens per sequence
-        ids = torch.cat([seqs[i][a:b] for i, a, b in spans])
-        pos = torch.cat([torch.arange(a, b) for _, a, b in spans])
-        ctx = PagedContext.build([tables[i] for i, _, _ in spans], [b for _, _, b in spans],
-                                 [b - a for _, a, b in spans], P, "cpu", backend=BACKEND)
-        return runner.forward(ids, pos, ctx)
-
-    return [step([(0, 0, 7), (2, 0, 5)]), step([(0, 7, 13), (1, 0, 9), (2, 5, 6)]),
-            step([(0, 13, 14), (1, 9, 10), (2, 6, 7)])]
+    logits = []
+    for spans in ([(0, 0, 7), (2, 0, 5)], [(0, 7, 13), (1, 0, 9), (2, 5, 6)],
+                  [(0, 13, 14), (1, 9, 10), (2, 6, 7)]):  # (sequence, first, end) new tokens
+        plan = planner.build([b - a for _, a, b in spans], [b for _, _, b in spans],
+                             [tables[i] for i, _, _ in spans],
+                             token_ids=torch.cat([seqs[i][a:b] for i, a, b in spans]).tolist())
+        logits.append(runner.forward(plan.input_ids, plan.positions, plan))
+    return logits
 
 
 def assert_native_matches_hf(model, monkeypatch, **runner_kwargs) -> None:
