@@ -48,6 +48,13 @@ class Projection:
             return F.linear(x, *self.parts[0])
         return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
 
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual: [T, out]; x: [T, in] -> ``residual + self(x)``, as one GEMM with the
+        residual as its accumulator where the weight is unpacked and has no bias."""
+        if self.product is None and self.bias is None:
+            return torch.addmm(residual, x, self.weight.t())
+        return residual + self(x)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., H]; weight: [H] (or any shape broadcasting against x) -> [..., H]:

@@ -94,9 +94,9 @@ class LlamaStep:
             value = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
             out = kv.attend(plan, index, qk[:, :hq], qk[:, hq:], value, scale=self.scale,
                             softcap=None, sliding_window=layer.window)
-            h = h + layer.o(out.view(t, hq * d))
+            h = layer.o.add_to(h, out.view(t, hq * d))
             gate, up = layer.gate_up(rms_norm(h, layer.post_norm, self.eps)).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate).mul_(up))
+            h = layer.down.add_to(h, F.silu(gate).mul_(up))
         if plan.logits_indices is not None:
             h = h.index_select(0, plan.logits_indices)
         return self.head(rms_norm(h, self.final_norm, self.eps)).float()
