@@ -9,6 +9,7 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from _hf_helpers import BACKEND
+from fastdecode.hf import transform
 from fastdecode.hf.runner import PagedRunner
 from fastdecode.models.support import STATIC_ROPE_TYPES
 from tiny import tiny_model
@@ -99,3 +100,16 @@ def test_packed_products_match_hf(monkeypatch):
     runner = PagedRunner(model, num_blocks=4, block_size=P, backend=BACKEND, fast_linears=True)
     assert runner.native.head.product is not None and runner._layout is None
     assert_native_matches_hf(model, monkeypatch, fast_linears=True)
+
+
+def test_unfused_projections_match_hf(monkeypatch):
+    """Where fused copies are not affordable (transform.worth_it false: GPU, or weights over a
+    quarter of RAM), q/k/v and gate/up run one product per part on the original weights."""
+    model = tiny_model("qwen3")
+    monkeypatch.setattr(transform, "worth_it", lambda model: False)
+    runner = PagedRunner(model, num_blocks=4, block_size=P, backend=BACKEND)
+    layer = runner.native.layers[0]
+    assert layer.qkv.weight is None and layer.gate_up.weight is None
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert layer.o.weight.data_ptr() == o_proj.weight.data_ptr()  # no copy
+    assert_native_matches_hf(model, monkeypatch)

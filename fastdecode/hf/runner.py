@@ -221,8 +221,8 @@ def _select_native(model: torch.nn.Module, native: Optional[bool],
     if not native:
         return None
     reason = models.unsupported_reason(model)
-    if reason is None:
-        return models.native_step(model, packed=packed)
+    if reason is None:  # fused copies only where the HF path would afford packed ones
+        return models.native_step(model, packed=packed, fuse=transform.worth_it(model))
     if required:
         raise ValueError(f"native=True: the native step cannot run this model: {reason}")
     return None

@@ -16,42 +16,48 @@ from fastdecode.models.packed import Product
 
 class Projection:
     """``y = x @ W.T (+ b)`` for one or several ``nn.Linear`` reading the same input, their
-    outputs side by side (q/k/v, gate/up fused into one product).
+    outputs side by side (q/k/v, gate/up).
 
-    packed: run on the streaming kernel's packed copy (:class:`~fastdecode.hf.transform.Product`)
-    up to the rows it serves; larger products (prefill) run ``F.linear`` per part on the
-    original weights, so no unpacked fused copy is kept. Unpacked, several parts are concatenated
-    once into one weight.
+    packed: run on the streaming kernel's packed copy (:class:`~fastdecode.models.packed.Product`,
+    float32 CPU weights) up to the rows it serves; fuse: without packing, concatenate several
+    parts once into one weight (a copy: one product per call instead of one per part). Products
+    the packed copy does not serve (prefill) and unfused parts run ``F.linear`` on the original
+    weights.
     """
 
-    def __init__(self, linears: Sequence[torch.nn.Linear], packed: bool) -> None:
+    def __init__(self, linears: Sequence[torch.nn.Linear], *, packed: bool, fuse: bool) -> None:
         weights = [m.weight.detach() for m in linears]
         biases = [None if m.bias is None else m.bias.detach() for m in linears]
         if any(b is None for b in biases) and any(b is not None for b in biases):
             biases = [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
                       for w, b in zip(weights, biases)]
+        self.parts = list(zip(weights, biases))
         packed = packed and all(w.dtype == torch.float32 and w.device.type == "cpu"
                                 for w in weights)
-        fused_w = weights[0] if len(weights) == 1 else torch.cat(weights)
-        fused_b = biases[0] if len(biases) == 1 or biases[0] is None else torch.cat(biases)
-        self.parts = list(zip(weights, biases))
-        self.product = Product(fused_w, fused_b) if packed else None
-        self.weight, self.bias = (None, None) if packed else (fused_w, fused_b)
+        single = len(weights) == 1
+        self.product, self.weight, self.bias = None, None, None
+        if packed or (fuse and not single):
+            fused_w = weights[0] if single else torch.cat(weights)
+            fused_b = biases[0] if single or biases[0] is None else torch.cat(biases)
+            if packed:
+                self.product = Product(fused_w, fused_b)
+            else:
+                self.weight, self.bias = fused_w, fused_b
+        elif single:
+            self.weight, self.bias = self.parts[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, sum of out features]."""
-        if self.product is None:
-            return F.linear(x, self.weight, self.bias)
-        if self.product.fits(x):
+        if self.product is not None and self.product.fits(x):
             return self.product(x)
-        if len(self.parts) == 1:
-            return F.linear(x, *self.parts[0])
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
         return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual: [T, out]; x: [T, in] -> ``residual + self(x)``, as one GEMM with the
         residual as its accumulator where the weight is unpacked and has no bias."""
-        if self.product is None and self.bias is None:
+        if self.weight is not None and self.bias is None:
             return torch.addmm(residual, x, self.weight.t())
         return residual + self(x)
 

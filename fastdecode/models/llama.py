@@ -45,10 +45,11 @@ class LlamaStep:
     (every row when None), as the HF modules compute them over the same paged cache.
 
     model: a ``*ForCausalLM`` that :func:`fastdecode.models.support.unsupported_reason` accepts;
-    packed: projections on the streaming kernel's packed weights (see :class:`Projection`).
+    packed, fuse: how projections hold their weights (see :class:`Projection`).
     """
 
-    def __init__(self, model: torch.nn.Module, *, packed: bool) -> None:
+    def __init__(self, model: torch.nn.Module, *, packed: bool, fuse: bool) -> None:
+        options = dict(packed=packed, fuse=fuse)
         base, config = model.model, model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -57,11 +58,11 @@ class LlamaStep:
         self.embed = base.embed_tokens.weight.detach()
         self.rotary = Rotary(base.rotary_emb)
         self.final_norm = base.norm.weight.detach()
-        self.head = Projection([model.lm_head], packed)
+        self.head = Projection([model.lm_head], **options)
         self.scale = float(base.layers[0].self_attn.scaling)
-        self.layers = [self._layer(layer, config, packed) for layer in base.layers]
+        self.layers = [self._layer(layer, config, **options) for layer in base.layers]
 
-    def _layer(self, layer: torch.nn.Module, config, packed: bool) -> _Layer:
+    def _layer(self, layer: torch.nn.Module, config, **options: bool) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         qk_norm = None
         if hasattr(attn, "q_norm"):
@@ -72,11 +73,11 @@ class LlamaStep:
                   else getattr(config, "sliding_window", None))
         return _Layer(
             input_norm=layer.input_layernorm.weight.detach(),
-            qkv=Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed), qk_norm=qk_norm,
-            o=Projection([attn.o_proj], packed),
+            qkv=Projection([attn.q_proj, attn.k_proj, attn.v_proj], **options), qk_norm=qk_norm,
+            o=Projection([attn.o_proj], **options),
             post_norm=layer.post_attention_layernorm.weight.detach(),
-            gate_up=Projection([mlp.gate_proj, mlp.up_proj], packed),
-            down=Projection([mlp.down_proj], packed), window=window)
+            gate_up=Projection([mlp.gate_proj, mlp.up_proj], **options),
+            down=Projection([mlp.down_proj], **options), window=window)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan,
                  kv: PagedKVCache) -> torch.Tensor:
@@ -106,14 +107,14 @@ def _signature(model: torch.nn.Module) -> tuple:
     return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
 
 
-def native_step(model: torch.nn.Module, *, packed: bool) -> LlamaStep:
-    """The native step of ``model`` (built once per model and packing choice; rebuilt after any
+def native_step(model: torch.nn.Module, *, packed: bool, fuse: bool) -> LlamaStep:
+    """The native step of ``model`` (built once per model and weight layout; rebuilt after any
     parameter changes)."""
-    key = (_signature(model), packed)
+    key = (_signature(model), packed, fuse)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
-        step = LlamaStep(model, packed=packed)
+        step = LlamaStep(model, packed=packed, fuse=fuse)
     _CACHE[model] = (key, step)
     return step
