@@ -56,8 +56,9 @@ class Projection:
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual: [T, out]; x: [T, in] -> ``residual + self(x)``, as one GEMM with the
-        residual as its accumulator where the weight is unpacked and has no bias."""
-        if self.weight is not None and self.bias is None:
+        residual as its accumulator where the weight is unpacked, float32 and has no bias (in
+        16-bit dtypes the GEMM would skip the rounding of the product that HF's add sees)."""
+        if self.weight is not None and self.bias is None and self.weight.dtype == torch.float32:
             return torch.addmm(residual, x, self.weight.t())
         return residual + self(x)
 
