@@ -113,3 +113,10 @@ def test_unfused_projections_match_hf(monkeypatch):
     o_proj = model.model.layers[0].self_attn.o_proj
     assert layer.o.weight.data_ptr() == o_proj.weight.data_ptr()  # no copy
     assert_native_matches_hf(model, monkeypatch)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_native_bfloat16_equals_hf(family, monkeypatch):
+    """16-bit weights: the native step rounds where the HF modules round (norms in float32, the
+    product before the residual add)."""
+    assert_native_matches_hf(tiny_model(family, dtype=torch.bfloat16), monkeypatch)
