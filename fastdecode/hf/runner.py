@@ -86,7 +86,7 @@ class PagedRunner:
     None (default): when the model is one it reproduces exactly, unless the environment sets
     ``FASTDECODE_NATIVE=0``; True: required (ValueError naming the reason otherwise); False:
     the HF modules. Calls with ``inputs_embeds`` / ``token_type_ids``, or while a forward hook
-    sits on the model or its decoder, take the HF modules either way.
+    sits on the model, its decoder or its LM head, take the HF modules either way.
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int = 16,

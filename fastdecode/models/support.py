@@ -82,7 +82,8 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
 
 
 def hooked(model: torch.nn.Module) -> bool:
-    """Hooks on the model or its decoder (e.g. to capture hidden states): the HF path runs."""
+    """Hooks on the model, its decoder or its LM head (e.g. to capture hidden states): the HF
+    path runs."""
     from torch.nn.modules import module as nn_module
-    return (_overridden(model) or _overridden(model.model)
+    return (_overridden(model) or _overridden(model.model) or _overridden(model.lm_head)
             or bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks))
