@@ -5,7 +5,7 @@ q/k/v, o, fused gate/up and down, then the LM head: 538 MB of float32 weights, s
 in cache between calls), at T rows per product, timed round-robin:
 
 - ``streaming``: ``fastdecode::packed_linear`` on panel-packed weights (what the fast-linear
-  path runs up to ``transform._STREAM_MAX_ROWS`` rows);
+  path runs up to ``fastdecode.models.packed.STREAM_MAX_ROWS`` rows);
 - ``nn.Linear``: ``F.linear`` on the ``[out, in]`` weights (MKL; the path beyond that);
 - ``oneDNN``: ``mkldnn._linear_pointwise`` on weights pre-packed by
   ``mkldnn._reorder_linear_weight`` (what the fast-linear path used before the kernel).
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from common import Report, measure_read_bandwidth, time_interleaved
-from fastdecode.hf import transform
+from fastdecode.models.packed import pack
 
 HIDDEN, INTERMEDIATE, QKV, LAYERS, VOCAB = 576, 1536, 960, 30, 49152
 
@@ -43,7 +43,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(n, k, generator=g) for n, k in shapes]
     nbytes = sum(w.nbytes for w in weights)
-    packed = [transform._pack(w) for w in weights]
+    packed = [pack(w) for w in weights]
     onednn = torch.backends.mkldnn.is_available()
     reordered = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights] if onednn else []
     rows_out = []

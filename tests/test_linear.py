@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from fastdecode import ops
 from fastdecode.hf import transform
+from fastdecode.models.packed import pack
 
 pytestmark = pytest.mark.skipif(not ops.is_available("cpu"), reason="C++ extension not built")
 
@@ -20,7 +21,7 @@ ROWS = [*range(1, 10), 12, 13, 17, 25, 64]
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.fastdecode.packed_linear(x, transform._pack(weight), bias, weight.shape[0])
+    return torch.ops.fastdecode.packed_linear(x, pack(weight), bias, weight.shape[0])
 
 
 def _assert_close_to_float64(got, x, weight, bias):
@@ -62,7 +63,7 @@ def test_each_row_is_independent_of_its_batchmates(rows):
     """A row's result is bitwise the same alone or among others (greedy tokens must not depend
     on which requests share the step)."""
     weight, bias = torch.randn(200, 99), torch.randn(200)
-    packed = transform._pack(weight)
+    packed = pack(weight)
     x = torch.randn(rows, 99)
     together = torch.ops.fastdecode.packed_linear(x, packed, bias, 200)
     for i in range(rows):
@@ -73,7 +74,7 @@ def test_each_row_is_independent_of_its_batchmates(rows):
 def test_thread_count_does_not_change_the_result():
     """Threads split the output panels; every output is still one thread's ordered sum."""
     weight = torch.randn(3000, 300)  # several panels of 256 KiB and more per thread
-    packed, x = transform._pack(weight), torch.randn(5, 300)
+    packed, x = pack(weight), torch.randn(5, 300)
     threads = torch.get_num_threads()
     try:
         results = []
@@ -100,7 +101,7 @@ def test_bad_arguments_name_the_argument():
     lib = torch.ops.fastdecode
     panel = lib.packed_linear_panel_width()
     weight = torch.randn(40, 16)
-    packed = transform._pack(weight)
+    packed = pack(weight)
     x = torch.randn(3, 16)
     with pytest.raises(TypeError, match="packed_linear: x must be Float"):
         lib.packed_linear(x.double(), packed, None, 40)
@@ -121,7 +122,7 @@ def test_bad_arguments_name_the_argument():
 def test_ops_pass_opcheck():
     """Schemas, fake implementations and the mutated-argument annotation agree with the kernels."""
     weight, bias = torch.randn(37, 20), torch.randn(37)
-    packed = transform._pack(weight)
+    packed = pack(weight)
     torch.library.opcheck(torch.ops.fastdecode.pack_linear_weight, (packed, weight))
     for x in (torch.randn(3, 20), torch.randn(2, 1, 20)):
         torch.library.opcheck(torch.ops.fastdecode.packed_linear, (x, packed, bias, 37))

@@ -24,11 +24,13 @@ on error) and the weights are not touched.
 from __future__ import annotations
 
 import inspect
+import os
 from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional, Union
 
 import torch
 
+from fastdecode import models
 from fastdecode.hf import attention as _attention
 from fastdecode.hf import transform
 from fastdecode.hf.context import PagedContext
@@ -80,11 +82,16 @@ class PagedRunner:
     :func:`~fastdecode.hf.transform.worth_it` (CPU models whose weights fit RAM comfortably) and
     the median linear layer holds at least 2**18 weights (smaller products lose to plain
     ``nn.Linear``).
+    native: run the native decoder step (:mod:`fastdecode.models`) in place of the HF modules.
+    None (default): when the model is one it reproduces exactly, unless the environment sets
+    ``FASTDECODE_NATIVE=0``; True: required (ValueError naming the reason otherwise); False:
+    the HF modules. Calls with ``inputs_embeds`` / ``token_type_ids``, or while a forward hook
+    sits on the model, its decoder or its LM head, take the HF modules either way.
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int = 16,
                  kv_dtype: Optional[torch.dtype] = None, device=None, backend: str = "auto",
-                 fast_linears: Optional[bool] = None):
+                 fast_linears: Optional[bool] = None, native: Optional[bool] = None):
         if not uses_attention_interface(model):
             raise ValueError(f"{type(model).__name__} does not route its attention through "
                              "transformers' AttentionInterface; it cannot run on a paged cache")
@@ -113,7 +120,10 @@ class PagedRunner:
         self._active = False
         if fast_linears is None:
             fast_linears = transform.worth_it(model) and _large_linears(model)
-        self._layout = transform.LinearLayout(model) if fast_linears else None
+        self.native = _select_native(model, native, fast_linears)
+        # The native step holds its own packed copies; the HF path's are built only without it.
+        use_layout = fast_linears and self.native is None
+        self._layout = transform.LinearLayout(model) if use_layout else None
 
     @property
     def num_blocks(self) -> int:
@@ -164,6 +174,9 @@ class PagedRunner:
         """
         if isinstance(plan, PagedContext):
             plan = plan.plan(input_ids, positions)
+        if (self.native is not None and inputs_embeds is None and token_type_ids is None
+                and not models.hooked(self.model)):
+            return self.native(input_ids, positions, plan, self.kv)
         extra = {}
         pick = plan.logits_indices
         if self._takes_logits_to_keep and pick is not None:
@@ -195,6 +208,24 @@ class PagedRunner:
 # cost per call exceeds the product itself (64- and 256-wide models decode faster with plain
 # nn.Linear; the 135M model's 576 x 576 and 576 x 1536 products gain).
 _FAST_LINEAR_MIN_WEIGHTS = 1 << 18
+
+
+def _select_native(model: torch.nn.Module, native: Optional[bool],
+                   packed: bool) -> Optional[models.LlamaStep]:
+    """The native step of ``model`` when chosen (see :class:`PagedRunner`'s ``native``)."""
+    if native is None:
+        native = os.environ.get("FASTDECODE_NATIVE", "1") != "0"
+        required = False
+    else:
+        required = native
+    if not native:
+        return None
+    reason = models.unsupported_reason(model)
+    if reason is None:  # fused copies only where the HF path would afford packed ones
+        return models.native_step(model, packed=packed, fuse=transform.worth_it(model))
+    if required:
+        raise ValueError(f"native=True: the native step cannot run this model: {reason}")
+    return None
 
 
 def _large_linears(model: torch.nn.Module) -> bool:

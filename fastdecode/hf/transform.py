@@ -27,6 +27,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from fastdecode.models.packed import Product
+
 # RMSNorm classes that are verbatim copies of Llama's (``weight * (x * rsqrt(mean(x^2) + eps))``
 # in float32): one fused ``F.rms_norm`` replaces their six elementwise ops. Gemma's (1 + weight)
 # variant and anything unknown keep their own forward.
@@ -56,61 +58,8 @@ def _plain(linear: nn.Module) -> bool:
             and not linear._forward_pre_hooks and "forward" not in linear.__dict__)
 
 
-def _streaming() -> bool:
-    """Whether the C++ extension with the weight-streaming linear kernel is built."""
-    from fastdecode.ops import _backends
-    return _backends.is_available("cpu") and hasattr(torch.ops.fastdecode, "packed_linear")
-
-
-# Rows up to which the streaming kernel runs; nn.Linear's own product on the original weight
-# beyond, where products turn compute bound. At 32 rows the kernel and oneDNN were even, at 64
-# oneDNN was 8-17% faster (benchmarks/bench_linear.py), but it needs one more copy of the
-# weights and keeps a compiled kernel per row count; from 64 rows on nn.Linear is within ~10%.
-_STREAM_MAX_ROWS = 64
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """weight [out, in] float32 -> the streaming kernel's panels [ceil(out / panel), in, panel],
-    in huge pages where the machine allows (the whole copy is streamed once per step)."""
-    from fastdecode.ops import _extension  # noqa: F401  (registers the op's fake)
-    from fastdecode.ops.memory import zeros
-    panel = torch.ops.fastdecode.packed_linear_panel_width()
-    out_features, in_features = weight.shape
-    packed = zeros((-(-out_features // panel), in_features, panel), dtype=torch.float32)
-    torch.ops.fastdecode.pack_linear_weight(packed, weight.detach())
-    return packed
-
-
-class _Product:
-    """``y = x @ weight.T (+ bias)``; weight: [out, in] float32, copied into the streaming
-    kernel's packed layout (or, without the C++ extension, transposed to a contiguous [in, out]).
-
-    Callers check :meth:`fits` first and run the original nn.Linear product otherwise.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-        self.bias = None if bias is None else bias.detach().contiguous()
-        self.out_features = weight.shape[0]
-        if _streaming():
-            self.packed, self.weight_t = _pack(weight), None
-        else:
-            self.packed, self.weight_t = None, weight.detach().t().contiguous()
-
-    def fits(self, x: torch.Tensor) -> bool:
-        return self.packed is None or x.numel() <= _STREAM_MAX_ROWS * x.shape[-1]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.fastdecode.packed_linear(x, self.packed, self.bias,
-                                                      self.out_features)
-        flat = x.reshape(-1, x.shape[-1])
-        y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat,
-                                                                          self.weight_t)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-
 def _single(linear: nn.Linear):
-    product = _Product(linear.weight, linear.bias)
+    product = Product(linear.weight, linear.bias)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if product.fits(x):
@@ -126,7 +75,7 @@ class _FusedGroup:
     def __init__(self, linears: list[nn.Linear]):
         weight = torch.cat([m.weight for m in linears])
         bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-        self.product = _Product(weight, bias)
+        self.product = Product(weight, bias)
         self.linears = linears
         self.sizes = [m.out_features for m in linears]
         self._input, self._outputs = None, None

@@ -1,0 +1,12 @@
+"""Native decoder steps: the model families fastdecode computes itself, without transformers'
+module tree (no transformers import in this package).
+
+:func:`unsupported_reason` decides (an explicit allow-list), :func:`native_step` builds the step;
+:class:`fastdecode.hf.PagedRunner` selects it (``FASTDECODE_NATIVE=0`` or ``native=False``
+keeps the HF modules).
+"""
+
+from fastdecode.models.llama import LlamaStep, native_step
+from fastdecode.models.support import hooked, unsupported_reason
+
+__all__ = ["LlamaStep", "native_step", "unsupported_reason", "hooked"]

@@ -1,0 +1,105 @@
+"""The building blocks of the native decoder step: projections, RMSNorm and rotary embedding.
+
+Each mirrors the arithmetic of the transformers module it replaces (same operation order, same
+dtype casts), so that a native step's logits equal the HF modules' within float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastdecode.models.packed import Product
+
+
+class Projection:
+    """``y = x @ W.T (+ b)`` for one or several ``nn.Linear`` reading the same input, their
+    outputs side by side (q/k/v, gate/up).
+
+    packed: run on the streaming kernel's packed copy (:class:`~fastdecode.models.packed.Product`,
+    float32 CPU weights) up to the rows it serves; fuse: without packing, concatenate several
+    parts once into one weight (a copy: one product per call instead of one per part). Products
+    the packed copy does not serve (prefill) and unfused parts run ``F.linear`` on the original
+    weights.
+    """
+
+    def __init__(self, linears: Sequence[torch.nn.Linear], *, packed: bool, fuse: bool) -> None:
+        weights = [m.weight.detach() for m in linears]
+        biases = [None if m.bias is None else m.bias.detach() for m in linears]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            biases = [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
+                      for w, b in zip(weights, biases)]
+        self.parts = list(zip(weights, biases))
+        packed = packed and all(w.dtype == torch.float32 and w.device.type == "cpu"
+                                for w in weights)
+        single = len(weights) == 1
+        self.product, self.weight, self.bias = None, None, None
+        if packed or (fuse and not single):
+            fused_w = weights[0] if single else torch.cat(weights)
+            fused_b = biases[0] if single or biases[0] is None else torch.cat(biases)
+            if packed:
+                self.product = Product(fused_w, fused_b)
+            else:
+                self.weight, self.bias = fused_w, fused_b
+        elif single:
+            self.weight, self.bias = self.parts[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] -> [T, sum of out features]."""
+        if self.product is not None and self.product.fits(x):
+            return self.product(x)
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual: [T, out]; x: [T, in] -> ``residual + self(x)``, as one GEMM with the
+        residual as its accumulator where the weight is unpacked, float32 and has no bias (in
+        16-bit dtypes the GEMM would skip the rounding of the product that HF's add sees)."""
+        if self.weight is not None and self.bias is None and self.weight.dtype == torch.float32:
+            return torch.addmm(residual, x, self.weight.t())
+        return residual + self(x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., H]; weight: [H] (or any shape broadcasting against x) -> [..., H]:
+    ``weight * (x / rms(x))`` with the normalisation in float32 and the product in x's dtype, as
+    Llama's RMSNorm computes it."""
+    if x.dtype == weight.dtype == torch.float32 and weight.dim() == 1:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * y.to(x.dtype)
+
+
+class Rotary:
+    """Rotary position embedding from a model's own rotary module (``inv_freq`` [D / 2] float32,
+    ``attention_scaling``), for frequencies that do not depend on the sequence length."""
+
+    def __init__(self, rotary: torch.nn.Module) -> None:
+        self.inv_freq = rotary.inv_freq.detach().float()
+        self.scaling = float(rotary.attention_scaling)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
+                                                                             torch.Tensor]:
+        """positions: [T] int64 -> (cos, signed sin): [T, 1, D] each in ``dtype``, built once per
+        step. The sine's first half is negated so that :meth:`apply` needs no ``rotate_half``."""
+        freqs = positions.float()[:, None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.scaling).to(dtype)
+        sin = (emb.sin() * self.scaling).to(dtype)
+        half = freqs.shape[-1]
+        sin[:, :half].neg_()
+        return cos[:, None], sin[:, None]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, D] (last dim contiguous) -> [T, H, D] contiguous:
+        ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x) = (-x2, x1)``; the swap of
+        halves times the signed sine gives the same products."""
+        t, h, d = x.shape
+        out = x * cos
+        swapped = x.reshape(t, h, 2, d // 2).flip(2).view(t, h, d)
+        out += swapped.mul_(sin)
+        return out
