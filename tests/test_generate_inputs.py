@@ -13,7 +13,6 @@ import warnings
 
 import pytest
 import torch
-from transformers import CompileConfig
 
 from _hf_helpers import fd_generate, forbid_original_generate, padded_batch
 from fastdecode.hf import compat
@@ -135,10 +134,8 @@ def test_returned_cache_matches_hf_and_continues(model, monkeypatch):
 
 @pytest.mark.parametrize("kwargs, name", [
     (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
-    (dict(cache_implementation="static"), "cache_implementation"),
-    (dict(compile_config=CompileConfig()), "compile_config"),
     (dict(suppress_tokens=[5]), "suppress_tokens"),
-], ids=["output_attentions", "cache_implementation", "compile_config", "suppress_tokens"])
+], ids=["output_attentions", "suppress_tokens"])
 def test_chosen_fallbacks_warn_once_and_match_hf(kwargs, name):
     model = tiny_model("llama")
     ids, mask = padded_batch([5, 3], model.config.vocab_size, seed=11)

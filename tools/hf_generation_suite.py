@@ -21,10 +21,13 @@ how many fell back to ``model.generate`` (with the reasons fastdecode's warning 
 raised (as HF raises for invalid arguments). The native share is taken over the calls that do not
 ask for attention weights (``output_attentions``, which fastdecode's kernels do not produce).
 
-The checkout's ``conftest.py`` needs ``pytest-xdist``, ``parameterized``, ``httpx`` and ``datasets``
-installed, and ``<checkout>/src/transformers`` must import the installed release (a symbolic link
+The checkout's ``conftest.py`` needs ``pytest-xdist`` (without it, pytest stops before collecting
+anything: "unknown hook 'pytest_configure_node'"), ``parameterized``, ``httpx`` and ``datasets``
+installed in the interpreter that runs this script, and ``<checkout>/src/transformers`` must import the installed release (a symbolic link
 to it will do). ``--plugins`` adds pytest plugins to both runs, e.g. a shim for a checkout that is
-not from the installed release. This file is also the pytest plugin both runs load.
+not from the installed release. Each run's pytest output is kept next to ``--out`` (in a folder
+of the same name: ``<family>-<mode>.log``); a run that collects nothing stops the script. This file
+is also the pytest plugin both runs load.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+
+import torch
+import transformers
 
 _FALLBACK = "fastdecode.generate: running model.generate instead, because of: "
 _STATE = {"mode": "off", "report": None, "tests": {}, "calls": collections.Counter(),
@@ -130,7 +136,7 @@ def _classify(caught, raised: bool) -> None:
     for w in caught:
         text = str(w.message)
         if text.startswith(_FALLBACK):
-            reasons = text[len(_FALLBACK):].split(", ")
+            reasons = text[len(_FALLBACK):].split("; ")
             attention = "output_attentions" in reasons
             _STATE["calls"]["fallback_attentions" if attention else "fallback"] += 1
             _STATE["reasons"].update(reasons)
@@ -150,10 +156,13 @@ def _run(checkout: Path, family: str, mode: str, plugins: list[str], out: Path) 
            f"--fastdecode-report={report}"]
     for plugin in plugins:
         cmd += ["-p", plugin]
-    subprocess.run(cmd, cwd=checkout, env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=False)
-    return json.loads(report.read_text()) if report.exists() else {"tests": {}, "calls": {},
-                                                                      "reasons": {}}
+    report.unlink(missing_ok=True)
+    with open(out / f"{family}-{mode}.log", "w") as log:  # collection errors show up here
+        subprocess.run(cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT,
+                       check=False)
+    if not report.exists():
+        raise RuntimeError(f"pytest wrote no report for {family} ({mode}): see {log.name}")
+    return json.loads(report.read_text())
 
 
 def main(argv=None) -> int:
@@ -166,11 +175,16 @@ def main(argv=None) -> int:
     work = args.out.with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
     plugins = [p for p in args.plugins.split(",") if p]
-    summary = {"families": {}, "regressions": [], "calls": collections.Counter(),
+    summary = {"transformers": transformers.__version__, "torch": torch.__version__,
+               "command": " ".join(["python", "tools/hf_generation_suite.py",
+                                    *(argv if argv is not None else sys.argv[1:])]),
+               "families": {}, "regressions": [], "calls": collections.Counter(),
                "reasons": collections.Counter(), "passed": collections.Counter()}
     for family in args.families.split(","):
         runs = {mode: _run(args.checkout, family, mode, plugins, work) for mode in ("off", "patch")}
         passed = {m: {t for t, o in r["tests"].items() if o == "passed"} for m, r in runs.items()}
+        if not runs["off"]["tests"]:
+            raise RuntimeError(f"no test of {family} ran unpatched: see {work}/{family}-off.log")
         summary["families"][family] = {m: len(p) for m, p in passed.items()}
         summary["passed"].update({m: len(p) for m, p in passed.items()})
         summary["regressions"] += sorted(passed["off"] - passed["patch"])

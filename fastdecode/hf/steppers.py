@@ -179,10 +179,16 @@ def fill_hf_cache(cache, runner: PagedRunner, tables: torch.Tensor, kv_lens: tor
 
 
 class CacheStepper:
-    """The model's own forward, cache and masks, fed exactly like ``model.generate`` feeds them."""
+    """The model's own forward, cache and masks, fed exactly like ``model.generate`` feeds them.
 
-    def __init__(self, model, prepared: Prepared):
+    forward: what runs the decode steps (``model.generate`` passes its compiled forward when the
+    call compiles); the model itself by default. The prefill always runs the model eagerly, as
+    HF's does.
+    """
+
+    def __init__(self, model, prepared: Prepared, forward=None):
         self.model = model
+        self.forward = model if forward is None else forward
         self.prepared = prepared
         self.kwargs = prepared.model_kwargs
         self.hidden_states = None
@@ -205,7 +211,7 @@ class CacheStepper:
         inputs = self.model.prepare_inputs_for_generation(
             sequences, next_sequence_length=1 if self.kwargs["use_cache"] else None,
             **self.kwargs)
-        return self._take(self.model(**inputs, return_dict=True))
+        return self._take(self.forward(**inputs, return_dict=True))
 
     def cache(self) -> Optional[object]:
         return self.kwargs.get(compat.cache_name())
