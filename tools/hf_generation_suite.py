@@ -17,17 +17,19 @@ pytest process, keeping only the generation tests (those marked ``generate``, i.
 
 It prints (and writes as JSON) the tests passing in each run, the tests that pass unpatched but
 fail patched, and for the patched run how many ``generate`` calls fastdecode's own loop served,
-how many fell back to ``model.generate`` (with the reasons fastdecode's warning names) and how many
-raised (as HF raises for invalid arguments). The native share is taken over the calls that do not
-ask for attention weights (``output_attentions``, which fastdecode's kernels do not produce).
+how many fell back to ``model.generate`` (with the reasons fastdecode's warning names, in total
+and per test) and how many raised (as HF raises for invalid arguments). The native share is taken
+over the calls that do not ask for attention weights (``output_attentions``, which fastdecode's
+kernels do not produce): of all of them, and of those that do not raise.
 
 The checkout's ``conftest.py`` needs ``pytest-xdist`` (without it, pytest stops before collecting
 anything: "unknown hook 'pytest_configure_node'"), ``parameterized``, ``httpx`` and ``datasets``
-installed in the interpreter that runs this script, and ``<checkout>/src/transformers`` must import the installed release (a symbolic link
-to it will do). ``--plugins`` adds pytest plugins to both runs, e.g. a shim for a checkout that is
-not from the installed release. Each run's pytest output is kept next to ``--out`` (in a folder
-of the same name: ``<family>-<mode>.log``); a run that collects nothing stops the script. This file
-is also the pytest plugin both runs load.
+installed in the interpreter that runs this script, and ``<checkout>/src/transformers`` must
+import the installed release (a symbolic link to it will do). ``--plugins`` adds pytest plugins
+to both runs, e.g. a shim for a checkout that is not from the installed release (the checkout's top
+folder is on the runs' ``PYTHONPATH``). Each run's pytest output is kept next to ``--out`` (in a
+folder of the same name: ``<family>-<mode>.log``); a run that collects nothing stops the script.
+This file is also the pytest plugin both runs load.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ import transformers
 
 _FALLBACK = "fastdecode.generate: running model.generate instead, because of: "
 _STATE = {"mode": "off", "report": None, "tests": {}, "calls": collections.Counter(),
-          "reasons": collections.Counter()}
+          "reasons": collections.Counter(), "test": None,
+          "fallbacks": collections.defaultdict(collections.Counter)}
 
 
 # --- pytest plugin --------------------------------------------------------------------------------
@@ -72,6 +75,10 @@ def pytest_collection_modifyitems(config, items):
     items[:] = keep
 
 
+def pytest_runtest_setup(item):
+    _STATE["test"] = item.nodeid
+
+
 def pytest_runtest_logreport(report):
     if report.when == "call" or (report.when == "setup" and not report.passed):
         _STATE["tests"][report.nodeid] = report.outcome
@@ -81,7 +88,7 @@ def pytest_sessionfinish(session):
     if _STATE["report"]:
         Path(_STATE["report"]).write_text(json.dumps(
             {"mode": _STATE["mode"], "tests": _STATE["tests"], "calls": _STATE["calls"],
-             "reasons": _STATE["reasons"]}, indent=1))
+             "reasons": _STATE["reasons"], "fallbacks": _STATE["fallbacks"]}, indent=1))
 
 
 def _count_plain_calls():
@@ -140,6 +147,7 @@ def _classify(caught, raised: bool) -> None:
             attention = "output_attentions" in reasons
             _STATE["calls"]["fallback_attentions" if attention else "fallback"] += 1
             _STATE["reasons"].update(reasons)
+            _STATE["fallbacks"][_STATE["test"]].update(reasons)
             return
     _STATE["calls"]["raised" if raised else "native"] += 1
 
@@ -179,7 +187,8 @@ def main(argv=None) -> int:
                "command": " ".join(["python", "tools/hf_generation_suite.py",
                                     *(argv if argv is not None else sys.argv[1:])]),
                "families": {}, "regressions": [], "calls": collections.Counter(),
-               "reasons": collections.Counter(), "passed": collections.Counter()}
+               "reasons": collections.Counter(), "passed": collections.Counter(),
+               "fallbacks": {}}
     for family in args.families.split(","):
         runs = {mode: _run(args.checkout, family, mode, plugins, work) for mode in ("off", "patch")}
         passed = {m: {t for t, o in r["tests"].items() if o == "passed"} for m, r in runs.items()}
@@ -190,12 +199,15 @@ def main(argv=None) -> int:
         summary["regressions"] += sorted(passed["off"] - passed["patch"])
         summary["calls"].update(runs["patch"]["calls"])
         summary["reasons"].update(runs["patch"]["reasons"])
+        summary["fallbacks"].update(runs["patch"]["fallbacks"])
         print(f"{family:12} passing unpatched {len(passed['off']):4}  patched "
               f"{len(passed['patch']):4}  calls {dict(runs['patch']['calls'])}", flush=True)
     calls = summary["calls"]
     native = calls["native"]
     share = native / max(native + calls["fallback"], 1)
-    summary["native_share_without_attentions"] = share
+    share_all = native / max(native + calls["fallback"] + calls["raised"], 1)
+    summary["native_share_without_attentions"] = share_all
+    summary["native_share_without_attentions_or_errors"] = share
     args.out.write_text(json.dumps(summary, indent=1))
     print(f"\ntests passing: unpatched {summary['passed']['off']}, patched "
           f"{summary['passed']['patch']}; passing unpatched but failing patched: "
@@ -204,7 +216,8 @@ def main(argv=None) -> int:
         print(f"  {test}")
     print(f"generate calls (patched run): native {native}, fallback {calls['fallback']} "
           f"(+{calls['fallback_attentions']} asking for attention weights), raised "
-          f"{calls['raised']}; native share without attention weights {share:.1%}")
+          f"{calls['raised']}; native share without attention weights {share_all:.1%} "
+          f"({share:.1%} of the calls that do not raise)")
     print("fallback reasons:", ", ".join(f"{r} {n}" for r, n in summary["reasons"].most_common()))
     return 0
 

@@ -3,9 +3,10 @@
 Same arguments, defaults, return types and output layout as ``model.generate`` for greedy and
 sampling decoding. The call is prepared by HF's own steps (:mod:`fastdecode.hf.prepare`); the model
 then runs over fastdecode's paged KV cache (:class:`~fastdecode.hf.steppers.PagedStepper`) or, when
-the call needs HF's own masks and cache (right padding, holes in the mask, a cache passed in, hidden
-states, attention outside ``AttentionInterface``), through HF's model-feeding helpers
-(:class:`~fastdecode.hf.steppers.CacheStepper`); tokens are always chosen by fastdecode's loop and
+the call needs HF's own masks and cache (masked columns a sliding window or the returned cache
+would keep, positions derived from the mask, a cache passed in, hidden states, attention outside
+``AttentionInterface``, a forward compiled by ``compile_config``), through HF's model-feeding
+helpers (:class:`~fastdecode.hf.steppers.CacheStepper`); tokens are always chosen by fastdecode's loop and
 sampling ops. Anything else falls back to the original ``model.generate`` with one warning naming
 the options responsible (or raises with ``fallback="error"``).
 """
@@ -78,9 +79,9 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
             if compiled and prepared.mode not in _options.PLAIN_MODES:
                 reasons.append(f"compile_config with generation mode {prepared.mode.value}")
             elif (prepared.config.num_beams or 1) > 1 and not paged:
-                reasons.append("num_beams > 1 with inputs only HF's cache takes (right padding or "
-                               "holes in the mask, a cache passed in, hidden states, attention "
-                               "outside AttentionInterface)")
+                reasons.append("num_beams > 1 with inputs only HF's cache takes (masked columns "
+                               "that a sliding window or a returned cache would keep, a cache "
+                               "passed in, hidden states, attention outside AttentionInterface)")
             else:
                 reasons += strategies.reasons(prepared, _options.options(prepared, criteria),
                                               paged, streamer, logits_processor)
@@ -144,7 +145,26 @@ def _paged(model, prepared: Prepared, user_cache: bool) -> bool:
             and "token_type_ids" not in inspect.signature(model.forward).parameters):
         return False
     width = prepared.input_ids.shape[1]
-    return width in (0, prepared.mask.shape[1]) and _left_padded(prepared.mask)
+    if width not in (0, prepared.mask.shape[1]):
+        return False
+    return _left_padded(prepared.mask) or _masked_tokens_droppable(model, prepared)
+
+
+def _masked_tokens_droppable(model, prepared: Prepared) -> bool:
+    """Whether a mask with zeros after a one (right padding, holes) gives HF's tokens on the
+    paged path, which drops the masked tokens: no later query attends to them in HF either, the
+    positions are HF's own ``position_ids`` (a model computing them from the mask would count
+    differently), no sliding window can reach back across them (HF's window counts columns,
+    masked ones included: the whole call must fit in it), every row keeps a token, and no cache
+    is returned (HF's keeps the masked columns)."""
+    config, mask = prepared.config, prepared.mask
+    if prepared.model_kwargs.get("position_ids") is None or not bool(mask.any(-1).all()):
+        return False
+    if config.return_dict_in_generate and config.use_cache:
+        return False
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    # max_length bounds the new tokens (it may count the prompt too: an overestimate is safe).
+    return window is None or mask.shape[1] + config.max_length <= window
 
 
 def _hf_compiles(model, prepared: Prepared) -> bool:

@@ -25,12 +25,15 @@ import numpy as np
 import torch
 
 from fastdecode.hf import compat
+from fastdecode.hf.graphs import no_writes
 from fastdecode.hf.prepare import Prepared
 from fastdecode.hf.runner import PagedRunner
 
 
 class PagedStepper:
-    """Runs the B rows of ``prepared`` (left padding only) over a growing paged cache.
+    """Runs the B rows of ``prepared`` over a growing paged cache (only their real tokens: the
+    masked ones, which no later query attends to, never enter the model; the caller checked that
+    positions and attention then follow HF's, see ``fastdecode.hf.generate``).
 
     max_new_tokens bounds the growth; block_size P: tokens per block. Each step is one
     :class:`~fastdecode.plan.StepPlan` built on the host from the rows' KV lengths and
@@ -79,6 +82,7 @@ class PagedStepper:
                                   positions=packed(positions))
         logits = self.runner.forward(plan.input_ids, plan.positions, plan,
                                      inputs_embeds=packed(embeds), token_type_ids=packed(types))
+        masked_tail(self.runner, self.planner, p, self._tables, self.lens, logits)
         # Position ids continue from HF's last column (read once); the KV index of the next
         # token is the row's token count.
         self._pos = np.asarray(positions[:, -1].tolist(), dtype=np.int64) + 1
@@ -176,6 +180,33 @@ def fill_hf_cache(cache, runner: PagedRunner, tables: torch.Tensor, kv_lens: tor
         cache.update(keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous(),
                      layer)
     return cache
+
+
+def masked_tail(runner: PagedRunner, planner, prepared: Prepared, tables, lens: list[int],
+                logits: torch.Tensor, stride: int = 1) -> None:
+    """HF's prompt logits of the rows whose last mask column is 0 (right padding, a hole at the
+    end) into ``logits`` [R, V] (R = B / stride rows of ``prepared``, one per ``stride``).
+
+    ``model.generate`` takes the next token's logits at the last column whatever the mask: that
+    column's query attends to the row's real tokens (its own key is masked). Over the paged
+    prompt (``tables``: R block tables, ``lens``: R real-token counts) that is a query at HF's
+    position which reads the cached keys and writes none.
+    """
+    rows = (prepared.mask[::stride, -1] == 0).nonzero().flatten().tolist()
+    if not rows:
+        return
+    kwargs = prepared.model_kwargs
+
+    def last(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:  # [B, S, ...] -> [r, ...]
+        return None if t is None else t[::stride][rows, -1].to(runner.device)
+
+    embeds = kwargs.get("inputs_embeds")
+    plan = planner.build([1] * len(rows), [lens[r] for r in rows], [tables[r] for r in rows],
+                         input_ids=last(prepared.input_ids) if embeds is None else None,
+                         positions=last(kwargs["position_ids"]), stage_more=no_writes)
+    logits[rows] = runner.forward(plan.input_ids, plan.positions, plan,
+                                  inputs_embeds=last(embeds),
+                                  token_type_ids=last(kwargs.get("token_type_ids")))
 
 
 class CacheStepper:
