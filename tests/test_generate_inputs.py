@@ -105,8 +105,13 @@ def _real_columns(mask: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([mask.bool(), ones], dim=1)
 
 
-def test_returned_cache_matches_hf_and_continues(model, monkeypatch):
+@pytest.mark.parametrize("kind", ["left-padded", "holes"])
+def test_returned_cache_matches_hf_and_continues(model, kind, monkeypatch):
+    """HF's columns, masked ones included (zero where HF keeps the masked tokens' keys)."""
     ids, mask = padded_batch([9, 4, 6], model.config.vocab_size, seed=10)
+    if kind == "holes":
+        mask = _masks(3, 9)["holes"]
+        mask[1, -1] = 0  # a masked last column too
     ref, out = _both(model, monkeypatch, input_ids=ids, attention_mask=mask,
                      return_dict_in_generate=True, **BASE)
     field = compat.output_cache_field()

@@ -60,9 +60,8 @@ def test_beam_search_on_masked_prompts_runs_paged_with_hf_beams(model, kind, mon
     ids = _prompt(model)
     mask = _masks(*ids.shape)[kind]
     with count_paged_calls(monkeypatch) as counts:
-        # No cache to return (HF's would keep the masked columns): use_cache=False.
         assert_beams_match(model, monkeypatch, ids, attention_mask=mask, num_beams=3,
-                           num_return_sequences=2, max_new_tokens=NEW, use_cache=False)
+                           num_return_sequences=2, max_new_tokens=NEW)
     assert counts["paged_attention"] > 0
 
 

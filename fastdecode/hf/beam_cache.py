@@ -114,7 +114,8 @@ class BeamKV:
         if cache is None:
             return None
         width = self.prepared.mask.shape[1] + int(self._kv[0]) - self.lens[0]
-        return fill_hf_cache(cache, self.runner, self._tables(), self._kv, width)
+        return fill_hf_cache(cache, self.runner, self._tables(), self._kv, self.prepared.mask,
+                             width)
 
     def _tables(self) -> torch.Tensor:
         """[B * K, M] int32 block tables of the beams (padded with block 0) on the device."""

@@ -3,8 +3,8 @@
 Same arguments, defaults, return types and output layout as ``model.generate`` for greedy and
 sampling decoding. The call is prepared by HF's own steps (:mod:`fastdecode.hf.prepare`); the model
 then runs over fastdecode's paged KV cache (:class:`~fastdecode.hf.steppers.PagedStepper`) or, when
-the call needs HF's own masks and cache (masked columns a sliding window or the returned cache
-would keep, positions derived from the mask, a cache passed in, hidden states, attention outside
+the call needs HF's own masks and cache (masked columns within a sliding window, positions
+derived from the mask, a cache passed in, hidden states, attention outside
 ``AttentionInterface``, a forward compiled by ``compile_config``), through HF's model-feeding
 helpers (:class:`~fastdecode.hf.steppers.CacheStepper`); tokens are always chosen by fastdecode's loop and
 sampling ops. Anything else falls back to the original ``model.generate`` with one warning naming
@@ -80,8 +80,9 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
                 reasons.append(f"compile_config with generation mode {prepared.mode.value}")
             elif (prepared.config.num_beams or 1) > 1 and not paged:
                 reasons.append("num_beams > 1 with inputs only HF's cache takes (masked columns "
-                               "that a sliding window or a returned cache would keep, a cache "
-                               "passed in, hidden states, attention outside AttentionInterface)")
+                               "within a sliding window, positions the model derives from the "
+                               "mask, a cache passed in, hidden states, attention outside "
+                               "AttentionInterface)")
             else:
                 reasons += strategies.reasons(prepared, _options.options(prepared, criteria),
                                               paged, streamer, logits_processor)
@@ -155,12 +156,10 @@ def _masked_tokens_droppable(model, prepared: Prepared) -> bool:
     paged path, which drops the masked tokens: no later query attends to them in HF either, the
     positions are HF's own ``position_ids`` (a model computing them from the mask would count
     differently), no sliding window can reach back across them (HF's window counts columns,
-    masked ones included: the whole call must fit in it), every row keeps a token, and no cache
-    is returned (HF's keeps the masked columns)."""
+    masked ones included: the whole call must fit in it) and every row keeps a token. A returned
+    cache keeps HF's columns (the masked ones zero)."""
     config, mask = prepared.config, prepared.mask
     if prepared.model_kwargs.get("position_ids") is None or not bool(mask.any(-1).all()):
-        return False
-    if config.return_dict_in_generate and config.use_cache:
         return False
     window = getattr(model.config.get_text_config(), "sliding_window", None)
     # max_length bounds the new tokens (it may count the prompt too: an overestimate is safe).

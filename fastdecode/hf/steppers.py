@@ -152,26 +152,31 @@ class PagedStepper:
 
     def cache(self):
         """HF's cache object of this call, filled from the paged blocks in HF's layout: [B, Hkv,
-        columns, D] per layer, the prompt's padding columns zero (they stay masked)."""
+        columns, D] per layer, the prompt's masked columns zero (they stay masked)."""
         cache = self.prepared.model_kwargs.get(compat.cache_name())
         if cache is None:
             return None
-        width = self.prepared.mask.shape[1] + int(self._kv[0]) - self.lens[0]
+        mask = self.prepared.mask
+        width = mask.shape[1] + int(self._kv[0]) - self.lens[0]
         return fill_hf_cache(cache, self.runner, torch.from_numpy(self._tables).to(self.device),
-                             torch.from_numpy(self._kv), width)
+                             torch.from_numpy(self._kv), mask, width)
 
 
 def fill_hf_cache(cache, runner: PagedRunner, tables: torch.Tensor, kv_lens: torch.Tensor,
-                  width: int):
-    """Writes the paged rows into HF's ``cache`` (empty) as ``[R, Hkv, width, D]`` per layer,
-    each row right-aligned and left-padded with zeros; returns ``cache``.
+                  mask: torch.Tensor, width: int):
+    """Writes the paged rows into HF's ``cache`` (empty) as ``[R, Hkv, width, D]`` per layer, in
+    HF's columns: the prompt's real tokens where its mask has ones, zeros where it has zeros (HF
+    keeps the masked tokens there, masked), then the generated tokens; returns ``cache``.
 
-    tables: [R, M] int32 block tables; kv_lens: [R] int64 tokens cached per row (<= width).
+    tables: [R, M] int32 block tables; kv_lens: [R] int64 tokens cached per row (<= width);
+    mask: [R, L] the prompt's mask (L <= width).
     """
     device = tables.device
-    index = (torch.arange(width, device=device)[None, :]
-             - (width - kv_lens.to(device))[:, None])  # KV index of each column
-    valid = index >= 0
+    mask = mask.to(device)
+    real = mask.sum(-1, keepdim=True)
+    generated = real + torch.arange(width - mask.shape[1], device=device)[None, :]
+    index = torch.cat([(mask.cumsum(-1) - 1).masked_fill(mask == 0, -1), generated], dim=1)
+    valid = (index >= 0) & (index < kv_lens.to(device)[:, None])  # KV index of each column
     index = index.clamp(min=0)
     size = runner.block_size
     slots = tables.long().gather(1, index // size) * size + index % size  # [R, width]
