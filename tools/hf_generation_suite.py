@@ -185,7 +185,9 @@ def main(argv=None) -> int:
     plugins = [p for p in args.plugins.split(",") if p]
     summary = {"transformers": transformers.__version__, "torch": torch.__version__,
                "command": " ".join(["python", "tools/hf_generation_suite.py",
-                                    *(argv if argv is not None else sys.argv[1:])]),
+                                    "--checkout <transformers checkout>",
+                                    f"--families {args.families}", f"--out {args.out.name}",
+                                    *([f"--plugins {args.plugins}"] if plugins else [])]),
                "families": {}, "regressions": [], "calls": collections.Counter(),
                "reasons": collections.Counter(), "passed": collections.Counter(),
                "fallbacks": {}}
