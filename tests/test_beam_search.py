@@ -99,12 +99,13 @@ def test_beam_sampling_with_a_seed_matches_hf(family, warpers, monkeypatch):
                            **warpers)
 
 
-def test_right_padded_beams_fall_back_with_a_warning(monkeypatch):
+def test_right_padded_beams_within_a_sliding_window_fall_back_with_a_warning(monkeypatch):
     monkeypatch.undo()  # the original generate may run here
-    model = tiny_model("llama")
+    model = tiny_model("mistral")
     ids, mask = padded_batch([6, 3], model.config.vocab_size, seed=4)
-    ids, mask = ids.flip(1), mask.flip(1)  # right padding: only HF's cache takes it
+    ids, mask = ids.flip(1), mask.flip(1)  # right padding: HF's window counts the pads
     kwargs = dict(attention_mask=mask, num_beams=2, max_new_tokens=4)
+    assert ids.shape[1] + 4 > model.config.sliding_window
     with pytest.warns(UserWarning, match="num_beams"):
         out = fd_generate(model, ids, **kwargs)
     assert torch.equal(out, model.generate(ids, **kwargs))

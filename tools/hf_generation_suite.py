@@ -17,14 +17,19 @@ pytest process, keeping only the generation tests (those marked ``generate``, i.
 
 It prints (and writes as JSON) the tests passing in each run, the tests that pass unpatched but
 fail patched, and for the patched run how many ``generate`` calls fastdecode's own loop served,
-how many fell back to ``model.generate`` (with the reasons fastdecode's warning names) and how many
-raised (as HF raises for invalid arguments). The native share is taken over the calls that do not
-ask for attention weights (``output_attentions``, which fastdecode's kernels do not produce).
+how many fell back to ``model.generate`` (with the reasons fastdecode's warning names, in total
+and per test) and how many raised (as HF raises for invalid arguments). The native share is taken
+over the calls that do not ask for attention weights (``output_attentions``, which fastdecode's
+kernels do not produce): of all of them, and of those that do not raise.
 
-The checkout's ``conftest.py`` needs ``pytest-xdist``, ``parameterized``, ``httpx`` and ``datasets``
-installed, and ``<checkout>/src/transformers`` must import the installed release (a symbolic link
-to it will do). ``--plugins`` adds pytest plugins to both runs, e.g. a shim for a checkout that is
-not from the installed release. This file is also the pytest plugin both runs load.
+The checkout's ``conftest.py`` needs ``pytest-xdist`` (without it, pytest stops before collecting
+anything: "unknown hook 'pytest_configure_node'"), ``parameterized``, ``httpx`` and ``datasets``
+installed in the interpreter that runs this script, and ``<checkout>/src/transformers`` must
+import the installed release (a symbolic link to it will do). ``--plugins`` adds pytest plugins
+to both runs, e.g. a shim for a checkout that is not from the installed release (the checkout's top
+folder is on the runs' ``PYTHONPATH``). Each run's pytest output is kept next to ``--out`` (in a
+folder of the same name: ``<family>-<mode>.log``); a run that collects nothing stops the script.
+This file is also the pytest plugin both runs load.
 """
 
 from __future__ import annotations
@@ -39,9 +44,13 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+import transformers
+
 _FALLBACK = "fastdecode.generate: running model.generate instead, because of: "
 _STATE = {"mode": "off", "report": None, "tests": {}, "calls": collections.Counter(),
-          "reasons": collections.Counter()}
+          "reasons": collections.Counter(), "test": None,
+          "fallbacks": collections.defaultdict(collections.Counter)}
 
 
 # --- pytest plugin --------------------------------------------------------------------------------
@@ -66,6 +75,10 @@ def pytest_collection_modifyitems(config, items):
     items[:] = keep
 
 
+def pytest_runtest_setup(item):
+    _STATE["test"] = item.nodeid
+
+
 def pytest_runtest_logreport(report):
     if report.when == "call" or (report.when == "setup" and not report.passed):
         _STATE["tests"][report.nodeid] = report.outcome
@@ -75,7 +88,7 @@ def pytest_sessionfinish(session):
     if _STATE["report"]:
         Path(_STATE["report"]).write_text(json.dumps(
             {"mode": _STATE["mode"], "tests": _STATE["tests"], "calls": _STATE["calls"],
-             "reasons": _STATE["reasons"]}, indent=1))
+             "reasons": _STATE["reasons"], "fallbacks": _STATE["fallbacks"]}, indent=1))
 
 
 def _count_plain_calls():
@@ -130,10 +143,11 @@ def _classify(caught, raised: bool) -> None:
     for w in caught:
         text = str(w.message)
         if text.startswith(_FALLBACK):
-            reasons = text[len(_FALLBACK):].split(", ")
+            reasons = text[len(_FALLBACK):].split("; ")
             attention = "output_attentions" in reasons
             _STATE["calls"]["fallback_attentions" if attention else "fallback"] += 1
             _STATE["reasons"].update(reasons)
+            _STATE["fallbacks"][_STATE["test"]].update(reasons)
             return
     _STATE["calls"]["raised" if raised else "native"] += 1
 
@@ -150,10 +164,13 @@ def _run(checkout: Path, family: str, mode: str, plugins: list[str], out: Path) 
            f"--fastdecode-report={report}"]
     for plugin in plugins:
         cmd += ["-p", plugin]
-    subprocess.run(cmd, cwd=checkout, env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=False)
-    return json.loads(report.read_text()) if report.exists() else {"tests": {}, "calls": {},
-                                                                      "reasons": {}}
+    report.unlink(missing_ok=True)
+    with open(out / f"{family}-{mode}.log", "w") as log:  # collection errors show up here
+        subprocess.run(cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT,
+                       check=False)
+    if not report.exists():
+        raise RuntimeError(f"pytest wrote no report for {family} ({mode}): see {log.name}")
+    return json.loads(report.read_text())
 
 
 def main(argv=None) -> int:
@@ -166,22 +183,33 @@ def main(argv=None) -> int:
     work = args.out.with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
     plugins = [p for p in args.plugins.split(",") if p]
-    summary = {"families": {}, "regressions": [], "calls": collections.Counter(),
-               "reasons": collections.Counter(), "passed": collections.Counter()}
+    summary = {"transformers": transformers.__version__, "torch": torch.__version__,
+               "command": " ".join(["python", "tools/hf_generation_suite.py",
+                                    "--checkout <transformers checkout>",
+                                    f"--families {args.families}", f"--out {args.out.name}",
+                                    *([f"--plugins {args.plugins}"] if plugins else [])]),
+               "families": {}, "regressions": [], "calls": collections.Counter(),
+               "reasons": collections.Counter(), "passed": collections.Counter(),
+               "fallbacks": {}}
     for family in args.families.split(","):
         runs = {mode: _run(args.checkout, family, mode, plugins, work) for mode in ("off", "patch")}
         passed = {m: {t for t, o in r["tests"].items() if o == "passed"} for m, r in runs.items()}
+        if not runs["off"]["tests"]:
+            raise RuntimeError(f"no test of {family} ran unpatched: see {work}/{family}-off.log")
         summary["families"][family] = {m: len(p) for m, p in passed.items()}
         summary["passed"].update({m: len(p) for m, p in passed.items()})
         summary["regressions"] += sorted(passed["off"] - passed["patch"])
         summary["calls"].update(runs["patch"]["calls"])
         summary["reasons"].update(runs["patch"]["reasons"])
+        summary["fallbacks"].update(runs["patch"]["fallbacks"])
         print(f"{family:12} passing unpatched {len(passed['off']):4}  patched "
               f"{len(passed['patch']):4}  calls {dict(runs['patch']['calls'])}", flush=True)
     calls = summary["calls"]
     native = calls["native"]
     share = native / max(native + calls["fallback"], 1)
-    summary["native_share_without_attentions"] = share
+    share_all = native / max(native + calls["fallback"] + calls["raised"], 1)
+    summary["native_share_without_attentions"] = share_all
+    summary["native_share_without_attentions_or_errors"] = share
     args.out.write_text(json.dumps(summary, indent=1))
     print(f"\ntests passing: unpatched {summary['passed']['off']}, patched "
           f"{summary['passed']['patch']}; passing unpatched but failing patched: "
@@ -190,7 +218,8 @@ def main(argv=None) -> int:
         print(f"  {test}")
     print(f"generate calls (patched run): native {native}, fallback {calls['fallback']} "
           f"(+{calls['fallback_attentions']} asking for attention weights), raised "
-          f"{calls['raised']}; native share without attention weights {share:.1%}")
+          f"{calls['raised']}; native share without attention weights {share_all:.1%} "
+          f"({share:.1%} of the calls that do not raise)")
     print("fallback reasons:", ", ".join(f"{r} {n}" for r, n in summary["reasons"].most_common()))
     return 0
 

@@ -17,15 +17,15 @@ from fastdecode.engine.block_manager import BlockManager, cdiv
 from fastdecode.hf import compat
 from fastdecode.hf.prepare import Prepared
 from fastdecode.hf.runner import PagedRunner
-from fastdecode.hf.steppers import fill_hf_cache
+from fastdecode.hf.steppers import fill_hf_cache, masked_tail
 
 
 class BeamKV:
     """Runs ``num_beams`` beams for each of the B prompts of ``prepared`` over one paged pool.
 
     ``prepared`` holds B * num_beams rows (each prompt repeated, as ``generate`` expands them),
-    left-padded only. Rows of the decode steps are beams, prompt after prompt: row ``b * K + j``
-    is beam j of prompt b.
+    masked as the paged path takes them (:class:`~fastdecode.hf.steppers.PagedStepper`). Rows
+    of the decode steps are beams, prompt after prompt: row ``b * K + j`` is beam j of prompt b.
     """
 
     def __init__(self, model, prepared: Prepared, num_beams: int, max_new_tokens: int, *,
@@ -78,6 +78,7 @@ class BeamKV:
                                   positions=packed(positions))
         logits = self.runner.forward(plan.input_ids, plan.positions, plan,
                                      inputs_embeds=packed(embeds), token_type_ids=packed(types))
+        masked_tail(self.runner, self.planner, p, prompts, self.lens, logits, stride=k)
         self.tables = [self.manager.fork(t) if j else t for t in prompts for j in range(k)]
         self._pos = (positions[:, -1] + 1).to(self.device)
         if types is not None:
@@ -113,7 +114,8 @@ class BeamKV:
         if cache is None:
             return None
         width = self.prepared.mask.shape[1] + int(self._kv[0]) - self.lens[0]
-        return fill_hf_cache(cache, self.runner, self._tables(), self._kv, width)
+        return fill_hf_cache(cache, self.runner, self._tables(), self._kv, self.prepared.mask,
+                             width)
 
     def _tables(self) -> torch.Tensor:
         """[B * K, M] int32 block tables of the beams (padded with block 0) on the device."""

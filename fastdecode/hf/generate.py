@@ -3,9 +3,10 @@
 Same arguments, defaults, return types and output layout as ``model.generate`` for greedy and
 sampling decoding. The call is prepared by HF's own steps (:mod:`fastdecode.hf.prepare`); the model
 then runs over fastdecode's paged KV cache (:class:`~fastdecode.hf.steppers.PagedStepper`) or, when
-the call needs HF's own masks and cache (right padding, holes in the mask, a cache passed in, hidden
-states, attention outside ``AttentionInterface``), through HF's model-feeding helpers
-(:class:`~fastdecode.hf.steppers.CacheStepper`); tokens are always chosen by fastdecode's loop and
+the call needs HF's own masks and cache (masked columns within a sliding window, positions
+derived from the mask, a cache passed in, hidden states, attention outside
+``AttentionInterface``, a forward compiled by ``compile_config``), through HF's model-feeding
+helpers (:class:`~fastdecode.hf.steppers.CacheStepper`); tokens are always chosen by fastdecode's loop and
 sampling ops. Anything else falls back to the original ``model.generate`` with one warning naming
 the options responsible (or raises with ``fallback="error"``).
 """
@@ -73,27 +74,33 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
                                               stopping_criteria, tokenizer)
         reasons += more
         if not reasons:
-            paged = _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name())
-                           is not None)
-            if (prepared.config.num_beams or 1) > 1 and not paged:
-                reasons.append("num_beams > 1 with inputs only HF's cache takes (right padding or "
-                               "holes in the mask, a cache passed in, hidden states, attention "
-                               "outside AttentionInterface)")
-            reasons += strategies.reasons(prepared, _options.options(prepared, criteria), paged,
-                                          streamer, logits_processor)
+            user_cache = prepared.model_kwargs.get(compat.cache_name()) is not None
+            compiled = _hf_compiles(model, prepared)
+            paged = not compiled and _paged(model, prepared, user_cache)
+            if compiled and prepared.mode not in _options.PLAIN_MODES:
+                reasons.append(f"compile_config with generation mode {prepared.mode.value}")
+            elif (prepared.config.num_beams or 1) > 1 and not paged:
+                reasons.append("num_beams > 1 with inputs only HF's cache takes (masked columns "
+                               "within a sliding window, positions the model derives from the "
+                               "mask, a cache passed in, hidden states, attention outside "
+                               "AttentionInterface)")
+            else:
+                reasons += strategies.reasons(prepared, _options.options(prepared, criteria),
+                                              paged, streamer, logits_processor)
     if not reasons and contrast is not None and prepared.mode not in _options.PLAIN_MODES:
         reasons.append(f"amateur_model with generation mode {prepared.mode.value}")
     if reasons:
         if fallback == "error" or contrast is not None:  # HF has no contrastive decoding
-            raise FallbackError(f"fastdecode.generate does not implement: {', '.join(reasons)}")
+            raise FallbackError(f"fastdecode.generate does not implement: {'; '.join(reasons)}")
         warnings.warn(f"fastdecode.generate: running model.generate instead, because of: "
-                      f"{', '.join(reasons)}", stacklevel=2)
+                      f"{'; '.join(reasons)}", stacklevel=2)
         return original_generate(model)(**call)
     opts = _options.options(prepared, criteria)
     with torch.no_grad():
         if strategies.speculative_call(prepared):
             return strategies.decode(model, prepared, opts, backend)
-        return _decode(model, prepared, opts, streamer, logits_processor, backend, contrast)
+        return _decode(model, prepared, opts, streamer, logits_processor, backend, contrast,
+                       paged, compiled)
 
 
 def _structural_reasons(model, call: dict) -> list[str]:
@@ -140,15 +147,48 @@ def _paged(model, prepared: Prepared, user_cache: bool) -> bool:
             and "token_type_ids" not in inspect.signature(model.forward).parameters):
         return False
     width = prepared.input_ids.shape[1]
-    return width in (0, prepared.mask.shape[1]) and _left_padded(prepared.mask)
+    if width not in (0, prepared.mask.shape[1]):
+        return False
+    return _left_padded(prepared.mask) or _masked_tokens_droppable(model, prepared)
+
+
+def _masked_tokens_droppable(model, prepared: Prepared) -> bool:
+    """Whether a mask with zeros after a one (right padding, holes) gives HF's tokens on the
+    paged path, which drops the masked tokens: no later query attends to them in HF either, the
+    positions are HF's own ``position_ids`` (a model computing them from the mask would count
+    differently), no sliding window can reach back across them (HF's window counts columns,
+    masked ones included: the whole call must fit in it) and every row keeps a token. A returned
+    cache keeps HF's columns (the masked ones zero)."""
+    config, mask = prepared.config, prepared.mask
+    if prepared.model_kwargs.get("position_ids") is None or not bool(mask.any(-1).all()):
+        return False
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    # max_length bounds the new tokens (it may count the prompt too: an overestimate is safe).
+    return window is None or mask.shape[1] + config.max_length <= window
+
+
+def _hf_compiles(model, prepared: Prepared) -> bool:
+    """Whether ``model.generate`` would compile the model's forward for this call: a
+    ``compile_config`` whose criteria (device, a compilable cache...) hold, judged by HF's own
+    check. HF's cache for the call is prepared first (the criteria read it) whenever a
+    ``compile_config`` is set."""
+    if prepared.config.compile_config is None:
+        return False
+    prepare_cache(model, prepared)
+    return bool(model._valid_auto_compile_criteria(prepared.model_kwargs, prepared.config))
 
 
 def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_processor,
-            backend: str, contrast: Optional[contrastive_decoding.Contrast]):
+            backend: str, contrast: Optional[contrastive_decoding.Contrast], paged: bool,
+            compiled: bool):
+    """Greedy / sampling / contrastive search (``paged``: on the paged cache, else fed as HF
+    feeds the model; ``compiled``: decode steps through HF's compiled forward, as HF runs them)."""
+    cache_ready = prepared.config.compile_config is not None  # _hf_compiles prepared it
     if opts.num_beams > 1 or constrained(opts):
-        return _decode_beams(model, prepared, opts, streamer, logits_processor, backend)
-    paged = _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name()) is not None)
-    if not paged or opts.return_dict:  # the paged path fills HF's cache only to return it
+        return _decode_beams(model, prepared, opts, streamer, logits_processor, backend,
+                             cache_ready)
+    # The paged path fills HF's cache only to return it.
+    if (not paged or opts.return_dict) and not cache_ready:
         prepare_cache(model, prepared)
     input_ids = prepared.input_ids
     if streamer is not None:
@@ -161,7 +201,8 @@ def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_
     elif paged:
         stepper = PagedStepper(model, prepared, opts.max_new_tokens, backend=backend)
     else:
-        stepper = CacheStepper(model, prepared)
+        stepper = CacheStepper(model, prepared, model.get_compiled_call(
+            prepared.config.compile_config) if compiled else None)
     if contrast is not None:
         stepper = contrastive_decoding.ContrastStepper(stepper, prepared, opts.max_new_tokens,
                                                        contrast, backend)
@@ -181,8 +222,9 @@ def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_
 
 
 def _decode_beams(model, prepared: Prepared, opts: _options.Options, streamer, logits_processor,
-                  backend: str):
-    """Beam search / beam sampling on the paged cache (the caller checked it takes the call)."""
+                  backend: str, cache_ready: bool):
+    """Beam search / beam sampling on the paged cache (the caller checked it takes the call);
+    cache_ready: HF's cache object of the call is already prepared."""
     forced = None
     if constrained(opts):
         forced = check_constraints(opts, model.config.get_text_config().vocab_size, streamer,
@@ -191,7 +233,7 @@ def _decode_beams(model, prepared: Prepared, opts: _options.Options, streamer, l
         check_groups(opts, streamer)
     elif streamer is not None:  # model.generate sends the prompt, then streams no beam
         streamer.put(prepared.input_ids.cpu())
-    if opts.return_dict:
+    if opts.return_dict and not cache_ready:
         prepare_cache(model, prepared)
     kv = BeamKV(model, prepared, opts.num_beams, opts.max_new_tokens, backend=backend)
     selector = TokenSelector(opts, logits_processor, True, backend)

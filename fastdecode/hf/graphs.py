@@ -130,7 +130,7 @@ class CudaGraphDecode(_Static):
             # Reserve the largest step first, so that no later plan reallocates the staging.
             plan = self.planner.build([1] * size, [1] * size, [[0]] * size,
                                       token_ids=[0] * size, width=self.width,
-                                      stage_more=_no_writes)
+                                      stage_more=no_writes)
             with self.runner.session():
                 self._first(plan)
                 torch.cuda.synchronize()
@@ -159,7 +159,8 @@ class CudaGraphDecode(_Static):
         return out[:plan.num_real]
 
 
-def _no_writes(staging) -> None:
-    """A capture step's plan: every slot -1 (no KV write)."""
+def no_writes(staging) -> None:
+    """``stage_more`` of a step that writes no KV (every slot -1): a captured step, or queries
+    over cached keys only."""
     field = staging.fields["slot_mapping"]
     staging.host("slot_mapping", field.capacity)[:] = -1

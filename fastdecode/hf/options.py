@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from transformers import generation as hfgen
 from transformers.generation import GenerationMode
+from transformers.generation import configuration_utils as hfconfig
 
 from fastdecode.hf.prepare import Prepared
 
@@ -30,10 +31,17 @@ _NEUTRAL = {
     "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "top_h": (None,),
     "watermarking_config": (None,), "renormalize_logits": (None, False),
     "output_attentions": (None, False), "token_healing": (None, False), "low_memory": (None, False),
-    "cache_implementation": (None, "dynamic"), "compile_config": (None,),
     "prefill_chunk_size": (None,), "use_mtp": (None, False), "speculation_type": (None,),
     "is_assistant": (None, False),  # the draft model of assisted decoding: HF drives its cache
 }
+# Cache layouts whose values equal the dynamic cache's: the paged cache gives the same tokens (the
+# static ones preallocate and allow compilation, the offloaded ones keep layers on the CPU), and the
+# cache ``return_dict_in_generate`` returns is HF's of the kind asked for. Read from the release
+# (the static list grows deprecated aliases); "quantized" is lossy and "paged" is HF's continuous
+# batching: those two run through the original model.generate.
+_SAME_VALUE_CACHES = (None, "dynamic", "offloaded",
+                      *getattr(hfconfig, "ALL_STATIC_CACHE_IMPLEMENTATIONS",
+                               getattr(hfconfig, "STATIC_CACHE_IMPLEMENTATIONS", ())))
 # Arguments of model.generate that select another decoding method.
 OTHER_METHODS = ("prefix_allowed_tokens_fn", "negative_prompt_ids",
                  "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer")
@@ -136,6 +144,8 @@ def unsupported(model, prepared: Prepared, logits_processor, stopping_criteria,
     must call). Raises what HF raises for invalid processor / criteria arguments."""
     config = prepared.config
     reasons = [k for k, neutral in _NEUTRAL.items() if getattr(config, k, None) not in neutral]
+    if config.cache_implementation not in _SAME_VALUE_CACHES:
+        reasons.append(f"cache_implementation={config.cache_implementation!r}")
     if prepared.mode not in _NATIVE_MODES and not reasons:
         reasons.append(f"generation mode {prepared.mode.value}")
     user = list(logits_processor or [])

@@ -25,12 +25,15 @@ import numpy as np
 import torch
 
 from fastdecode.hf import compat
+from fastdecode.hf.graphs import no_writes
 from fastdecode.hf.prepare import Prepared
 from fastdecode.hf.runner import PagedRunner
 
 
 class PagedStepper:
-    """Runs the B rows of ``prepared`` (left padding only) over a growing paged cache.
+    """Runs the B rows of ``prepared`` over a growing paged cache (only their real tokens: the
+    masked ones, which no later query attends to, never enter the model; the caller checked that
+    positions and attention then follow HF's, see ``fastdecode.hf.generate``).
 
     max_new_tokens bounds the growth; block_size P: tokens per block. Each step is one
     :class:`~fastdecode.plan.StepPlan` built on the host from the rows' KV lengths and
@@ -79,6 +82,7 @@ class PagedStepper:
                                   positions=packed(positions))
         logits = self.runner.forward(plan.input_ids, plan.positions, plan,
                                      inputs_embeds=packed(embeds), token_type_ids=packed(types))
+        masked_tail(self.runner, self.planner, p, self._tables, self.lens, logits)
         # Position ids continue from HF's last column (read once); the KV index of the next
         # token is the row's token count.
         self._pos = np.asarray(positions[:, -1].tolist(), dtype=np.int64) + 1
@@ -148,26 +152,31 @@ class PagedStepper:
 
     def cache(self):
         """HF's cache object of this call, filled from the paged blocks in HF's layout: [B, Hkv,
-        columns, D] per layer, the prompt's padding columns zero (they stay masked)."""
+        columns, D] per layer, the prompt's masked columns zero (they stay masked)."""
         cache = self.prepared.model_kwargs.get(compat.cache_name())
         if cache is None:
             return None
-        width = self.prepared.mask.shape[1] + int(self._kv[0]) - self.lens[0]
+        mask = self.prepared.mask
+        width = mask.shape[1] + int(self._kv[0]) - self.lens[0]
         return fill_hf_cache(cache, self.runner, torch.from_numpy(self._tables).to(self.device),
-                             torch.from_numpy(self._kv), width)
+                             torch.from_numpy(self._kv), mask, width)
 
 
 def fill_hf_cache(cache, runner: PagedRunner, tables: torch.Tensor, kv_lens: torch.Tensor,
-                  width: int):
-    """Writes the paged rows into HF's ``cache`` (empty) as ``[R, Hkv, width, D]`` per layer,
-    each row right-aligned and left-padded with zeros; returns ``cache``.
+                  mask: torch.Tensor, width: int):
+    """Writes the paged rows into HF's ``cache`` (empty) as ``[R, Hkv, width, D]`` per layer, in
+    HF's columns: the prompt's real tokens where its mask has ones, zeros where it has zeros (HF
+    keeps the masked tokens there, masked), then the generated tokens; returns ``cache``.
 
-    tables: [R, M] int32 block tables; kv_lens: [R] int64 tokens cached per row (<= width).
+    tables: [R, M] int32 block tables; kv_lens: [R] int64 tokens cached per row (<= width);
+    mask: [R, L] the prompt's mask (L <= width).
     """
     device = tables.device
-    index = (torch.arange(width, device=device)[None, :]
-             - (width - kv_lens.to(device))[:, None])  # KV index of each column
-    valid = index >= 0
+    mask = mask.to(device)
+    real = mask.sum(-1, keepdim=True)
+    generated = real + torch.arange(width - mask.shape[1], device=device)[None, :]
+    index = torch.cat([(mask.cumsum(-1) - 1).masked_fill(mask == 0, -1), generated], dim=1)
+    valid = (index >= 0) & (index < kv_lens.to(device)[:, None])  # KV index of each column
     index = index.clamp(min=0)
     size = runner.block_size
     slots = tables.long().gather(1, index // size) * size + index % size  # [R, width]
@@ -178,11 +187,44 @@ def fill_hf_cache(cache, runner: PagedRunner, tables: torch.Tensor, kv_lens: tor
     return cache
 
 
-class CacheStepper:
-    """The model's own forward, cache and masks, fed exactly like ``model.generate`` feeds them."""
+def masked_tail(runner: PagedRunner, planner, prepared: Prepared, tables, lens: list[int],
+                logits: torch.Tensor, stride: int = 1) -> None:
+    """HF's prompt logits of the rows whose last mask column is 0 (right padding, a hole at the
+    end) into ``logits`` [R, V] (R = B / stride rows of ``prepared``, one per ``stride``).
 
-    def __init__(self, model, prepared: Prepared):
+    ``model.generate`` takes the next token's logits at the last column whatever the mask: that
+    column's query attends to the row's real tokens (its own key is masked). Over the paged
+    prompt (``tables``: R block tables, ``lens``: R real-token counts) that is a query at HF's
+    position which reads the cached keys and writes none.
+    """
+    rows = (prepared.mask[::stride, -1] == 0).nonzero().flatten().tolist()
+    if not rows:
+        return
+    kwargs = prepared.model_kwargs
+
+    def last(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:  # [B, S, ...] -> [r, ...]
+        return None if t is None else t[::stride][rows, -1].to(runner.device)
+
+    embeds = kwargs.get("inputs_embeds")
+    plan = planner.build([1] * len(rows), [lens[r] for r in rows], [tables[r] for r in rows],
+                         input_ids=last(prepared.input_ids) if embeds is None else None,
+                         positions=last(kwargs["position_ids"]), stage_more=no_writes)
+    logits[rows] = runner.forward(plan.input_ids, plan.positions, plan,
+                                  inputs_embeds=last(embeds),
+                                  token_type_ids=last(kwargs.get("token_type_ids")))
+
+
+class CacheStepper:
+    """The model's own forward, cache and masks, fed exactly like ``model.generate`` feeds them.
+
+    forward: what runs the decode steps (``model.generate`` passes its compiled forward when the
+    call compiles); the model itself by default. The prefill always runs the model eagerly, as
+    HF's does.
+    """
+
+    def __init__(self, model, prepared: Prepared, forward=None):
         self.model = model
+        self.forward = model if forward is None else forward
         self.prepared = prepared
         self.kwargs = prepared.model_kwargs
         self.hidden_states = None
@@ -205,7 +247,7 @@ class CacheStepper:
         inputs = self.model.prepare_inputs_for_generation(
             sequences, next_sequence_length=1 if self.kwargs["use_cache"] else None,
             **self.kwargs)
-        return self._take(self.model(**inputs, return_dict=True))
+        return self._take(self.forward(**inputs, return_dict=True))
 
     def cache(self) -> Optional[object]:
         return self.kwargs.get(compat.cache_name())
