@@ -23,10 +23,12 @@ from typing import Optional
 
 import numpy as np
 import torch
+from transformers.cache_utils import EncoderDecoderCache
 
 from fastdecode.hf import compat
 from fastdecode.hf.prepare import Prepared
 from fastdecode.hf.runner import PagedRunner
+from fastdecode.hf.seq2seq import paged_runner, write_rows
 
 
 class PagedStepper:
@@ -48,8 +50,8 @@ class PagedStepper:
         self.max_blocks = -(-(longest + max_new_tokens) // block_size)
         # Room for the prompt and one more block; doubled whenever the longest row fills it.
         self.blocks_per_row = min(self.max_blocks, -(-longest // block_size) + 1)
-        self.runner = PagedRunner(model, num_blocks=self.batch * self.blocks_per_row,
-                                  block_size=block_size, backend=backend)
+        self.runner = paged_runner(model, prepared, num_blocks=self.batch * self.blocks_per_row,
+                                   block_size=block_size, backend=backend)
         self.planner = self.runner.planner()
         self.device = self.runner.device
         self.session = self.runner.session
@@ -160,21 +162,19 @@ class PagedStepper:
 def fill_hf_cache(cache, runner: PagedRunner, tables: torch.Tensor, kv_lens: torch.Tensor,
                   width: int):
     """Writes the paged rows into HF's ``cache`` (empty) as ``[R, Hkv, width, D]`` per layer,
-    each row right-aligned and left-padded with zeros; returns ``cache``.
+    each row right-aligned and left-padded with zeros; returns ``cache``. An encoder-decoder
+    cache gets the decoder's rows in its self-attention part and the encoder's keys / values
+    from the runner in its cross-attention part.
 
     tables: [R, M] int32 block tables; kv_lens: [R] int64 tokens cached per row (<= width).
     """
-    device = tables.device
-    index = (torch.arange(width, device=device)[None, :]
-             - (width - kv_lens.to(device))[:, None])  # KV index of each column
-    valid = index >= 0
-    index = index.clamp(min=0)
-    size = runner.block_size
-    slots = tables.long().gather(1, index // size) * size + index % size  # [R, width]
-    for layer, (k, v) in enumerate(zip(runner.k_caches, runner.v_caches)):
-        keys, values = (c.flatten(0, 1)[slots] * valid[..., None, None] for c in (k, v))
-        cache.update(keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous(),
-                     layer)
+    index = (torch.arange(width, device=tables.device)[None, :]
+             - (width - kv_lens.to(tables.device))[:, None])  # KV index of each column
+    if isinstance(cache, EncoderDecoderCache):
+        runner.fill_cross_cache(cache)
+        write_rows(cache.self_attention_cache, runner.k_caches, runner.v_caches, tables, index)
+    else:
+        write_rows(cache, runner.k_caches, runner.v_caches, tables, index)
     return cache
 
 
