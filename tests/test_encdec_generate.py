@@ -11,6 +11,7 @@ from transformers.cache_utils import EncoderDecoderCache
 
 from _beam_helpers import assert_beams_match
 from _hf_helpers import assert_greedy_match, count_paged_calls, fd_generate, forbid_original_generate
+from fastdecode.hf.generate import FallbackError
 from fastdecode.hf.seq2seq import _relative_bias
 from tiny import SEQ2SEQ, tiny_seq2seq
 
@@ -109,14 +110,6 @@ def test_relative_bias_table_equals_t5_bias_beyond_max_distance():
     torch.testing.assert_close(from_table, dense[:, i, j], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["flan_t5", "bart"])
-def test_num_return_sequences_share_the_encoder(family, monkeypatch):
-    model = _model(family)
-    ids, mask = _batch(2, 8, seed=5)
-    _assert_same(model, ids, monkeypatch, attention_mask=mask, max_new_tokens=12, num_beams=1,
-                 num_return_sequences=1)
-
-
 def test_returned_cache_holds_hf_keys(monkeypatch):
     """return_dict_in_generate: HF's EncoderDecoderCache, the decoder's keys as HF's and the
     encoder's at the mask's columns."""
@@ -139,7 +132,8 @@ def test_sampling_first_step_scores_equal_hf(family):
     model = _model(family)
     ids, mask = _batch(3, 9, seed=7)
     kwargs = dict(attention_mask=mask, max_new_tokens=1, do_sample=True, temperature=0.8,
-                  top_k=30, top_p=0.9, return_dict_in_generate=True, output_scores=True)
+                  top_k=30, top_p=0.9, num_return_sequences=2, return_dict_in_generate=True,
+                  output_scores=True)
     ref = model.generate(ids, **kwargs).scores[0]
     ours = fd_generate(model, ids, fallback="error", **kwargs).scores[0]
     assert torch.equal(ours.isinf(), ref.isinf())
@@ -199,3 +193,31 @@ def test_native_calls_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         fd_generate(model, ids, attention_mask=mask, max_new_tokens=4)
+
+
+def test_beam_sampling(monkeypatch):
+    model = _model("bart")
+    ids, mask = _batch(2, 8, seed=12)
+    forbid_original_generate(monkeypatch)
+    assert_beams_match(model, monkeypatch, ids, attention_mask=mask, max_new_tokens=10,
+                       num_beams=3, do_sample=True, top_k=20, seed=5)
+
+
+@pytest.mark.parametrize("option", [dict(penalty_alpha=0.6, top_k=4),
+                                    dict(prompt_lookup_num_tokens=3)])
+def test_other_modes_are_not_run_natively(option):
+    model = _model("flan_t5")
+    ids, mask = _batch(1, 8, seed=13)
+    with pytest.raises(FallbackError, match="with an encoder-decoder model"):
+        fd_generate(model, ids, attention_mask=mask, max_new_tokens=6, fallback="error",
+                    **option)
+
+
+def test_prompt_lookup_falls_back_with_the_warning():
+    model = _model("flan_t5")
+    ids, mask = _batch(1, 8, seed=13)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, prompt_lookup_num_tokens=3)
+    ref = model.generate(ids, **kwargs)
+    with pytest.warns(UserWarning, match="encoder-decoder model"):
+        ours = fd_generate(model, ids, **kwargs)
+    assert torch.equal(ours, ref)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from transformers.generation import (GenerateBeamDecoderOnlyOutput,
                                     GenerateBeamEncoderDecoderOutput, GenerateDecoderOnlyOutput,
-                                    GenerateEncoderDecoderOutput, GenerationMixin)
+                                    GenerateEncoderDecoderOutput, GenerationMixin, GenerationMode)
 
 from fastdecode.hf import compat, contrastive_decoding, loop, seq2seq, strategies
 from fastdecode.hf import options as _options
@@ -75,9 +75,8 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
         if not reasons:
             paged = _paged(model, prepared, prepared.model_kwargs.get(compat.cache_name())
                            is not None)
-            if _encoder_decoder(model) and not paged:
-                reasons.append("an encoder-decoder call only HF's cache takes (decoder masks or "
-                               "embeddings, a cache passed in, hidden states)")
+            if _encoder_decoder(model):
+                reasons += _encoder_decoder_reasons(prepared, paged, contrast)
             elif (prepared.config.num_beams or 1) > 1 and not paged:
                 reasons.append("num_beams > 1 with inputs only HF's cache takes (right padding or "
                                "holes in the mask, a cache passed in, hidden states, attention "
@@ -125,6 +124,22 @@ def _prepare_arguments(call: dict) -> dict:
 
 def _encoder_decoder(model) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+# Generation modes encoder-decoder models run natively (the others: fallback).
+_SEQ2SEQ_MODES = (*_options.PLAIN_MODES, GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE,
+                  GenerationMode.GROUP_BEAM_SEARCH)
+
+
+def _encoder_decoder_reasons(prepared: Prepared, paged: bool, contrast) -> list[str]:
+    if prepared.mode not in _SEQ2SEQ_MODES:
+        return [f"generation mode {prepared.mode.value} with an encoder-decoder model"]
+    if contrast is not None:
+        return ["amateur_model with an encoder-decoder model"]
+    if not paged:
+        return ["an encoder-decoder call only HF's cache takes (decoder masks or embeddings, a "
+                "cache passed in, hidden states)"]
+    return []
 
 
 def _penalty_mask(model, prepared: Prepared) -> Optional[torch.Tensor]:

@@ -9,75 +9,30 @@ decoder runs on packed steps like a decoder-only model, with two paged caches pe
 - cross-attention: the encoder's keys / values, projected by the layer's own weights once per
   prompt (the first step feeds the packed encoder states, every later step one zero row
   [1, 1, d_model], whose projections are never read: some models cannot reshape an empty
-  one), in read-only blocks shared by
-  every row of the prompt, read with ``causal=False``. Encoder padding never enters the cache.
+  one), in read-only blocks shared by every row of the prompt, read with ``causal=False``.
+  Encoder padding never enters the cache.
 
-The attention function registered as ``"fastdecode_seq2seq"`` tells the two apart by the module's
-``is_causal`` (True for decoder self-attention in T5, BART and Marian, False for their
-cross-attention). Decoders with learned or sinusoidal positions (BART, Marian) get the packed
-steps' positions through a pre-hook on their ``embed_positions`` (their decoders compute
-positions from a cache length otherwise).
+The decoder layers call :mod:`fastdecode.hf.seq2seq_attention`. Decoders with learned or
+sinusoidal positions (BART, Marian) get the packed steps' positions through a pre-hook on their
+``embed_positions`` (their decoders compute positions from a cache length otherwise).
 """
 
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from transformers import AttentionInterface
 from transformers.modeling_outputs import BaseModelOutput
 
-from fastdecode.hf.runner import PagedRunner, _configs
+from fastdecode.hf import transform
+from fastdecode.hf.runner import PagedRunner, _configs, _large_linears
 from fastdecode.plan import PagedKVCache, StepPlan, StepPlanner
+from fastdecode.hf.seq2seq_attention import ATTN_NAME, Seq2SeqPlan
 from fastdecode.plan.step import AttentionMeta
-
-ATTN_NAME = "fastdecode_seq2seq"
-
-
-@dataclass
-class Seq2SeqPlan:
-    """One decoder step: ``decoder`` plans the self-attention (the step's tokens), ``encoder``
-    the cross-attention of the same tokens over the encoder's blocks; relative_bias: [Hq, 2R + 1]
-    float32 (T5) or None."""
-
-    decoder: StepPlan
-    encoder: StepPlan
-    relative_bias: Optional[torch.Tensor]
-
-
-def seq2seq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                              value: torch.Tensor, attention_mask, *, scaling=None, dropout=0.0,
-                              position_bias=None, fastdecode_plan: Seq2SeqPlan | None = None,
-                              fastdecode_kv: tuple[PagedKVCache, PagedKVCache] | None = None,
-                              **kwargs):
-    """query: [1, Hq, T, D]; key, value: [1, Hkv, T or S or 1, D] -> ([1, T, Hq, D], None).
-
-    Self-attention appends the step's keys / values to the decoder cache; cross-attention
-    appends the encoder's (first step only: later ``key`` is a placeholder row, ignored as the
-    plan writes nothing) and reads the encoder blocks. ``position_bias`` (T5's dense bias) is replaced by the plan's relative_bias table.
-    """
-    if fastdecode_plan is None or fastdecode_kv is None:
-        raise RuntimeError("the 'fastdecode_seq2seq' attention needs the forward keywords "
-                           "fastdecode_plan and fastdecode_kv (run the model through "
-                           "fastdecode.hf.seq2seq.Seq2SeqRunner)")
-    if attention_mask is not None:
-        raise NotImplementedError("the 'fastdecode_seq2seq' attention takes sequence boundaries "
-                                  "from its plan; an explicit attention mask cannot be honoured")
-    cross = not module.is_causal
-    plan = fastdecode_plan.encoder if cross else fastdecode_plan.decoder
-    out = fastdecode_kv[1 if cross else 0].attend(
-        plan, module.layer_idx, query[0].transpose(0, 1).contiguous(), key[0].transpose(0, 1),
-        value[0].transpose(0, 1), scale=scaling, softcap=None, sliding_window=None,
-        relative_bias=None if cross else fastdecode_plan.relative_bias)
-    return out.unsqueeze(0), None
-
-
-AttentionInterface.register(ATTN_NAME, seq2seq_attention_forward)
-
 
 def _attention_modules(model) -> tuple[list, list]:
     """(self-attention, cross-attention) modules of the decoder, in layer order."""
@@ -129,13 +84,14 @@ class Seq2SeqRunner:
     encoder_states: [R, S, d_model], the encoder's last hidden state of each row;
     encoder_mask: [R, S] (1 = token) or None; rows_per_prompt: consecutive rows of one prompt
     (num_beams / num_return_sequences): their encoder keys are computed and stored once.
+    fast_linears: as for :class:`~fastdecode.hf.runner.PagedRunner`.
     A step's rows map to prompts evenly (a step of one row per prompt, or of every row).
     """
 
     def __init__(self, model, *, encoder_states: torch.Tensor,
                  encoder_mask: Optional[torch.Tensor], rows_per_prompt: int, num_blocks: int,
                  block_size: int = 16, kv_dtype: Optional[torch.dtype] = None, device=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", fast_linears: Optional[bool] = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(reason)
@@ -183,6 +139,9 @@ class Seq2SeqRunner:
         self._positions: Optional[torch.Tensor] = None
         self._verified = False
         self._active = False
+        if fast_linears is None:
+            fast_linears = transform.worth_it(model) and _large_linears(model)
+        self._layout = transform.LinearLayout(model) if fast_linears else None
 
     @property
     def num_blocks(self) -> int:
@@ -197,8 +156,9 @@ class Seq2SeqRunner:
 
     @contextmanager
     def session(self) -> Iterator[None]:
-        """The decoder's attention switched to ``"fastdecode_seq2seq"`` and its positions taken
-        from the steps, for the block (restored on exit, also on error)."""
+        """The decoder's attention switched to ``"fastdecode_seq2seq"``, its positions taken
+        from the steps and the fast linears on, for the block (restored on exit, also on
+        error)."""
         if self._active:
             yield
             return
@@ -210,8 +170,9 @@ class Seq2SeqRunner:
             if self._embed is not None:
                 hook = self._embed.register_forward_pre_hook(self._give_positions,
                                                              with_kwargs=True)
-            self._active = True
-            yield
+            with self._layout.active() if self._layout else nullcontext():
+                self._active = True
+                yield
         finally:
             self._active = False
             if hook is not None:
