@@ -20,7 +20,7 @@ sinusoidal positions (BART, Marian) get the packed steps' positions through a pr
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator, Optional
 
@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from fastdecode.hf import transform
-from fastdecode.hf.runner import PagedRunner, _configs, _large_linears
-from fastdecode.plan import PagedKVCache, StepPlan, StepPlanner
+from fastdecode.hf.runner import PagedRunner, _configs
+from fastdecode.plan import PagedKVCache, StepPlan
 from fastdecode.hf.seq2seq_attention import ATTN_NAME, Seq2SeqPlan
 from fastdecode.plan.step import AttentionMeta
 
@@ -74,7 +73,7 @@ def _relative_bias(module) -> torch.Tensor:
     return module.relative_attention_bias(buckets).t().float().contiguous()
 
 
-class Seq2SeqRunner:
+class Seq2SeqRunner(PagedRunner):
     """The decoder of an encoder-decoder model on packed steps over paged caches.
 
     Same interface as :class:`~fastdecode.hf.runner.PagedRunner` for the decoder's cache (
@@ -84,9 +83,11 @@ class Seq2SeqRunner:
     encoder_states: [R, S, d_model], the encoder's last hidden state of each row;
     encoder_mask: [R, S] (1 = token) or None; rows_per_prompt: consecutive rows of one prompt
     (num_beams / num_return_sequences): their encoder keys are computed and stored once.
-    fast_linears: as for :class:`~fastdecode.hf.runner.PagedRunner`.
     A step's rows map to prompts evenly (a step of one row per prompt, or of every row).
+    fast_linears: as for :class:`~fastdecode.hf.runner.PagedRunner`.
     """
+
+    attn_name = ATTN_NAME
 
     def __init__(self, model, *, encoder_states: torch.Tensor,
                  encoder_mask: Optional[torch.Tensor], rows_per_prompt: int, num_blocks: int,
@@ -95,20 +96,14 @@ class Seq2SeqRunner:
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(reason)
-        param = next(model.parameters())
-        self.model = model
-        self.block_size = block_size
-        self.device = torch.device(device) if device is not None else param.device
-        self.kv_dtype = kv_dtype or param.dtype
         selfs, _ = _attention_modules(model)
-        self.num_layers = len(selfs)
         heads = getattr(selfs[0], "n_heads", None) or selfs[0].num_heads
         head_dim = getattr(selfs[0], "key_value_proj_dim", None) or selfs[0].head_dim
-        geometry = dict(num_layers=self.num_layers, block_size=block_size, num_kv_heads=heads,
-                        head_dim=head_dim, num_qo_heads=heads, dtype=self.kv_dtype,
-                        device=self.device, backend=backend)
-        self.kv = PagedKVCache(num_blocks=num_blocks, **geometry)
-        self.k_caches, self.v_caches = self.kv.k_caches, self.kv.v_caches
+        geometry = dict(num_layers=len(selfs), num_kv_heads=heads, head_dim=head_dim,
+                        num_qo_heads=heads)
+        self._setup(model, _configs(model.get_decoder()), geometry, num_blocks=num_blocks,
+                    block_size=block_size, kv_dtype=kv_dtype, device=device, backend=backend,
+                    fast_linears=fast_linears)
         biased = [m for m in selfs if getattr(m, "has_relative_attention_bias", False)]
         with torch.no_grad():
             self.relative_bias = _relative_bias(biased[0]).to(self.device) if biased else None
@@ -122,7 +117,9 @@ class Seq2SeqRunner:
         lens = keep.sum(-1).numpy().astype(np.int64)
         blocks = -(-lens // block_size)
         self.encoder_lens = lens.tolist()
-        self.cross_kv = PagedKVCache(num_blocks=max(int(blocks.sum()), 1), **geometry)
+        self.cross_kv = PagedKVCache(num_blocks=max(int(blocks.sum()), 1), block_size=block_size,
+                                     dtype=self.kv_dtype, device=self.device, backend=backend,
+                                     **geometry)
         width = max(int(blocks.max()), 1)
         starts = np.cumsum(blocks) - blocks
         tables = starts[:, None] + np.arange(width)[None, :]
@@ -134,51 +131,22 @@ class Seq2SeqRunner:
             self.device)  # [1, sum(lens), d]: written by the first step
         self._placeholder = states.new_zeros(1, 1, states.shape[-1]).to(self.device)
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._configs = _configs(model.get_decoder())
         self._embed = getattr(model.get_decoder(), "embed_positions", None)
         self._positions: Optional[torch.Tensor] = None
-        self._verified = False
-        self._active = False
-        if fast_linears is None:
-            fast_linears = transform.worth_it(model) and _large_linears(model)
-        self._layout = transform.LinearLayout(model) if fast_linears else None
-
-    @property
-    def num_blocks(self) -> int:
-        return self.kv.num_blocks
-
-    def grow(self, num_blocks: int) -> None:
-        """Enlarge the decoder pool (block ids and contents kept)."""
-        self.kv.grow(num_blocks)
-
-    def planner(self, extra_fields: Optional[dict[str, torch.dtype]] = None) -> StepPlanner:
-        return StepPlanner(self.device, self.block_size, kv=self.kv, extra_fields=extra_fields)
 
     @contextmanager
     def session(self) -> Iterator[None]:
-        """The decoder's attention switched to ``"fastdecode_seq2seq"``, its positions taken
-        from the steps and the fast linears on, for the block (restored on exit, also on
-        error)."""
-        if self._active:
-            yield
+        """:meth:`PagedRunner.session` with the decoder's positions taken from the steps."""
+        if self._active or self._embed is None:
+            with super().session():
+                yield
             return
-        saved = [c._attn_implementation_internal for c in self._configs]
-        hook = None
+        hook = self._embed.register_forward_pre_hook(self._give_positions, with_kwargs=True)
         try:
-            for c in self._configs:
-                c._attn_implementation_internal = ATTN_NAME
-            if self._embed is not None:
-                hook = self._embed.register_forward_pre_hook(self._give_positions,
-                                                             with_kwargs=True)
-            with self._layout.active() if self._layout else nullcontext():
-                self._active = True
+            with super().session():
                 yield
         finally:
-            self._active = False
-            if hook is not None:
-                hook.remove()
-            for c, name in zip(self._configs, saved):
-                c._attn_implementation_internal = name
+            hook.remove()
 
     def _give_positions(self, module, args, kwargs):
         return args, {**kwargs, "position_ids": self._positions}
