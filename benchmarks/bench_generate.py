@@ -7,7 +7,12 @@ reported. Fraction of the weights-read bound = (weight bytes / measured read ban
 
     python benchmarks/bench_generate.py [--device cuda] [--new-tokens 128] [--repeats 3]
 
-Writes benchmarks/results/generate_<device>.{md,csv,png} (helpers from benchmarks/common.py).
+``--model flan-t5-base``: a Flan-T5-base-shaped encoder-decoder (random weights), batch 1 greedy
+and beam search (5 beams, ``no_repeat_ngram_size=2``, ``early_stopping=True``); the prompt is the
+encoder's input.
+
+Writes benchmarks/results/generate[_flan-t5-base]_<device>.{md,csv,png} (helpers from
+benchmarks/common.py).
 """
 
 from __future__ import annotations
@@ -22,13 +27,21 @@ import transformers
 
 import fastdecode
 from common import Report, measure_read_bandwidth
-from tiny import default_model
+from tiny import default_model, flan_t5_base
 from fastdecode.ops import _backends
 
 SCENARIOS = {
     "batch1-greedy": dict(batch=1, kwargs=dict(do_sample=False)),
     "batch8-sampling": dict(batch=8, kwargs=dict(do_sample=True, temperature=0.8, top_k=50,
                                                  top_p=0.95, repetition_penalty=1.2)),
+    "batch1-beam5": dict(batch=1, kwargs=dict(num_beams=5, no_repeat_ngram_size=2,
+                                              early_stopping=True)),
+}
+# model -> (builder, description, default scenarios)
+MODELS = {
+    "llama-135m": (default_model, "the 135M Llama-shaped model", "batch1-greedy,batch8-sampling"),
+    "flan-t5-base": (flan_t5_base, "a Flan-T5-base-shaped encoder-decoder",
+                     "batch1-greedy,batch1-beam5"),
 }
 
 
@@ -51,14 +64,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--model", default="llama-135m", choices=sorted(MODELS))
+    parser.add_argument("--scenarios", default=None, help="default: the model's")
     parser.add_argument("--backend", default="auto", help="fastdecode ops backend")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = default_model(getattr(torch, args.dtype)).to(device)
+    build, described, default_scenarios = MODELS[args.model]
+    args.scenarios = args.scenarios or default_scenarios
+    model = build(getattr(torch, args.dtype)).to(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # The machine is shared: keep the best bandwidth seen (re-measured after each scenario) so
     # that the bound reflects what the hardware can do, not a busy moment.
@@ -73,7 +89,8 @@ def main() -> None:
         kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                       attention_mask=torch.ones_like(ids), **spec["kwargs"])
         runs = {"hf": lambda: model.generate(ids, **kwargs),
-                "fd": lambda: fastdecode.generate(model, ids, backend=args.backend, **kwargs)}
+                "fd": lambda: fastdecode.generate(model, ids, backend=args.backend,
+                                                  fallback="error", **kwargs)}
         for fn in runs.values():  # warm-up (allocator, lazy init)
             fn()
         times = {k: [] for k in runs}
@@ -94,9 +111,10 @@ def main() -> None:
             fd_bound_fraction=round(bound_step / (fd_t / args.new_tokens), 2),
             hf_bound_fraction=round(bound_step / (hf_t / args.new_tokens), 2)))
     resolved = _backends.resolve(args.backend, "paged_attention", device).__name__
-    report = Report("generate", device=str(device))
+    name = "generate" if args.model == "llama-135m" else f"generate_{args.model}"
+    report = Report(name, device=str(device))
     report.add_note(
-        f"fastdecode.generate vs model.generate on the 135M Llama-shaped model (random weights), "
+        f"fastdecode.generate vs model.generate on {described} (random weights), "
         f"{args.dtype}, {weight_bytes / 2**20:.0f} MiB of weights, {args.prompt_len}-token "
         f"prompts. transformers {transformers.__version__}, fastdecode {fastdecode.__version__} "
         f"(ops backend {args.backend} -> {resolved.split('.')[-1]}). Median of {args.repeats} "

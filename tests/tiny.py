@@ -81,6 +81,48 @@ def _build(config, dtype: torch.dtype, seed: int) -> transformers.PreTrainedMode
     return model.eval()
 
 
+# Encoder-decoder models: T5 with ReLU and a tied head, Flan-T5's gated-GELU with an untied
+# head, BART, Marian. A short relative_attention_max_distance so that generations run past it
+# (T5's buckets saturate there).
+_SEQ2SEQ_COMMON = dict(vocab_size=211, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+_T5 = dict(d_model=48, d_kv=12, d_ff=80, num_layers=3, num_heads=5,
+           relative_attention_num_buckets=8, relative_attention_max_distance=20)
+_BART = dict(d_model=48, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+             max_position_embeddings=128, init_std=0.1, forced_eos_token_id=None)
+_SEQ2SEQ: dict[str, tuple[str, str, dict]] = {
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(_T5, feed_forward_proj="relu")),
+    "flan_t5": ("T5Config", "T5ForConditionalGeneration",
+                # a smaller init: the untied head is not scaled by d_model ** -0.5
+                dict(_T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                     initializer_factor=0.3)),
+    "bart": ("BartConfig", "BartForConditionalGeneration",
+             dict(_BART, bos_token_id=1, forced_bos_token_id=None)),
+    "marian": ("MarianConfig", "MarianMTModel", _BART),
+}
+SEQ2SEQ = tuple(_SEQ2SEQ)
+
+
+def tiny_seq2seq(family: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 **overrides) -> transformers.PreTrainedModel:
+    """A random-weight encoder-decoder model of ``family`` (one of :data:`SEQ2SEQ`), eval mode."""
+    if family not in _SEQ2SEQ:
+        raise ValueError(f"unknown family {family!r}; choose from {SEQ2SEQ}")
+    config_name, model_name, shape = _SEQ2SEQ[family]
+    config = getattr(transformers, config_name)(**{**_SEQ2SEQ_COMMON, **shape, **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_name)(config).to(dtype)
+    return model.eval()
+
+
+def flan_t5_base(dtype: torch.dtype = torch.float32, seed: int = 0) -> transformers.PreTrainedModel:
+    """A Flan-T5-base-shaped model (248M parameters, random weights)."""
+    return tiny_seq2seq("flan_t5", dtype, seed, vocab_size=32128, d_model=768, d_kv=64,
+                        d_ff=2048, num_layers=12, num_heads=12, relative_attention_num_buckets=32,
+                        relative_attention_max_distance=128, eos_token_id=1)
+
+
 def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """A character-level tokenizer over printable ASCII (ids 0..3 special), built offline."""
     return _wrap(list(string.printable), character_level=True)

@@ -82,6 +82,9 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model, *, block_size: int, num_blocks: Optional[int], max_num_seqs: int,
                  kv_dtype: Optional[torch.dtype], device) -> None:
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError(f"{type(model).__name__} is an encoder-decoder model: the Engine "
+                             "does not run those yet (fastdecode.generate does)")
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         if num_blocks is None:

@@ -16,7 +16,7 @@ import torch
 from fastdecode.engine.block_manager import BlockManager, cdiv
 from fastdecode.hf import compat
 from fastdecode.hf.prepare import Prepared
-from fastdecode.hf.runner import PagedRunner
+from fastdecode.hf.seq2seq import paged_runner
 from fastdecode.hf.steppers import fill_hf_cache, masked_tail
 
 
@@ -39,7 +39,8 @@ class BeamKV:
         # Room for the prompts and one block per beam; grown on demand.
         blocks = sum(cdiv(n, block_size) + num_beams for n in self.lens)
         self.manager = BlockManager(blocks, block_size)
-        self.runner = PagedRunner(model, num_blocks=blocks, block_size=block_size, backend=backend)
+        self.runner = paged_runner(model, prepared, num_blocks=blocks, block_size=block_size,
+                                   backend=backend)
         self.planner = self.runner.planner()
         self.device = self.runner.device
         self.session = self.runner.session

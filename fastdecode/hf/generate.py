@@ -18,10 +18,11 @@ import warnings
 from typing import Optional
 
 import torch
-from transformers.generation import (GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput,
-                                    GenerationMixin)
+from transformers.generation import (GenerateBeamDecoderOnlyOutput,
+                                    GenerateBeamEncoderDecoderOutput, GenerateDecoderOnlyOutput,
+                                    GenerateEncoderDecoderOutput, GenerationMixin, GenerationMode)
 
-from fastdecode.hf import compat, contrastive_decoding, loop, strategies
+from fastdecode.hf import compat, contrastive_decoding, loop, seq2seq, strategies
 from fastdecode.hf import options as _options
 from fastdecode.hf.beam import BeamSearch
 from fastdecode.hf.beam_cache import BeamKV
@@ -77,6 +78,8 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
             user_cache = prepared.model_kwargs.get(compat.cache_name()) is not None
             compiled = _hf_compiles(model, prepared)
             paged = not compiled and _paged(model, prepared, user_cache)
+            if _encoder_decoder(model):
+                reasons += _encoder_decoder_reasons(prepared, paged, contrast)
             if compiled and prepared.mode not in _options.PLAIN_MODES:
                 reasons.append(f"compile_config with generation mode {prepared.mode.value}")
             elif (prepared.config.num_beams or 1) > 1 and not paged:
@@ -104,8 +107,10 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
 
 
 def _structural_reasons(model, call: dict) -> list[str]:
-    if getattr(model.config, "is_encoder_decoder", False):
-        return ["encoder-decoder model (cross-attention)"]
+    if _encoder_decoder(model):
+        reason = seq2seq.unsupported_reason(model)
+        if reason:
+            return [f"encoder-decoder model ({reason})"]
     if type(model).generate is not GenerationMixin.generate:  # its own preparation steps
         return [f"{type(model).__name__}.generate (a model-specific generate)"]
     return [name for name in _options.OTHER_METHODS if call.get(name) is not None]
@@ -125,6 +130,32 @@ def _prepare_arguments(call: dict) -> dict:
     return args
 
 
+def _encoder_decoder(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+# Generation modes encoder-decoder models run natively (the others: fallback).
+_SEQ2SEQ_MODES = (*_options.PLAIN_MODES, GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE,
+                  GenerationMode.GROUP_BEAM_SEARCH)
+
+
+def _encoder_decoder_reasons(prepared: Prepared, paged: bool, contrast) -> list[str]:
+    if prepared.mode not in _SEQ2SEQ_MODES:
+        return [f"generation mode {prepared.mode.value} with an encoder-decoder model"]
+    if contrast is not None:
+        return ["amateur_model with an encoder-decoder model"]
+    if not paged:
+        return ["an encoder-decoder call only HF's cache takes (decoder masks or embeddings, a "
+                "cache passed in, hidden states)"]
+    return []
+
+
+def _penalty_mask(model, prepared: Prepared) -> Optional[torch.Tensor]:
+    """The mask HF's repetition penalty reads its ``prompt_ignore_length`` from."""
+    return prepared.model_kwargs.get("decoder_attention_mask" if _encoder_decoder(model)
+                                     else "attention_mask")
+
+
 def _left_padded(mask: torch.Tensor) -> bool:
     """Every row is zeros then at least one one (no holes, no padding on the right)."""
     return bool(mask[:, -1].all() and (mask[:, 1:] >= mask[:, :-1]).all())
@@ -133,13 +164,19 @@ def _left_padded(mask: torch.Tensor) -> bool:
 # Model kwargs the paged path feeds itself (anything else needs HF's own model feeding).
 _PAGED_KWARGS = {"attention_mask", "position_ids", "inputs_embeds", "use_cache", "logits_to_keep",
                  "token_type_ids", *compat.cache_names()}
+# Those of an encoder-decoder model (attention_mask: the encoder's).
+_PAGED_SEQ2SEQ_KWARGS = {"attention_mask", "encoder_outputs", "use_cache", *compat.cache_names()}
 
 
 def _paged(model, prepared: Prepared, user_cache: bool) -> bool:
     """Whether the paged path reproduces this call exactly."""
     kwargs = prepared.model_kwargs
-    if (user_cache or not uses_attention_interface(model) or has_unsupported_attention(model)
-            or prepared.config.output_hidden_states or set(kwargs) - _PAGED_KWARGS):
+    if user_cache or prepared.config.output_hidden_states:
+        return False
+    if _encoder_decoder(model):
+        return not set(kwargs) - _PAGED_SEQ2SEQ_KWARGS
+    if (not uses_attention_interface(model) or has_unsupported_attention(model)
+            or set(kwargs) - _PAGED_KWARGS):
         return False
     if not isinstance(kwargs.get("logits_to_keep", 1), int):
         return False
@@ -208,7 +245,7 @@ def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_
                                                        contrast, backend)
     with stepper.session():
         result = loop.run(stepper, selector, opts, streamer, input_ids,
-                          prepared.model_kwargs.get("attention_mask"))
+                          _penalty_mask(model, prepared))
     if streamer is not None:
         streamer.end()
     if not opts.return_dict:
@@ -218,6 +255,8 @@ def _decode(model, prepared: Prepared, opts: _options.Options, streamer, logits_
                   logits=tuple(result.logits) if opts.output_logits else None,
                   hidden_states=tuple(result.hidden_states) if opts.output_hidden_states else None)
     fields[compat.output_cache_field()] = stepper.cache()
+    if _encoder_decoder(model):
+        return GenerateEncoderDecoderOutput(**_encoder_fields(fields, prepared))
     return GenerateDecoderOnlyOutput(**fields)
 
 
@@ -244,7 +283,7 @@ def _decode_beams(model, prepared: Prepared, opts: _options.Options, streamer, l
     else:
         search = BeamSearch(kv, selector, opts)
     with kv.session():
-        result = search.run(prepared.input_ids, prepared.model_kwargs.get("attention_mask"))
+        result = search.run(prepared.input_ids, _penalty_mask(model, prepared))
     if not opts.return_dict:
         return result.sequences
     fields = dict(sequences=result.sequences, beam_indices=result.beam_indices,
@@ -252,4 +291,18 @@ def _decode_beams(model, prepared: Prepared, opts: _options.Options, streamer, l
                   scores=tuple(result.scores) if opts.output_scores else None,
                   logits=tuple(result.logits) if opts.output_logits else None)
     fields[compat.output_cache_field()] = kv.cache()
+    if _encoder_decoder(model):
+        return GenerateBeamEncoderDecoderOutput(**_encoder_fields(fields, prepared))
     return GenerateBeamDecoderOnlyOutput(**fields)
+
+
+def _encoder_fields(fields: dict, prepared: Prepared) -> dict:
+    """A decoder-only output's fields as HF's encoder-decoder output names them, with the
+    encoder's hidden states / attentions when the call asked for them."""
+    config, encoder = prepared.config, prepared.model_kwargs["encoder_outputs"]
+    fields = dict(fields, decoder_hidden_states=fields.pop("hidden_states", None))
+    fields["encoder_hidden_states"] = (encoder.get("hidden_states")
+                                       if config.output_hidden_states else None)
+    fields["encoder_attentions"] = (encoder.get("attentions") if config.output_attentions
+                                    else None)
+    return fields

@@ -21,9 +21,12 @@ from fastdecode.hf import compat
 class Prepared:
     """What the decoding loop starts from (B rows after ``num_return_sequences`` expansion).
 
-    input_ids: [B, L] int64 (L may be 0 when only ``inputs_embeds`` were given).
+    input_ids: [B, L] int64 (L may be 0 when only ``inputs_embeds`` were given); for
+      encoder-decoder models, the decoder's ids (``decoder_input_ids`` or the start token).
     mask: [B, S] int64, the full 2-D attention mask of the prompt (S = L, or the length of the
-      embeddings), also where ``model_kwargs["attention_mask"]`` was dropped because it is all ones.
+      embeddings), also where ``model_kwargs["attention_mask"]`` was dropped because it is all ones;
+      for encoder-decoder models, ones [B, L] (``model_kwargs`` keeps the encoder's mask and
+      ``encoder_outputs``).
     model_kwargs: what HF's loop would feed the model (attention_mask, position_ids, cache, ...).
     config: the final ``GenerationConfig`` (max_length / min_length resolved, special tokens set).
     mode: HF's ``GenerationMode``; mode_kwargs: tokenizer, streamer, assistant model, synced_gpus.
@@ -67,27 +70,35 @@ def prepare(model, inputs: Optional[torch.Tensor] = None, generation_config=None
         inputs, config.bos_token_id, model_kwargs)
     model._prepare_special_tokens(config, has_mask, device=inputs_tensor.device,
                                   batch_size=inputs_tensor.shape[0])
-    if input_name == "inputs_embeds":
+    # Encoder-decoder models: the mask and the inputs are the encoder's (HF infers no mask,
+    # no position ids, and keeps the mask as it is).
+    encdec = bool(getattr(model.config, "is_encoder_decoder", False))
+    if input_name == "inputs_embeds" and not encdec:
         config.use_cache = True
-    if not has_mask and "attention_mask" in forward_params:
+    if not has_mask and not encdec and "attention_mask" in forward_params:
         model_kwargs["attention_mask"] = model._prepare_attention_mask_for_generation(
             inputs_tensor, config, model_kwargs)
     elif has_mask and input_name == "input_ids" and model_kwargs["attention_mask"].dim() > 2:
         raise ValueError("`attention_mask` passed to `generate` must be 2D.")
-    if model_kwargs.get("position_ids") is None and "position_ids" in forward_params:
+    if (model_kwargs.get("position_ids") is None and "position_ids" in forward_params
+            and not encdec):
         model_kwargs["position_ids"] = model._prepare_position_ids_for_generation(
             inputs_tensor, model_kwargs)
-    mask = model_kwargs.get("attention_mask")
-    if mask is None:
-        mask = torch.ones(inputs_tensor.shape[:2], dtype=torch.long, device=inputs_tensor.device)
-    elif compat.drops_all_ones_mask() and bool((mask == 1).all()):
-        config._mask_length = mask.shape[1]
-        model_kwargs["attention_mask"] = None
-
-    input_ids = inputs_tensor if input_name == "input_ids" else model_kwargs.pop("input_ids")
+    if encdec:
+        input_ids, model_kwargs = _encode(model, config, inputs_tensor, input_name, model_kwargs)
+        mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+    else:
+        mask = model_kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(inputs_tensor.shape[:2], dtype=torch.long,
+                              device=inputs_tensor.device)
+        elif compat.drops_all_ones_mask() and bool((mask == 1).all()):
+            config._mask_length = mask.shape[1]
+            model_kwargs["attention_mask"] = None
+        input_ids = inputs_tensor if input_name == "input_ids" else model_kwargs.pop("input_ids")
     expand = max(config.num_beams or 1, config.num_return_sequences or 1)
     input_ids, model_kwargs = model._expand_inputs_for_generation(
-        input_ids=input_ids, expand_size=expand, is_encoder_decoder=False, **model_kwargs)
+        input_ids=input_ids, expand_size=expand, is_encoder_decoder=encdec, **model_kwargs)
     if expand > 1:
         mask = mask.repeat_interleave(expand, dim=0)
     length = input_ids.shape[1]
@@ -101,6 +112,18 @@ def prepare(model, inputs: Optional[torch.Tensor] = None, generation_config=None
     return Prepared(input_ids=input_ids, mask=mask.long(), model_kwargs=model_kwargs,
                     config=config, mode=mode, mode_kwargs=mode_kwargs, model_input_name=input_name,
                     inputs_tensor=inputs_tensor)
+
+
+def _encode(model, config, inputs_tensor: torch.Tensor, input_name: str,
+            model_kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """Step 4-5 of ``generate`` for encoder-decoder models: run the encoder (unless
+    ``encoder_outputs`` were passed in) -> (decoder input ids [B, L], model kwargs with
+    ``encoder_outputs``; ``attention_mask`` stays the encoder's)."""
+    model_kwargs = model._maybe_prepare_encoder_kwargs_for_generation(
+        inputs_tensor, model_kwargs, input_name, config)
+    return model._prepare_decoder_input_ids_for_generation(
+        batch_size=inputs_tensor.shape[0], model_input_name=input_name, model_kwargs=model_kwargs,
+        decoder_start_token_id=config._decoder_start_token_tensor, device=inputs_tensor.device)
 
 
 def prepare_cache(model, prepared: Prepared) -> None:

@@ -89,6 +89,8 @@ class PagedRunner:
     sits on the model, its decoder or its LM head, take the HF modules either way.
     """
 
+    attn_name = _attention.ATTN_NAME  # the attention implementation a session switches to
+
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int = 16,
                  kv_dtype: Optional[torch.dtype] = None, device=None, backend: str = "auto",
                  fast_linears: Optional[bool] = None, native: Optional[bool] = None):
@@ -99,23 +101,33 @@ class PagedRunner:
         if reason:
             raise ValueError(f"{type(model).__name__} uses {reason}, which the paged kernels do "
                              "not implement")
+        layers, kv_heads, head_dim = kv_shape(model)
+        qo_heads = local_kv_heads(model, model.config.get_text_config().num_attention_heads)
+        self._setup(model, _configs(model), dict(num_layers=layers, num_kv_heads=kv_heads,
+                                                 head_dim=head_dim, num_qo_heads=qo_heads),
+                    num_blocks=num_blocks, block_size=block_size, kv_dtype=kv_dtype,
+                    device=device, backend=backend, fast_linears=fast_linears)
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(
+            model.forward).parameters
+
+    def _setup(self, model: torch.nn.Module, configs: list, geometry: dict, *, num_blocks: int,
+               block_size: int, kv_dtype: Optional[torch.dtype], device, backend: str,
+               fast_linears: Optional[bool]) -> None:
+        """What every runner holds: the paged caches of ``geometry`` (num_layers, num_kv_heads,
+        head_dim, num_qo_heads), the configs a session switches, the fast linears."""
         param = next(model.parameters())
         self.model = model
         self.block_size = block_size
         self.backend = backend
         self.device = torch.device(device) if device is not None else param.device
-        layers, kv_heads, head_dim = kv_shape(model)
-        self.num_layers = layers
+        self.num_layers = geometry["num_layers"]
         self.kv_dtype = kv_dtype or param.dtype
-        qo_heads = local_kv_heads(model, model.config.get_text_config().num_attention_heads)
-        self.kv = PagedKVCache(num_layers=layers, num_blocks=num_blocks, block_size=block_size,
-                               num_kv_heads=kv_heads, head_dim=head_dim, num_qo_heads=qo_heads,
-                               dtype=self.kv_dtype, device=self.device, backend=backend)
+        self.kv = PagedKVCache(num_blocks=num_blocks, block_size=block_size,
+                               dtype=self.kv_dtype, device=self.device, backend=backend,
+                               **geometry)
         # The cache's own lists: grow() replaces their entries in place.
         self.k_caches, self.v_caches = self.kv.k_caches, self.kv.v_caches
-        self._configs = _configs(model)
-        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(
-            model.forward).parameters
+        self._configs = configs
         self._verified = False
         self._active = False
         if fast_linears is None:
@@ -141,7 +153,7 @@ class PagedRunner:
 
     @contextmanager
     def session(self) -> Iterator[None]:
-        """Switch the model to the ``"fastdecode"`` attention (and the fast linears) for the block.
+        """Switch the model to the ``attn_name`` attention (and the fast linears) for the block.
 
         ``forward`` enters it per call; a decoding loop enters it once around all its steps so
         that the switch is not paid per step. Always restored on exit, also on error.
@@ -152,7 +164,7 @@ class PagedRunner:
         saved = [c._attn_implementation_internal for c in self._configs]
         try:
             for c in self._configs:
-                c._attn_implementation_internal = _attention.ATTN_NAME
+                c._attn_implementation_internal = self.attn_name
             with self._layout.active() if self._layout else nullcontext():
                 self._active = True
                 yield

@@ -23,11 +23,13 @@ from typing import Optional
 
 import numpy as np
 import torch
+from transformers.cache_utils import EncoderDecoderCache
 
 from fastdecode.hf import compat
 from fastdecode.hf.graphs import no_writes
 from fastdecode.hf.prepare import Prepared
 from fastdecode.hf.runner import PagedRunner
+from fastdecode.hf.seq2seq import paged_runner, write_rows
 
 
 class PagedStepper:
@@ -51,8 +53,8 @@ class PagedStepper:
         self.max_blocks = -(-(longest + max_new_tokens) // block_size)
         # Room for the prompt and one more block; doubled whenever the longest row fills it.
         self.blocks_per_row = min(self.max_blocks, -(-longest // block_size) + 1)
-        self.runner = PagedRunner(model, num_blocks=self.batch * self.blocks_per_row,
-                                  block_size=block_size, backend=backend)
+        self.runner = paged_runner(model, prepared, num_blocks=self.batch * self.blocks_per_row,
+                                   block_size=block_size, backend=backend)
         self.planner = self.runner.planner()
         self.device = self.runner.device
         self.session = self.runner.session
@@ -166,7 +168,9 @@ def fill_hf_cache(cache, runner: PagedRunner, tables: torch.Tensor, kv_lens: tor
                   mask: torch.Tensor, width: int):
     """Writes the paged rows into HF's ``cache`` (empty) as ``[R, Hkv, width, D]`` per layer, in
     HF's columns: the prompt's real tokens where its mask has ones, zeros where it has zeros (HF
-    keeps the masked tokens there, masked), then the generated tokens; returns ``cache``.
+    keeps the masked tokens there, masked), then the generated tokens; returns ``cache``. An
+    encoder-decoder cache gets the decoder's rows in its self-attention part and the encoder's
+    keys / values from the runner in its cross-attention part.
 
     tables: [R, M] int32 block tables; kv_lens: [R] int64 tokens cached per row (<= width);
     mask: [R, L] the prompt's mask (L <= width).
@@ -176,14 +180,12 @@ def fill_hf_cache(cache, runner: PagedRunner, tables: torch.Tensor, kv_lens: tor
     real = mask.sum(-1, keepdim=True)
     generated = real + torch.arange(width - mask.shape[1], device=device)[None, :]
     index = torch.cat([(mask.cumsum(-1) - 1).masked_fill(mask == 0, -1), generated], dim=1)
-    valid = (index >= 0) & (index < kv_lens.to(device)[:, None])  # KV index of each column
-    index = index.clamp(min=0)
-    size = runner.block_size
-    slots = tables.long().gather(1, index // size) * size + index % size  # [R, width]
-    for layer, (k, v) in enumerate(zip(runner.k_caches, runner.v_caches)):
-        keys, values = (c.flatten(0, 1)[slots] * valid[..., None, None] for c in (k, v))
-        cache.update(keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous(),
-                     layer)
+    index = index.masked_fill(index >= kv_lens.to(device)[:, None], -1)  # KV index per column
+    if isinstance(cache, EncoderDecoderCache):
+        runner.fill_cross_cache(cache)
+        write_rows(cache.self_attention_cache, runner.k_caches, runner.v_caches, tables, index)
+    else:
+        write_rows(cache, runner.k_caches, runner.v_caches, tables, index)
     return cache
 
 

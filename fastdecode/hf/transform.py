@@ -34,7 +34,8 @@ from fastdecode.models.packed import Product
 # variant and anything unknown keep their own forward.
 RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm"}
 # Sibling projections that read the same input, fused into one product (first name runs first).
-FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"),
+               ("q", "k", "v"), ("wi_0", "wi_1"))  # the last two: T5's names
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 

@@ -46,6 +46,8 @@ class PagedKVCache:
         self._append = _backends.resolve(backend, "append_kv", self.device)
         self._decode = _backends.resolve(backend, "paged_attention", self.device, head_dim)
         self._prefill = _backends.resolve(backend, "paged_prefill", self.device, head_dim)
+        self._backend = backend
+        self._decode_with_bias = None
         self._workspace_size = getattr(self._decode, "workspace_size", None)
         self._workspace: Optional[torch.Tensor] = None
         self._checked: dict[int, tuple] = {}  # layer -> (signature, normalised scalars)
@@ -95,11 +97,13 @@ class PagedKVCache:
 
     def attend(self, plan: "StepPlan", layer: int, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, *, scale: float, softcap: Optional[float],
-               sliding_window: Optional[int]) -> torch.Tensor:
+               sliding_window: Optional[int],
+               relative_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One layer: append its keys / values at the plan's slots, then attend.
 
         query: [T, Hq, D]; key, value: [T, Hkv, D] (any strides with a unit last one; converted
-        to the cache dtype if needed) -> [T, Hq, D] in the query's dtype.
+        to the cache dtype if needed) -> [T, Hq, D] in the query's dtype. relative_bias:
+        [Hq, 2R + 1] float32 (T5's bias per distance, see ``paged_attention``) or None.
         """
         dtype = query.dtype
         if dtype != self.dtype:  # a cache in another dtype than the model (kv_dtype)
@@ -114,24 +118,39 @@ class PagedKVCache:
         else:
             self.calls += 1
             scalars = self._check(plan, layer, query, key, value, out, scale, softcap,
-                                  sliding_window)
+                                  sliding_window, relative_bias)
         if meta.slot_mapping is not None:
             self._append.append_kv(key, value, k_cache, v_cache, meta.slot_mapping)
-        impl = self._decode if meta.decode_only else self._prefill
+        if not meta.decode_only:
+            impl = self._prefill
+        elif relative_bias is None:
+            impl = self._decode
+        else:
+            impl = self._decode_bias()
         impl.paged_attention(
             query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
             None if meta.decode_only else meta.cu_seqlens_q, out, scale=scalars[0],
             causal=meta.causal, softcap=scalars[1], sliding_window=scalars[2],
-            alibi_slopes=None, workspace=meta.workspace)
+            alibi_slopes=None, relative_bias=relative_bias, workspace=meta.workspace)
         return out if out.dtype == dtype else out.to(dtype)
 
-    def _check(self, plan, layer, query, key, value, out, scale, softcap, window) -> tuple:
+    def _decode_bias(self):
+        """The decode form's backend for calls with a relative bias (resolved on first use:
+        ``auto`` may pick another backend than for plain decode)."""
+        if self._decode_with_bias is None:
+            self._decode_with_bias = _backends.resolve(self._backend, "paged_relative_bias",
+                                                       self.device, self.head_dim)
+        return self._decode_with_bias
+
+    def _check(self, plan, layer, query, key, value, out, scale, softcap, window,
+               relative_bias) -> tuple:
         """The public ops' shape / dtype / device / scalar checks, once per layer signature."""
         meta = plan.attn
         signature = (query.shape[1:], key.shape[1:], value.shape, query.dtype, key.dtype,
                      value.dtype, query.device, query.stride(-1), key.stride(-1),
                      value.stride(-1), query.shape[0] == key.shape[0] == plan.num_tokens,
-                     meta.slot_mapping is None, scale, softcap, window)
+                     meta.slot_mapping is None, scale, softcap, window,
+                     relative_bias is None)
         known = self._checked.get(layer)
         if known is not None and known[0] == signature:
             return known[1]
@@ -142,7 +161,8 @@ class PagedKVCache:
                              None if meta.decode_only else meta.cu_seqlens_q, scale=scale,
                              causal=meta.causal, softcap=softcap or None,
                              sliding_window=window or None,
-                             alibi_slopes=None, out=out, workspace=meta.workspace)
+                             alibi_slopes=None, relative_bias=relative_bias, out=out,
+                             workspace=meta.workspace)
         scalars = _scalars(scale, softcap, window)
         self._checked[layer] = (signature, scalars)
         return scalars
