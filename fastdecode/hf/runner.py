@@ -106,15 +106,16 @@ class PagedRunner:
         self._setup(model, _configs(model), dict(num_layers=layers, num_kv_heads=kv_heads,
                                                  head_dim=head_dim, num_qo_heads=qo_heads),
                     num_blocks=num_blocks, block_size=block_size, kv_dtype=kv_dtype,
-                    device=device, backend=backend, fast_linears=fast_linears)
+                    device=device, backend=backend, fast_linears=fast_linears, native=native)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(
             model.forward).parameters
 
     def _setup(self, model: torch.nn.Module, configs: list, geometry: dict, *, num_blocks: int,
                block_size: int, kv_dtype: Optional[torch.dtype], device, backend: str,
-               fast_linears: Optional[bool]) -> None:
+               fast_linears: Optional[bool], native: Optional[bool] = None) -> None:
         """What every runner holds: the paged caches of ``geometry`` (num_layers, num_kv_heads,
-        head_dim, num_qo_heads), the configs a session switches, the fast linears."""
+        head_dim, num_qo_heads), the configs a session switches, the fast linears, the native
+        step when the model has one (see the class docstring)."""
         param = next(model.parameters())
         self.model = model
         self.block_size = block_size
