@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from fastdecode.models.packed import Product
+from fastdecode.models.packed import Product, weights_signature
 
 # RMSNorm classes that are verbatim copies of Llama's (``weight * (x * rsqrt(mean(x^2) + eps))``
 # in float32): one fused ``F.rms_norm`` replaces their six elementwise ops. Gemma's (1 + weight)
@@ -111,17 +111,13 @@ def _rms_norm(norm: nn.Module):
     return forward
 
 
-def _signature(model: nn.Module) -> tuple:
-    return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
-
-
 class LinearLayout:
     """Packed / fused copies of ``model``'s plain float32 ``nn.Linear`` weights, plus fused
     RMSNorms (see module doc)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        signature = _signature(model)
+        signature = weights_signature(model)
         cached = _CACHE.get(model)
         if cached is not None and cached[0] == signature:
             self.forwards, self.groups = cached[1], cached[2]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdecode.models.layers import Projection, Rotary, rms_norm
+from fastdecode.models.packed import weights_signature
 from fastdecode.plan import PagedKVCache, StepPlan
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -103,14 +104,10 @@ class LlamaStep:
         return self.head(rms_norm(h, self.final_norm, self.eps)).float()
 
 
-def _signature(model: torch.nn.Module) -> tuple:
-    return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
-
-
 def native_step(model: torch.nn.Module, *, packed: bool, fuse: bool) -> LlamaStep:
     """The native step of ``model`` (built once per model and weight layout; rebuilt after any
     parameter changes)."""
-    key = (_signature(model), packed, fuse)
+    key = (weights_signature(model), packed, fuse)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]

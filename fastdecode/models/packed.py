@@ -10,6 +10,12 @@ from typing import Optional
 import torch
 
 
+def weights_signature(model: torch.nn.Module) -> tuple:
+    """Identity, storage and version of every parameter: copies of the weights built from
+    ``model`` stay valid while this is unchanged."""
+    return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+
+
 def _streaming() -> bool:
     """Whether the C++ extension with the weight-streaming linear kernel is built."""
     from fastdecode.ops import _backends
