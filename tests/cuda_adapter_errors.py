@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-import fastdecode  # noqa: F401  (registers the ops)
+import fastdecode._C  # noqa: F401  (registers torch.ops.fastdecode.*)
 
 
 def _inputs(d: int, *, tokens: int = 1, misaligned: bool = False):

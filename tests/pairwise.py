@@ -11,6 +11,10 @@ import itertools
 import random
 from typing import Any, Sequence
 
+import pytest
+
+ParameterSet = type(pytest.param(None))  # what pytest.param returns
+
 
 def pairwise(space: dict[str, Sequence[Any]], seed: int = 0) -> list[dict[str, Any]]:
     """Return rows (dicts) such that every pair of values of every two keys occurs in some row."""
@@ -47,7 +51,14 @@ def pairwise(space: dict[str, Sequence[Any]], seed: int = 0) -> list[dict[str, A
     return [{k: space[k][v] for k, v in zip(keys, row)} for row in rows]
 
 
-def cases(space: dict[str, Sequence[Any]], seed: int = 0) -> tuple[str, list[tuple]]:
-    """``pytest.mark.parametrize`` arguments for :func:`pairwise` rows."""
+def cases(space: dict[str, Sequence[Any]], seed: int = 0) -> tuple[str, list]:
+    """``pytest.mark.parametrize`` arguments for :func:`pairwise` rows. A value given as
+    ``pytest.param(value, marks=...)`` is unwrapped and its marks go to every row holding it."""
     keys = list(space)
-    return ",".join(keys), [tuple(r[k] for k in keys) for r in pairwise(space, seed)]
+    rows = []
+    for r in pairwise(space, seed):
+        values = [r[k] for k in keys]
+        marks = [m for v in values if isinstance(v, ParameterSet) for m in v.marks]
+        values = [v.values[0] if isinstance(v, ParameterSet) else v for v in values]
+        rows.append(pytest.param(*values, marks=marks))
+    return ",".join(keys), rows

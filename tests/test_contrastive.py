@@ -27,17 +27,19 @@ SPACE = {
 MIXED = {"alpha": [0.0, 0.5, 2.0], "plausibility": [0.0, 0.02, 0.3, 1.0]}
 
 
-def _param(name, value, batch: int, device):
+def _param(name, value, batch: int):
+    """The scalar ``value``, or for "mixed" a [batch] tensor cycling through MIXED[name]."""
     if value != "mixed":
         return value
     choices = MIXED[name]
-    return torch.tensor([choices[b % len(choices)] for b in range(batch)], device=device)
+    return torch.tensor([choices[b % len(choices)] for b in range(batch)])
 
 
 def _check(backend, expert, amateur, alpha, plausibility) -> torch.Tensor:
     dev = backend.device
-    got = ops.contrastive_logits(expert.to(dev), amateur.to(dev), alpha=alpha,
-                                 plausibility=plausibility, backend=backend.name).cpu()
+    on_dev = [p.to(dev) if isinstance(p, torch.Tensor) else p for p in (alpha, plausibility)]
+    got = ops.contrastive_logits(expert.to(dev), amateur.to(dev), alpha=on_dev[0],
+                                 plausibility=on_dev[1], backend=backend.name).cpu()
     assert got.dtype == torch.float32 and got.shape == expert.shape
     ref64 = reference.contrastive_logits(expert, amateur, alpha, plausibility)
     ref32 = reference.contrastive_logits(expert, amateur, alpha, plausibility, torch.float32)
@@ -57,11 +59,8 @@ def test_matches_reference(backend, vocab, batch, expert_dtype, amateur_dtype, a
     g = torch.Generator().manual_seed(vocab * 31 + batch)
     expert = random_logits(batch, vocab, expert_dtype, generator=g)
     amateur = random_logits(batch, vocab, amateur_dtype, generator=g)
-    alpha = _param("alpha", alpha, batch, backend.device)
-    plausibility = _param("plausibility", plausibility, batch, backend.device)
-    got = _check(backend, expert, amateur, alpha.cpu() if isinstance(alpha, torch.Tensor)
-                 else alpha, plausibility.cpu() if isinstance(plausibility, torch.Tensor)
-                 else plausibility)
+    got = _check(backend, expert, amateur, _param("alpha", alpha, batch),
+                 _param("plausibility", plausibility, batch))
     assert got.isfinite().any(-1).all()  # the expert's argmax is always plausible
 
 
