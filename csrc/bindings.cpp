@@ -27,6 +27,10 @@ TORCH_LIBRARY(fastdecode, m) {
   m.def("packed_linear_panel_width() -> int", &fastdecode::cpu::packed_linear_panel_width);
   m.def("pack_linear_weight(Tensor(a!) packed, Tensor weight) -> ()");
   m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  // CPU only: the native decoder step's elementwise layers.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rotary_embedding(Tensor(a!) x, Tensor positions, Tensor inv_freq, float scaling) -> ()");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("contrastive_logits(Tensor expert_logits, Tensor amateur_logits, Tensor alpha, "
         "Tensor plausibility) -> Tensor");
 }
@@ -39,5 +43,8 @@ TORCH_LIBRARY_IMPL(fastdecode, CPU, m) {
   m.impl("sample", &fastdecode::cpu::sample);
   m.impl("pack_linear_weight", &fastdecode::cpu::pack_linear_weight);
   m.impl("packed_linear", &fastdecode::cpu::packed_linear);
+  m.impl("rms_norm", &fastdecode::cpu::rms_norm);
+  m.impl("rotary_embedding", &fastdecode::cpu::rotary_embedding);
+  m.impl("silu_and_mul", &fastdecode::cpu::silu_and_mul);
   m.impl("contrastive_logits", &fastdecode::cpu::contrastive_logits);
 }

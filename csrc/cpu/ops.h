@@ -57,6 +57,16 @@ void pack_linear_weight(at::Tensor& packed, const at::Tensor& weight);
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed,
                          const std::optional<at::Tensor>& bias, int64_t out_features);
 
+// The native decoder step's elementwise layers, float32 (layer_kernels.h).
+// x: [..., H]; weight: [H]. Returns weight * x / sqrt(mean(x^2, -1) + eps), [..., H].
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+// In place: x [T, H, D] (unit last stride, D even, <= 512) = x * cos + rotate_half(x) * sin
+// for the tables of positions [T] int64 with inv_freq [D / 2] and the scaling.
+void rotary_embedding(at::Tensor& x, const at::Tensor& positions, const at::Tensor& inv_freq,
+                      double scaling);
+// gate_up: [..., 2I]. Returns silu(gate) * up, [..., I].
+at::Tensor silu_and_mul(const at::Tensor& gate_up);
+
 // expert_logits, amateur_logits: [B, V] any float dtypes (each its own); alpha, plausibility:
 // [B] float32 in [0, 1e6] / [0, 1]. Returns [B, V] float32 contrastive-decoding scores.
 at::Tensor contrastive_logits(const at::Tensor& expert_logits, const at::Tensor& amateur_logits,

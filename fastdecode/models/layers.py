@@ -6,7 +6,8 @@ dtype casts), so that a native step's logits equal the HF modules' within float 
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,14 +64,41 @@ class Projection:
         return residual + self(x)
 
 
+@functools.cache
+def _cpu_kernels() -> bool:
+    """Whether the C++ extension's one-pass elementwise layers are built (RMSNorm, rotary,
+    SiLU-and-multiply: csrc/cpu/layer_kernels.cpp). torch runs each as several ops, each a pass
+    and a parallel region, which on a small model's decode step costs more than the work."""
+    from fastdecode.ops import _backends
+    if not (_backends.is_available("cpu") and hasattr(torch.ops.fastdecode, "silu_and_mul")):
+        return False
+    from fastdecode.ops import _extension  # noqa: F401  (registers the ops' fakes)
+    return True
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Whether ``x``'s layer runs on the C++ kernels (float32 CPU tensors)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and _cpu_kernels()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., H]; weight: [H] (or any shape broadcasting against x) -> [..., H]:
     ``weight * (x / rms(x))`` with the normalisation in float32 and the product in x's dtype, as
     Llama's RMSNorm computes it."""
     if x.dtype == weight.dtype == torch.float32 and weight.dim() == 1:
+        if _fused(x):
+            return torch.ops.fastdecode.rms_norm(x, weight, eps)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     return weight * y.to(x.dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] (gate, then up) -> [T, I]: ``silu(gate) * up``."""
+    if _fused(gate_up):
+        return torch.ops.fastdecode.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
 
 
 class Rotary:
@@ -92,6 +120,20 @@ class Rotary:
         half = freqs.shape[-1]
         sin[:, :half].neg_()
         return cos[:, None], sin[:, None]
+
+    def rotation(self, positions: torch.Tensor,
+                 dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        """positions: [T] int64 -> the step's rotation ``x: [T, H, D] -> [T, H, D]`` (last dim
+        contiguous), which may rotate ``x`` in place: on float32 CPU tensors one C++ pass per
+        call that computes the tables itself, elsewhere :meth:`apply` over the step's
+        :meth:`tables`."""
+        if dtype == torch.float32 and positions.device.type == "cpu" and _cpu_kernels():
+            def rotate(x: torch.Tensor) -> torch.Tensor:
+                torch.ops.fastdecode.rotary_embedding(x, positions, self.inv_freq, self.scaling)
+                return x
+            return rotate
+        cos, sin = self.tables(positions, dtype)
+        return lambda x: Rotary.apply(x, cos, sin)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

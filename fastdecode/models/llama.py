@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastdecode.models.layers import Projection, Rotary, rms_norm
+from fastdecode.models.layers import Projection, Rotary, rms_norm, silu_and_mul
 from fastdecode.models.packed import weights_signature
 from fastdecode.plan import PagedKVCache, StepPlan
 
@@ -86,19 +86,19 @@ class LlamaStep:
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         h = F.embedding(input_ids, self.embed)
         t = h.shape[0]
-        cos, sin = self.rotary.tables(positions, h.dtype)
+        rotate = self.rotary.rotation(positions, h.dtype)
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(rms_norm(h, layer.input_norm, self.eps))
             qk = qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d)
             if layer.qk_norm is not None:
                 qk = rms_norm(qk, layer.qk_norm, self.eps)
-            qk = Rotary.apply(qk, cos, sin)
+            qk = rotate(qk)
             value = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
             out = kv.attend(plan, index, qk[:, :hq], qk[:, hq:], value, scale=self.scale,
                             softcap=None, sliding_window=layer.window)
             h = layer.o.add_to(h, out.view(t, hq * d))
-            gate, up = layer.gate_up(rms_norm(h, layer.post_norm, self.eps)).chunk(2, dim=-1)
-            h = layer.down.add_to(h, F.silu(gate).mul_(up))
+            gate_up = layer.gate_up(rms_norm(h, layer.post_norm, self.eps))
+            h = layer.down.add_to(h, silu_and_mul(gate_up))
         if plan.logits_indices is not None:
             h = h.index_select(0, plan.logits_indices)
         return self.head(rms_norm(h, self.final_norm, self.eps)).float()

@@ -62,6 +62,22 @@ def _packed_linear_fake(x, packed, bias, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+@torch.library.register_fake(_LIB + "rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    same_device(x.device, weight=weight)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake(_LIB + "rotary_embedding")
+def _rotary_fake(x, positions, inv_freq, scaling) -> None:
+    same_device(x.device, positions=positions, inv_freq=inv_freq)
+
+
+@torch.library.register_fake(_LIB + "silu_and_mul")
+def _silu_and_mul_fake(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
 @torch.library.register_fake(_LIB + "contrastive_logits")
 def _contrastive_fake(expert_logits, amateur_logits, alpha, plausibility):
     same_device(expert_logits.device, amateur_logits=amateur_logits, alpha=alpha,
