@@ -83,6 +83,15 @@ class LlamaStep:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan,
                  kv: PagedKVCache) -> torch.Tensor:
         """input_ids, positions: [T] int64 -> [S, V] float32."""
+        with torch.inference_mode():  # no autograd bookkeeping on the many small ops
+            h = self._layers(input_ids, positions, plan, kv)
+        # The head runs outside: its logits are ordinary tensors that callers may modify in place.
+        return self.head(h).float()
+
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan,
+                kv: PagedKVCache) -> torch.Tensor:
+        """input_ids, positions: [T] int64 -> [S, H]: the final norm's output at the plan's
+        ``logits_indices`` rows."""
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         h = F.embedding(input_ids, self.embed)
         t = h.shape[0]
@@ -101,7 +110,7 @@ class LlamaStep:
             h = layer.down.add_to(h, silu_and_mul(gate_up))
         if plan.logits_indices is not None:
             h = h.index_select(0, plan.logits_indices)
-        return self.head(rms_norm(h, self.final_norm, self.eps)).float()
+        return rms_norm(h, self.final_norm, self.eps)
 
 
 def native_step(model: torch.nn.Module, *, packed: bool, fuse: bool) -> LlamaStep:
