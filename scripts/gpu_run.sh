@@ -18,6 +18,8 @@
 #   bash scripts/gpu_run.sh                # on the GPU machine
 #   GPU_RUN_STEPS="info build gate" bash scripts/gpu_run.sh   # only these steps (in plan order)
 #   GPU_RUN_DRY=1 bash scripts/gpu_run.sh  # anywhere: print the steps, their limits, the total
+#   GPU_RUN_STEPS="build tune" bash scripts/gpu_run.sh  # the Triton decode launch sweep (not in
+#                                          # the default plan; tune_attention_gpu.md)
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -35,9 +37,13 @@ STEPS=(
   "bench_attention|45|$PY benchmarks/gpu_suite.py attention --out $OUT_DIR --budget 40"
   "bench_sampling|45|$PY benchmarks/gpu_suite.py sampling --out $OUT_DIR --budget 40"
 )
+# Steps outside the default plan, run only when GPU_RUN_STEPS names them (after the plan's).
+OPTIONAL_STEPS=(
+  "tune|110|$PY benchmarks/gpu_tune_attention.py --out $OUT_DIR --budget 95"
+)
 if [[ -n ${GPU_RUN_STEPS:-} ]]; then
   chosen=()
-  for step in "${STEPS[@]}"; do
+  for step in "${STEPS[@]}" "${OPTIONAL_STEPS[@]}"; do
     [[ " $GPU_RUN_STEPS " == *" ${step%%|*} "* ]] && chosen+=("$step")
   done
   STEPS=("${chosen[@]}")
@@ -128,7 +134,7 @@ for step in "${STEPS[@]}"; do
 done
 say "done: $(cat "$OUT_DIR/gate_summary.txt" 2>/dev/null | tail -n 1)"
 KEEP="gpu_run.log gpu_validation.json gate_failures.txt attention_gpu.csv attention_gpu.md
-sampling_gpu.csv sampling_gpu.md logs.tgz"
+sampling_gpu.csv sampling_gpu.md tune_attention_gpu.md logs.tgz"
 pack=()
 for f in "$OUT_DIR"/*; do
   [[ " ${KEEP//$'\n'/ } " == *" $(basename "$f") "* ]] || pack+=("$(basename "$f")")
