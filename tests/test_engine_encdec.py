@@ -15,16 +15,9 @@ from fastdecode.engine.scheduler import Scheduler
 from fastdecode.engine.sequence import Sequence
 from tiny import SEQ2SEQ, tiny_seq2seq
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 _MODELS: dict = {}
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models: thread synchronisation costs more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(family: str):
@@ -158,6 +151,20 @@ def test_preempted_requests_are_encoded_again():
     assert sum(rows) == len(prompts) + engine.stats["preemptions"]
     for p, out, ref in zip(prompts, outs, refs):
         _assert_same_greedy(model, p, out.output_ids, ref)
+
+
+def test_a_request_filling_the_whole_cache_runs():
+    """Its encoder blocks are taken whole, the admission watermark included (the Engine keeps
+    1% of 100 blocks back), when nothing else runs."""
+    model = _model("t5")
+    prompt = _prompts([99 * 4], seed=10)[0]
+    params = SamplingParams(max_new_tokens=2, temperature=0)
+    engine = Engine(model, num_blocks=100, block_size=4)
+    assert engine.blocks.watermark_blocks == 1
+    rid = engine.add_request(prompt, params)
+    finals = [o for _ in range(4) for o in engine.step() if o.finished]
+    assert [o.request_id for o in finals] == [rid]
+    _assert_same_greedy(model, prompt, finals[0].output_ids, _alone(model, prompt, params))
 
 
 def test_abort_frees_both_caches_blocks():

@@ -100,10 +100,10 @@ class BlockManager:
         cow = sum(1 for b in table[first:] if self._refs[b] > 1)
         return grow + cow
 
-    def admissible_tokens(self, reserved: int = 0) -> int:
-        """How many tokens a new sequence may take now, leaving the watermark and ``reserved``
-        blocks free."""
-        spare = self.num_free_blocks - self.watermark_blocks - reserved
+    def admissible_tokens(self, reserved: int = 0, watermark: bool = True) -> int:
+        """How many tokens a new sequence may take now, leaving ``reserved`` blocks and (unless
+        ``watermark`` is False) the watermark free."""
+        spare = self.num_free_blocks - self.watermark_blocks * watermark - reserved
         return max(0, spare) * self.block_size
 
     def can_allocate(self, num_tokens: int, reserved: int = 0) -> bool:

@@ -1,9 +1,9 @@
 """Turns a scheduled step into one paged forward pass and one sampling call.
 
-The only engine file that builds device tensors: a step's plan (:mod:`fastdecode.plan`), its
-sampling parameters included, is written into preallocated buffers and sent in one copy. The
-model itself runs through :class:`fastdecode.hf.runner.PagedRunner`, which owns the per-layer
-KV caches.
+The only engine file that builds device tensors (with :mod:`fastdecode.engine.encoder`, its
+encoder-decoder form): a step's plan (:mod:`fastdecode.plan`), its sampling parameters
+included, is written into preallocated buffers and sent in one copy. The model itself runs
+through :class:`fastdecode.hf.runner.PagedRunner`, which owns the per-layer KV caches.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class StepInputs:
     masks: n-gram / bad-words bans of the drawn positions' logits (None when no row asks);
     drafts: the speculative drafts of each drawing entry (None when no entry has one: one
     draw per entry); jobs: the draft model's work, with the index in ``drafts`` of each (its
-    PENDING drafts are filled in at the start of the step).
+    PENDING drafts are filled in at the start of the step); encoder: the cross-attention of an
+    encoder-decoder model's step (:class:`fastdecode.engine.encoder.EncoderStep`), else None.
     Everything was read from the requests by ``prepare``: ``run`` touches no request."""
 
     plan: StepPlan

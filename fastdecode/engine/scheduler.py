@@ -195,10 +195,12 @@ class Scheduler:
             return hits, n
         # FIFO: nobody overtakes the head of the queue. It waits for blocks to free up, unless
         # nothing runs: then a chunk too large for the whole cache would wait forever, so it
-        # starts with the prefix that fits (computed, not taken from the cache).
+        # starts with the prefix that fits (computed, not taken from the cache). Encoder blocks
+        # are taken whole: they may use the watermark (kept for running requests to grow).
         if self.running:
             return [], 0
-        return [], min(seq.num_tokens, budget, self.blocks.admissible_tokens(reserved=cross))
+        return [], min(seq.num_tokens, budget,
+                       self.blocks.admissible_tokens(reserved=cross, watermark=not cross))
 
     def postprocess(self, batch: ScheduledBatch, tokens: list[Optional[list[int]]],
                     errors: dict[int, str]) -> list[Sequence]:

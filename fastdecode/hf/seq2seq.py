@@ -12,7 +12,11 @@ decoder runs on packed steps like a decoder-only model, with two paged caches pe
   one), in read-only blocks shared by every row of the prompt, read with ``causal=False``.
   Encoder padding never enters the cache.
 
-The decoder layers call :mod:`fastdecode.hf.seq2seq_attention`. Decoders with learned or
+:class:`Seq2SeqDecoder` runs one such step over caches and plans its caller gives;
+:class:`Seq2SeqRunner` is ``generate``'s (fixed prompts, their encoder blocks in a cache of
+their own), :class:`fastdecode.engine.encoder.EncoderDecoderRunner` the Engine's (each
+request's encoder blocks in the decoder's pool). The decoder layers call
+:mod:`fastdecode.hf.seq2seq_attention`. Decoders with learned or
 sinusoidal positions (BART, Marian) get the packed steps' positions through a pre-hook on their
 ``embed_positions`` (their decoders compute positions from a cache length otherwise).
 """
