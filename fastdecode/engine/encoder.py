@@ -118,4 +118,3 @@ class EncoderDecoderRunner(ModelRunner):
         states = self._encoder(input_ids=input_ids.to(self.device),
                                attention_mask=mask.to(self.device)).last_hidden_state
         return states[mask.to(self.device).bool()][None]
-

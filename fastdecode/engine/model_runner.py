@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -21,6 +21,9 @@ from fastdecode.engine.draft import DraftJob, DraftRunner
 from fastdecode.engine.history_masks import HistoryMasks
 from fastdecode.engine.scheduler import ScheduledBatch
 from fastdecode.plan import Sampler, SamplingBatch, StepPlan, sampling
+
+if TYPE_CHECKING:
+    from fastdecode.engine.encoder import EncoderStep
 
 _CPU_CACHE_FRACTION = 0.25   # of the RAM available now
 _CPU_CACHE_CAP = 8 << 30     # bytes: a CPU decodes too slowly to use a larger cache
@@ -79,7 +82,7 @@ class StepInputs:
     masks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     drafts: Optional[list[list[int]]] = None
     jobs: list[tuple[int, DraftJob]] = field(default_factory=list)
-    encoder: Optional[object] = None
+    encoder: Optional["EncoderStep"] = None
 
 
 class ModelRunner:
