@@ -46,6 +46,11 @@ class Engine:
     The draft model runs every step over the step's tokens, on a KV cache of its own with the
     target's block count and block size (the same block tables), and drafts greedily.
 
+    Encoder-decoder models (T5, BART, Marian): a request's prompt is the encoder's input, its
+    decoder starts from the model's decoder start token; the encoder runs at admission and its
+    keys / values take a fixed number of the same cache's blocks (see
+    :mod:`fastdecode.engine.encoder`). Not with speculative decoding.
+
     Threads. ``add_request``, ``abort``, ``has_unfinished`` and ``stats`` may be called from any
     thread, also while another thread is inside ``step()``: a request added then joins the next
     step; one aborted then has its blocks freed at once and its tokens of that step dropped. The
