@@ -222,8 +222,3 @@ def test_prompt_lookup_falls_back_with_the_warning():
         ours = fd_generate(model, ids, **kwargs)
     assert torch.equal(ours, ref)
 
-
-def test_engine_refuses_encoder_decoder_models_clearly():
-    from fastdecode import Engine
-    with pytest.raises(ValueError, match="encoder-decoder model: the Engine does not run"):
-        Engine(_model("t5"), num_blocks=8)

@@ -100,10 +100,10 @@ class BlockManager:
         cow = sum(1 for b in table[first:] if self._refs[b] > 1)
         return grow + cow
 
-    def admissible_tokens(self, reserved: int = 0) -> int:
-        """How many tokens a new sequence may take now, leaving the watermark and ``reserved``
-        blocks free."""
-        spare = self.num_free_blocks - self.watermark_blocks - reserved
+    def admissible_tokens(self, reserved: int = 0, watermark: bool = True) -> int:
+        """How many tokens a new sequence may take now, leaving ``reserved`` blocks and (unless
+        ``watermark`` is False) the watermark free."""
+        spare = self.num_free_blocks - self.watermark_blocks * watermark - reserved
         return max(0, spare) * self.block_size
 
     def can_allocate(self, num_tokens: int, reserved: int = 0) -> bool:
@@ -175,14 +175,15 @@ class BlockManager:
         return b
 
     # ------------------------------------------------------------------ prefix cache
-    def hash_blocks(self, token_ids: list[int], hashes: list[bytes]) -> None:
+    def hash_blocks(self, token_ids: list[int], hashes: list[bytes], seed: bytes = b"") -> None:
         """Extend ``hashes`` (in place) to one hash per full block of ``token_ids``; each
-        chains its predecessor's. No-op with caching off."""
+        chains its predecessor's, the first chains ``seed`` (what else the keys and values
+        depend on: an encoder-decoder request's encoder input). No-op with caching off."""
         if not self.enable_caching:
             return
         size = self.block_size
         for i in range(len(hashes), len(token_ids) // size):
-            h = hashlib.blake2b(hashes[-1] if hashes else b"", digest_size=16)
+            h = hashlib.blake2b(hashes[-1] if hashes else seed, digest_size=16)
             h.update(array("q", token_ids[i * size:(i + 1) * size]).tobytes())
             hashes.append(h.digest())
 

@@ -46,6 +46,11 @@ class Engine:
     The draft model runs every step over the step's tokens, on a KV cache of its own with the
     target's block count and block size (the same block tables), and drafts greedily.
 
+    Encoder-decoder models (T5, BART, Marian): a request's prompt is the encoder's input, its
+    decoder starts from the model's decoder start token; the encoder runs at admission and its
+    keys / values take a fixed number of the same cache's blocks (see
+    :mod:`fastdecode.engine.encoder`). Not with speculative decoding.
+
     Threads. ``add_request``, ``abort``, ``has_unfinished`` and ``stats`` may be called from any
     thread, also while another thread is inside ``step()``: a request added then joins the next
     step; one aborted then has its blocks freed at once and its tokens of that step dropped. The
@@ -75,9 +80,15 @@ class Engine:
         if block_size < 1 or (num_blocks is not None and num_blocks < 1):
             raise ValueError(f"block_size and num_blocks must be >= 1, got {block_size}, "
                              f"{num_blocks}")
-        self.runner = self.runner_class(model, block_size=block_size, num_blocks=num_blocks,
-                                        max_num_seqs=max_num_seqs, kv_dtype=kv_dtype,
-                                        device=device)
+        runner_class = self.runner_class
+        if getattr(model.config, "is_encoder_decoder", False):
+            if runner_class is not ModelRunner:
+                raise ValueError(f"{type(self).__name__} does not run encoder-decoder models")
+            # Imported here so that ``import fastdecode`` does not pull in transformers.
+            from fastdecode.engine.encoder import EncoderDecoderRunner
+            runner_class = EncoderDecoderRunner
+        self.runner = runner_class(model, block_size=block_size, num_blocks=num_blocks,
+                                   max_num_seqs=max_num_seqs, kv_dtype=kv_dtype, device=device)
         if draft_model is not None:
             if self.runner_class is not ModelRunner:
                 raise ValueError(f"draft_model is not supported by {type(self).__name__}")
@@ -92,7 +103,7 @@ class Engine:
                                    max_batch_tokens=max_batch_tokens,
                                    max_model_len=self.max_model_len)
         self._check = RequestChecks(self.vocab_size, self.max_model_len, self.runner.num_blocks,
-                                    block_size)
+                                    block_size, self.runner.decoder_start)
         # _lock guards every structure below and the scheduler's; _stepping admits one stepper.
         self._lock = threading.RLock()
         self._stepping = threading.Lock()
@@ -113,6 +124,11 @@ class Engine:
     def _add(self, prompt_ids, params: Optional[SamplingParams], request_id: Optional[str],
              claim: bool) -> Sequence:
         prompt, params = self._check(prompt_ids, params)
+        start = self.runner.decoder_start
+        if start is not None and (params.prompt_lookup_num_tokens
+                                  or params.num_speculative_tokens):
+            raise ValueError("SamplingParams.prompt_lookup_num_tokens / num_speculative_tokens: "
+                             "speculative decoding is not supported with encoder-decoder models")
         if params.num_speculative_tokens and self.runner.draft is None:
             raise ValueError("SamplingParams.num_speculative_tokens needs a draft model: "
                              "Engine(model, draft_model=...)")
@@ -129,7 +145,11 @@ class Engine:
                                   if not self._in_use(r))
             elif self._in_use(request_id):
                 raise ValueError(f"request_id {request_id!r} is already in use")
-            seq = Sequence(request_id, prompt, params, next(self._arrivals), stop)
+            if start is None:
+                seq = Sequence(request_id, prompt, params, next(self._arrivals), stop)
+            else:
+                seq = Sequence(request_id, list(start), params, next(self._arrivals), stop,
+                               encoder_ids=prompt)
             self._requests[request_id] = seq
             if claim:
                 self._claimed.add(request_id)

@@ -1,9 +1,9 @@
 """Turns a scheduled step into one paged forward pass and one sampling call.
 
-The only engine file that builds device tensors: a step's plan (:mod:`fastdecode.plan`), its
-sampling parameters included, is written into preallocated buffers and sent in one copy. The
-model itself runs through :class:`fastdecode.hf.runner.PagedRunner`, which owns the per-layer
-KV caches.
+The only engine file that builds device tensors (with :mod:`fastdecode.engine.encoder`, its
+encoder-decoder form): a step's plan (:mod:`fastdecode.plan`), its sampling parameters
+included, is written into preallocated buffers and sent in one copy. The model itself runs
+through :class:`fastdecode.hf.runner.PagedRunner`, which owns the per-layer KV caches.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -21,6 +21,9 @@ from fastdecode.engine.draft import DraftJob, DraftRunner
 from fastdecode.engine.history_masks import HistoryMasks
 from fastdecode.engine.scheduler import ScheduledBatch
 from fastdecode.plan import Sampler, SamplingBatch, StepPlan, sampling
+
+if TYPE_CHECKING:
+    from fastdecode.engine.encoder import EncoderStep
 
 _CPU_CACHE_FRACTION = 0.25   # of the RAM available now
 _CPU_CACHE_CAP = 8 << 30     # bytes: a CPU decodes too slowly to use a larger cache
@@ -39,15 +42,16 @@ def _available_ram() -> int:
 
 
 def default_num_blocks(model, block_size: int, kv_dtype: torch.dtype, device: torch.device,
-                       max_num_seqs: int) -> int:
+                       max_num_seqs: int, shape: Optional[tuple[int, int, int]] = None) -> int:
     """Size the cache from the memory free now.
 
     CUDA: 80% of the free GPU memory. CPU: a quarter of the available RAM, at most 8 GiB.
-    Never more than ``max_num_seqs`` full-context sequences need.
+    Never more than ``max_num_seqs`` full-context sequences need. shape: ``(num_layers,
+    num_kv_heads, head_dim)`` of the cache (default: the decoder's, from its text config).
     """
     from fastdecode.hf.runner import kv_shape
 
-    layers, kv_heads, head_dim = kv_shape(model)
+    layers, kv_heads, head_dim = shape or kv_shape(model)
     block_bytes = (2 * layers * block_size * kv_heads * head_dim
                    * torch.empty((), dtype=kv_dtype).element_size())
     if device.type == "cuda":
@@ -66,7 +70,8 @@ class StepInputs:
     masks: n-gram / bad-words bans of the drawn positions' logits (None when no row asks);
     drafts: the speculative drafts of each drawing entry (None when no entry has one: one
     draw per entry); jobs: the draft model's work, with the index in ``drafts`` of each (its
-    PENDING drafts are filled in at the start of the step).
+    PENDING drafts are filled in at the start of the step); encoder: the cross-attention of an
+    encoder-decoder model's step (:class:`fastdecode.engine.encoder.EncoderStep`), else None.
     Everything was read from the requests by ``prepare``: ``run`` touches no request."""
 
     plan: StepPlan
@@ -77,31 +82,50 @@ class StepInputs:
     masks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     drafts: Optional[list[list[int]]] = None
     jobs: list[tuple[int, DraftJob]] = field(default_factory=list)
+    encoder: Optional["EncoderStep"] = None
 
 
 class ModelRunner:
+    """Runs a decoder-only model (:class:`fastdecode.engine.encoder.EncoderDecoderRunner`
+    extends it to encoder-decoder models)."""
+
+    # The decoder's first tokens of every request (encoder-decoder models), or None: the
+    # request's prompt.
+    decoder_start: Optional[list[int]] = None
+
     def __init__(self, model, *, block_size: int, num_blocks: Optional[int], max_num_seqs: int,
                  kv_dtype: Optional[torch.dtype], device) -> None:
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise ValueError(f"{type(model).__name__} is an encoder-decoder model: the Engine "
-                             "does not run those yet (fastdecode.generate does)")
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         if num_blocks is None:
             num_blocks = default_num_blocks(model, block_size, kv_dtype or param.dtype,
-                                            self.device, max_num_seqs)
-        # Imported here so that ``import fastdecode`` does not pull in transformers.
-        from fastdecode.hf.runner import PagedRunner
-
+                                            self.device, max_num_seqs, self._kv_shape(model))
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.paged = PagedRunner(model, num_blocks=num_blocks, block_size=block_size,
-                                 kv_dtype=kv_dtype, device=self.device)
+        self.paged = self._paged_runner(model, num_blocks=num_blocks, block_size=block_size,
+                                        kv_dtype=kv_dtype, device=self.device)
         self.planner = self.paged.planner(sampling.FIELDS)
         self.sampler = Sampler(model.config.get_text_config().vocab_size, self.device)
         self._history_masks = HistoryMasks(self.device)
         self.draft: Optional[DraftRunner] = None
         self._kv_dtype = kv_dtype
+
+    @staticmethod
+    def _kv_shape(model) -> Optional[tuple[int, int, int]]:
+        """The cache's (num_layers, num_kv_heads, head_dim); None: the text config's."""
+        return None
+
+    @staticmethod
+    def _paged_runner(model, **kwargs):
+        # Imported here so that ``import fastdecode`` does not pull in transformers.
+        from fastdecode.hf.runner import PagedRunner
+
+        return PagedRunner(model, **kwargs)
+
+    def _forward(self, step: StepInputs) -> torch.Tensor:
+        """The step's forward pass -> [S, V] float32 logits of its plan's logits_indices."""
+        plan = step.plan
+        return self.paged.forward(plan.input_ids, plan.positions, plan)
 
     def attach_draft(self, model) -> None:
         """Give requests with ``num_speculative_tokens`` a draft model (its cache mirrors this
@@ -176,7 +200,7 @@ class ModelRunner:
             for (j, job), d in zip(step.jobs, made):
                 drafts[j] = d
                 plan.input_ids[job.offset:job.offset + job.count] = torch.tensor(d)
-        logits = self.paged.forward(plan.input_ids, plan.positions, plan)
+        logits = self._forward(step)
         if self.draft is not None:
             self.draft.mirror(plan)
         tokens: list[Optional[list[int]]] = [None] * step.num_entries

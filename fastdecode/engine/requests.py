@@ -34,11 +34,14 @@ class RequestChecks:
     """The limits a request must respect: vocabulary, context, cache size."""
 
     def __init__(self, vocab_size: int, max_model_len: Optional[int], num_blocks: int,
-                 block_size: int) -> None:
+                 block_size: int, decoder_start: Optional[list[int]] = None) -> None:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.num_blocks = num_blocks
         self.block_size = block_size
+        # Encoder-decoder models: the prompt goes to the encoder (its blocks fixed), the
+        # decoder starts from these tokens.
+        self.decoder_start = decoder_start
 
     def __call__(self, prompt_ids, params) -> tuple[list[int], SamplingParams]:
         """``(prompt as a list of ints, params)``, or a ValueError / TypeError."""
@@ -54,11 +57,13 @@ class RequestChecks:
         if bad:
             raise ValueError(f"SamplingParams.bad_words_ids must be token ids in "
                              f"[0, {self.vocab_size}) (the model's vocabulary); got {bad[0]}")
-        # Every token but the last generated one is fed to the model and cached.
-        cached = len(prompt) + params.max_new_tokens - 1
+        # Every decoder token but the last generated one is fed to the model and cached.
+        decoded = len(self.decoder_start or prompt) + params.max_new_tokens - 1
         if self.max_model_len is not None:
-            cached = min(cached, self.max_model_len)
-        need = cdiv(cached, self.block_size)
+            decoded = min(decoded, self.max_model_len)
+        need = cdiv(decoded, self.block_size)
+        if self.decoder_start is not None:
+            need += cdiv(len(prompt), self.block_size)  # the encoder's keys and values
         if need > self.num_blocks:
             raise ValueError(f"prompt + max_new_tokens need {need} KV blocks, the cache has "
                              f"{self.num_blocks}")

@@ -12,7 +12,10 @@ once blocks are free again. A decode step of a request with speculation (prompt 
 draft model) also feeds its draft tokens (:mod:`fastdecode.engine.speculative`) when the budget
 and the free blocks allow; the slots of rejected drafts are given back in ``postprocess``.
 ``postprocess`` applies a step's results: every change to a request's state after scheduling
-happens there. No torch here.
+happens there. An encoder-decoder request also holds the blocks of its encoder's keys and values
+(``Sequence.cross_table``, a fixed count): taken at admission with its first decoder blocks
+(the step encodes it), freed with them on preemption (readmission encodes it again) and at the
+end. No torch here.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fastdecode.engine import speculative
-from fastdecode.engine.block_manager import BlockManager
+from fastdecode.engine.block_manager import BlockManager, cdiv
 from fastdecode.engine.sequence import Sequence, Status
 
 
@@ -86,7 +89,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
-        self.blocks.free(seq.block_table)
+        self._free(seq)
         seq.finish(reason, error)
 
     def schedule(self) -> ScheduledBatch:
@@ -131,6 +134,8 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             self.blocks.share(seq.block_table, hits, seq.num_tokens)
+            if seq.encoder_ids is not None:
+                self.blocks.append_slots(seq.cross_table, 0, len(seq.encoder_ids))
             seq.num_cached_blocks = len(hits)
             seq.num_computed = len(hits) * self.blocks.block_size
             if any(self.blocks.is_expected(b) for b in hits):
@@ -163,7 +168,7 @@ class Scheduler:
         """Give ``seq`` room for ``n`` more tokens this step; the blocks they fill are expected
         (later admissions of the step may share them)."""
         copies = self.blocks.append_slots(seq.block_table, seq.num_computed, n)
-        self.blocks.hash_blocks(seq.token_ids, seq.block_hashes)
+        self.blocks.hash_blocks(seq.token_ids, seq.block_hashes, seq.hash_seed)
         self.blocks.expect(seq.block_table, seq.block_hashes, seq.num_cached_blocks,
                            seq.num_computed + n)
         return copies
@@ -181,18 +186,21 @@ class Scheduler:
     def _admission(self, seq: Sequence, budget: int) -> tuple[list[int], int]:
         """``(cached blocks to start from, tokens to compute now)`` for the head of the queue;
         0 tokens: it must wait."""
-        self.blocks.hash_blocks(seq.token_ids, seq.block_hashes)
+        self.blocks.hash_blocks(seq.token_ids, seq.block_hashes, seq.hash_seed)
         size = self.blocks.block_size
         hits = self.blocks.lookup(seq.block_hashes, (seq.num_tokens - 1) // size)
         n = min(seq.num_tokens - len(hits) * size, budget)
-        if self.blocks.can_allocate(n, reserved=self.blocks.unheld(hits)):
+        cross = cdiv(len(seq.encoder_ids), size) if seq.encoder_ids is not None else 0
+        if self.blocks.can_allocate(n, reserved=self.blocks.unheld(hits) + cross):
             return hits, n
         # FIFO: nobody overtakes the head of the queue. It waits for blocks to free up, unless
         # nothing runs: then a chunk too large for the whole cache would wait forever, so it
-        # starts with the prefix that fits (computed, not taken from the cache).
+        # starts with the prefix that fits (computed, not taken from the cache). Encoder blocks
+        # are taken whole: they may use the watermark (kept for running requests to grow).
         if self.running:
             return [], 0
-        return [], min(seq.num_tokens, budget, self.blocks.admissible_tokens())
+        return [], min(seq.num_tokens, budget,
+                       self.blocks.admissible_tokens(reserved=cross, watermark=not cross))
 
     def postprocess(self, batch: ScheduledBatch, tokens: list[Optional[list[int]]],
                     errors: dict[int, str]) -> list[Sequence]:
@@ -210,6 +218,7 @@ class Scheduler:
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             if seq.is_finished:
                 continue
+            seq.encoded = bool(seq.cross_table)  # the step wrote its encoder's keys
             new, error = tokens[i], errors.get(i)
             drafted = len(batch.drafts[i]) if batch.drafts else 0
             try:
@@ -252,7 +261,7 @@ class Scheduler:
 
     def _cache(self, seq: Sequence) -> None:
         """Offer the blocks this step filled to the prefix cache."""
-        self.blocks.hash_blocks(seq.token_ids, seq.block_hashes)
+        self.blocks.hash_blocks(seq.token_ids, seq.block_hashes, seq.hash_seed)
         seq.num_cached_blocks = self.blocks.cache_blocks(
             seq.block_table, seq.block_hashes, seq.num_cached_blocks, seq.num_computed)
 
@@ -265,9 +274,15 @@ class Scheduler:
             return "length"
         return None
 
+    def _free(self, seq: Sequence) -> None:
+        """Give back the request's decoder and encoder blocks."""
+        self.blocks.free(seq.block_table)
+        self.blocks.free(seq.cross_table)
+        seq.encoded = False
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq.block_table)
+        self._free(seq)
         seq.num_computed = seq.num_cached_blocks = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)

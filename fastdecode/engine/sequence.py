@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import hashlib
+from array import array
 from typing import Optional
 
 from fastdecode.engine.params import RequestOutput, SamplingParams, TokenView
@@ -26,12 +28,25 @@ class Sequence:
     ``block_hashes``: the prefix-cache hash of each full block of ``token_ids`` (filled by the
     block manager when caching is on); the first ``num_cached_blocks`` blocks of the table are
     in the prefix cache already.
+
+    Encoder-decoder requests: ``encoder_ids`` is the prompt the caller gave (reported as the
+    output's ``prompt_ids``), ``prompt_ids`` the decoder's start. ``cross_table`` lists the
+    read-only blocks of the encoder's keys and values (allocated at admission, freed with the
+    decoder's blocks); ``encoded``: a step wrote them. ``hash_seed`` starts the prefix-cache
+    hash chain: the encoder ids' hash, since every decoder key past the first layer depends on
+    them (empty for decoder-only requests).
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 arrival: int, stop_ids: frozenset[int]) -> None:
+                 arrival: int, stop_ids: frozenset[int],
+                 encoder_ids: Optional[list[int]] = None) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
+        self.encoder_ids = encoder_ids
+        self.cross_table: list[int] = []
+        self.encoded = False
+        self.hash_seed = b"" if encoder_ids is None else hashlib.blake2b(
+            array("q", encoder_ids).tobytes(), digest_size=16, person=b"encoder").digest()
         self.params = params
         self.arrival = arrival
         self.stop_ids = stop_ids
@@ -78,6 +93,7 @@ class Sequence:
         first, end = len(self.prompt_ids), len(self.token_ids)
         new = self.token_ids[first + self.num_reported:]
         self.num_reported = end - first
-        return RequestOutput(self.request_id, self.prompt_ids,
+        prompt = self.prompt_ids if self.encoder_ids is None else self.encoder_ids
+        return RequestOutput(self.request_id, prompt,
                              TokenView(self.token_ids, first, end), new, self.is_finished,
                              self.finish_reason, self.error)

@@ -12,7 +12,11 @@ decoder runs on packed steps like a decoder-only model, with two paged caches pe
   one), in read-only blocks shared by every row of the prompt, read with ``causal=False``.
   Encoder padding never enters the cache.
 
-The decoder layers call :mod:`fastdecode.hf.seq2seq_attention`. Decoders with learned or
+:class:`Seq2SeqDecoder` runs one such step over caches and plans its caller gives;
+:class:`Seq2SeqRunner` is ``generate``'s (fixed prompts, their encoder blocks in a cache of
+their own), :class:`fastdecode.engine.encoder.EncoderDecoderRunner` the Engine's (each
+request's encoder blocks in the decoder's pool). The decoder layers call
+:mod:`fastdecode.hf.seq2seq_attention`. Decoders with learned or
 sinusoidal positions (BART, Marian) get the packed steps' positions through a pre-hook on their
 ``embed_positions`` (their decoders compute positions from a cache length otherwise).
 """
@@ -73,64 +77,33 @@ def _relative_bias(module) -> torch.Tensor:
     return module.relative_attention_bias(buckets).t().float().contiguous()
 
 
-class Seq2SeqRunner(PagedRunner):
-    """The decoder of an encoder-decoder model on packed steps over paged caches.
+class Seq2SeqDecoder(PagedRunner):
+    """The decoder of an encoder-decoder model on packed steps over paged caches: ``kv`` holds
+    the decoder's self-attention cache (same interface as
+    :class:`~fastdecode.hf.runner.PagedRunner`); each :meth:`step` names the cache and plan of
+    the cross-attention (the encoder's keys / values), which the caller owns.
 
-    Same interface as :class:`~fastdecode.hf.runner.PagedRunner` for the decoder's cache (
-    ``kv``, ``k_caches``, ``planner()``, ``forward``, ``session()``, ``grow``); ``cross_kv`` holds
-    the encoder's keys / values.
-
-    encoder_states: [R, S, d_model], the encoder's last hidden state of each row;
-    encoder_mask: [R, S] (1 = token) or None; rows_per_prompt: consecutive rows of one prompt
-    (num_beams / num_return_sequences): their encoder keys are computed and stored once.
-    A step's rows map to prompts evenly (a step of one row per prompt, or of every row).
-    fast_linears: as for :class:`~fastdecode.hf.runner.PagedRunner`.
+    num_blocks, block_size, kv_dtype, device, backend, fast_linears: as for
+    :class:`~fastdecode.hf.runner.PagedRunner`. ``geometry``: the caches' shape (num_layers,
+    num_kv_heads, head_dim, num_qo_heads), the same for self- and cross-attention.
     """
 
     attn_name = ATTN_NAME
 
-    def __init__(self, model, *, encoder_states: torch.Tensor,
-                 encoder_mask: Optional[torch.Tensor], rows_per_prompt: int, num_blocks: int,
-                 block_size: int = 16, kv_dtype: Optional[torch.dtype] = None, device=None,
-                 backend: str = "auto", fast_linears: Optional[bool] = None):
+    def __init__(self, model, *, num_blocks: int, block_size: int = 16,
+                 kv_dtype: Optional[torch.dtype] = None, device=None, backend: str = "auto",
+                 fast_linears: Optional[bool] = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(reason)
-        selfs, _ = _attention_modules(model)
-        heads = getattr(selfs[0], "n_heads", None) or selfs[0].num_heads
-        head_dim = getattr(selfs[0], "key_value_proj_dim", None) or selfs[0].head_dim
-        geometry = dict(num_layers=len(selfs), num_kv_heads=heads, head_dim=head_dim,
-                        num_qo_heads=heads)
-        self._setup(model, _configs(model.get_decoder()), geometry, num_blocks=num_blocks,
+        self.geometry = decoder_geometry(model)
+        self._setup(model, _configs(model.get_decoder()), self.geometry, num_blocks=num_blocks,
                     block_size=block_size, kv_dtype=kv_dtype, device=device, backend=backend,
                     fast_linears=fast_linears)
-        biased = [m for m in selfs if getattr(m, "has_relative_attention_bias", False)]
+        biased = [m for m in _attention_modules(model)[0]
+                  if getattr(m, "has_relative_attention_bias", False)]
         with torch.no_grad():
             self.relative_bias = _relative_bias(biased[0]).to(self.device) if biased else None
-
-        states = encoder_states[::rows_per_prompt]
-        keep = (torch.ones(states.shape[:2], dtype=torch.bool) if encoder_mask is None
-                else encoder_mask[::rows_per_prompt].bool().cpu())
-        self._rows_per_prompt = rows_per_prompt
-        self._encoder_mask = (torch.ones(encoder_states.shape[:2], dtype=torch.long)
-                              if encoder_mask is None else encoder_mask.cpu())
-        lens = keep.sum(-1).numpy().astype(np.int64)
-        blocks = -(-lens // block_size)
-        self.encoder_lens = lens.tolist()
-        self.cross_kv = PagedKVCache(num_blocks=max(int(blocks.sum()), 1), block_size=block_size,
-                                     dtype=self.kv_dtype, device=self.device, backend=backend,
-                                     **geometry)
-        width = max(int(blocks.max()), 1)
-        starts = np.cumsum(blocks) - blocks
-        tables = starts[:, None] + np.arange(width)[None, :]
-        self._cross_tables = torch.from_numpy(tables.astype(np.int32)).to(self.device)
-        self._cross_lens = torch.from_numpy(lens.astype(np.int32)).to(self.device)
-        slots = np.concatenate([s * block_size + np.arange(n) for s, n in zip(starts, lens)])
-        self._cross_slots: Optional[torch.Tensor] = torch.from_numpy(slots).to(self.device)
-        self._pending: Optional[torch.Tensor] = states[keep.to(states.device)][None].to(
-            self.device)  # [1, sum(lens), d]: written by the first step
-        self._placeholder = states.new_zeros(1, 1, states.shape[-1]).to(self.device)
-        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._embed = getattr(model.get_decoder(), "embed_positions", None)
         self._positions: Optional[torch.Tensor] = None
 
@@ -150,6 +123,100 @@ class Seq2SeqRunner(PagedRunner):
 
     def _give_positions(self, module, args, kwargs):
         return args, {**kwargs, "position_ids": self._positions}
+
+    @torch.no_grad()
+    def step(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, plan: StepPlan,
+             cross_plan: StepPlan, cross_kv: PagedKVCache, encoder_states: torch.Tensor, *,
+             inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One decoder step -> [S, V] float32 logits at ``plan.logits_indices`` (every row when
+        None).
+
+        input_ids, positions: [T] int64 decoder tokens (or inputs_embeds [T, d_model]); plan:
+        the self-attention over ``kv``; cross_plan: the same tokens' cross-attention over
+        ``cross_kv`` (which may be ``kv`` itself: one pool, other blocks); encoder_states:
+        [1, E, d_model], the packed encoder states whose keys / values ``cross_plan`` writes
+        (its slot_mapping: [E] slots), or one placeholder row when it writes none (some models
+        cannot project an empty one).
+        """
+        step = Seq2SeqPlan(plan, cross_plan, self.relative_bias)
+        caches = [self.kv] if cross_kv is self.kv else [self.kv, cross_kv]
+        calls = sum(c.calls for c in caches)
+        extra = ({"decoder_inputs_embeds": inputs_embeds[None]} if inputs_embeds is not None
+                 else {"decoder_input_ids": input_ids[None]})
+        with self.session():
+            self._positions = positions
+            try:
+                out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+                                 use_cache=False, fastdecode_plan=step,
+                                 fastdecode_kv=(self.kv, cross_kv), **extra)
+            finally:
+                self._positions = None
+        if not self._verified:
+            calls = sum(c.calls for c in caches) - calls
+            if calls != 2 * self.num_layers:
+                raise RuntimeError(
+                    f"{type(self.model).__name__}: {calls} attention calls reached the paged "
+                    f"kernels for {self.num_layers} decoder layers (self and cross)")
+            self._verified = True
+        logits = out.logits[0]
+        if plan.logits_indices is not None:
+            logits = logits[plan.logits_indices]
+        return logits.float()
+
+
+def decoder_geometry(model) -> dict:
+    """num_layers, num_kv_heads, head_dim, num_qo_heads of the decoder's attention (its self-
+    and cross-attention alike)."""
+    selfs, _ = _attention_modules(model)
+    heads = getattr(selfs[0], "n_heads", None) or selfs[0].num_heads
+    head_dim = getattr(selfs[0], "key_value_proj_dim", None) or selfs[0].head_dim
+    return dict(num_layers=len(selfs), num_kv_heads=heads, head_dim=head_dim,
+                num_qo_heads=heads)
+
+
+class Seq2SeqRunner(Seq2SeqDecoder):
+    """The decoder of one ``generate`` call: fixed prompts, their encoder keys / values in a
+    cache of their own (``cross_kv``).
+
+    Same interface as :class:`~fastdecode.hf.runner.PagedRunner` for the decoder's cache (
+    ``kv``, ``k_caches``, ``planner()``, ``forward``, ``session()``, ``grow``).
+
+    encoder_states: [R, S, d_model], the encoder's last hidden state of each row;
+    encoder_mask: [R, S] (1 = token) or None; rows_per_prompt: consecutive rows of one prompt
+    (num_beams / num_return_sequences): their encoder keys are computed and stored once.
+    A step's rows map to prompts evenly (a step of one row per prompt, or of every row).
+    fast_linears: as for :class:`~fastdecode.hf.runner.PagedRunner`.
+    """
+
+    def __init__(self, model, *, encoder_states: torch.Tensor,
+                 encoder_mask: Optional[torch.Tensor], rows_per_prompt: int, num_blocks: int,
+                 block_size: int = 16, kv_dtype: Optional[torch.dtype] = None, device=None,
+                 backend: str = "auto", fast_linears: Optional[bool] = None):
+        super().__init__(model, num_blocks=num_blocks, block_size=block_size, kv_dtype=kv_dtype,
+                         device=device, backend=backend, fast_linears=fast_linears)
+        states = encoder_states[::rows_per_prompt]
+        keep = (torch.ones(states.shape[:2], dtype=torch.bool) if encoder_mask is None
+                else encoder_mask[::rows_per_prompt].bool().cpu())
+        self._rows_per_prompt = rows_per_prompt
+        self._encoder_mask = (torch.ones(encoder_states.shape[:2], dtype=torch.long)
+                              if encoder_mask is None else encoder_mask.cpu())
+        lens = keep.sum(-1).numpy().astype(np.int64)
+        blocks = -(-lens // block_size)
+        self.encoder_lens = lens.tolist()
+        self.cross_kv = PagedKVCache(num_blocks=max(int(blocks.sum()), 1), block_size=block_size,
+                                     dtype=self.kv_dtype, device=self.device, backend=backend,
+                                     **self.geometry)
+        width = max(int(blocks.max()), 1)
+        starts = np.cumsum(blocks) - blocks
+        tables = starts[:, None] + np.arange(width)[None, :]
+        self._cross_tables = torch.from_numpy(tables.astype(np.int32)).to(self.device)
+        self._cross_lens = torch.from_numpy(lens.astype(np.int32)).to(self.device)
+        slots = np.concatenate([s * block_size + np.arange(n) for s, n in zip(starts, lens)])
+        self._cross_slots: Optional[torch.Tensor] = torch.from_numpy(slots).to(self.device)
+        self._pending: Optional[torch.Tensor] = states[keep.to(states.device)][None].to(
+            self.device)  # [1, sum(lens), d]: written by the first step
+        self._placeholder = states.new_zeros(1, 1, states.shape[-1]).to(self.device)
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _encoder_plan(self, plan: StepPlan) -> StepPlan:
         """The cross-attention plan of ``plan``'s tokens: each row reads its prompt's blocks."""
@@ -182,7 +249,6 @@ class Seq2SeqRunner(PagedRunner):
         for layer in range(self.num_layers):
             cache.is_updated[layer] = True
 
-    @torch.no_grad()
     def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor,
                 plan: StepPlan, *, inputs_embeds: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -191,32 +257,11 @@ class Seq2SeqRunner(PagedRunner):
         keys / values."""
         if token_type_ids is not None:
             raise ValueError("encoder-decoder models take no token_type_ids")
-        step = Seq2SeqPlan(plan, self._encoder_plan(plan), self.relative_bias)
         states = self._pending if self._pending is not None else self._placeholder
-        calls = self.kv.calls + self.cross_kv.calls
-        extra = ({"decoder_inputs_embeds": inputs_embeds[None]} if inputs_embeds is not None
-                 else {"decoder_input_ids": input_ids[None]})
-        with self.session():
-            self._positions = positions
-            try:
-                out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=states),
-                                 use_cache=False, fastdecode_plan=step,
-                                 fastdecode_kv=(self.kv, self.cross_kv), **extra)
-            finally:
-                self._positions = None
+        logits = self.step(input_ids, positions, plan, self._encoder_plan(plan), self.cross_kv,
+                           states, inputs_embeds=inputs_embeds)
         self._pending, self._cross_slots = None, None  # the encoder blocks are read-only now
-        if not self._verified:
-            calls = self.kv.calls + self.cross_kv.calls - calls
-            if calls != 2 * self.num_layers:
-                raise RuntimeError(
-                    f"{type(self.model).__name__}: {calls} attention calls reached the paged "
-                    f"kernels for {self.num_layers} decoder layers (self and cross)")
-            self._verified = True
-        logits = out.logits[0]
-        if plan.logits_indices is not None:
-            logits = logits[plan.logits_indices]
-        return logits.float()
-
+        return logits
 
 
 def write_rows(cache, k_pools: list, v_pools: list, tables: torch.Tensor,
