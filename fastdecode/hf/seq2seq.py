@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from fastdecode import models
 from fastdecode.hf.runner import PagedRunner, _configs
 from fastdecode.plan import PagedKVCache, StepPlan
 from fastdecode.hf.seq2seq_attention import ATTN_NAME, Seq2SeqPlan
@@ -84,7 +85,8 @@ class Seq2SeqRunner(PagedRunner):
     encoder_mask: [R, S] (1 = token) or None; rows_per_prompt: consecutive rows of one prompt
     (num_beams / num_return_sequences): their encoder keys are computed and stored once.
     A step's rows map to prompts evenly (a step of one row per prompt, or of every row).
-    fast_linears: as for :class:`~fastdecode.hf.runner.PagedRunner`.
+    fast_linears, native: as for :class:`~fastdecode.hf.runner.PagedRunner` (the native step
+    is :class:`fastdecode.models.Seq2SeqStep`).
     """
 
     attn_name = ATTN_NAME
@@ -92,7 +94,8 @@ class Seq2SeqRunner(PagedRunner):
     def __init__(self, model, *, encoder_states: torch.Tensor,
                  encoder_mask: Optional[torch.Tensor], rows_per_prompt: int, num_blocks: int,
                  block_size: int = 16, kv_dtype: Optional[torch.dtype] = None, device=None,
-                 backend: str = "auto", fast_linears: Optional[bool] = None):
+                 backend: str = "auto", fast_linears: Optional[bool] = None,
+                 native: Optional[bool] = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(reason)
@@ -103,7 +106,7 @@ class Seq2SeqRunner(PagedRunner):
                         num_qo_heads=heads)
         self._setup(model, _configs(model.get_decoder()), geometry, num_blocks=num_blocks,
                     block_size=block_size, kv_dtype=kv_dtype, device=device, backend=backend,
-                    fast_linears=fast_linears)
+                    fast_linears=fast_linears, native=native)
         biased = [m for m in selfs if getattr(m, "has_relative_attention_bias", False)]
         with torch.no_grad():
             self.relative_bias = _relative_bias(biased[0]).to(self.device) if biased else None
@@ -192,6 +195,12 @@ class Seq2SeqRunner(PagedRunner):
         if token_type_ids is not None:
             raise ValueError("encoder-decoder models take no token_type_ids")
         step = Seq2SeqPlan(plan, self._encoder_plan(plan), self.relative_bias)
+        if (self.native is not None and inputs_embeds is None
+                and not models.hooked(self.model)):
+            pending = None if self._pending is None else self._pending[0]
+            logits = self.native(input_ids, positions, step, self.kv, self.cross_kv, pending)
+            self._pending, self._cross_slots = None, None
+            return logits
         states = self._pending if self._pending is not None else self._placeholder
         calls = self.kv.calls + self.cross_kv.calls
         extra = ({"decoder_inputs_embeds": inputs_embeds[None]} if inputs_embeds is not None
