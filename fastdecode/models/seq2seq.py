@@ -21,6 +21,15 @@ import torch.nn.functional as F
 from fastdecode.models.layers import Projection, rms_norm
 from fastdecode.plan import PagedKVCache
 
+# Activation names (transformers' ACT2FN keys) -> one fused op. "gelu_new" is the tanh
+# approximation that transformers spells out in seven element-wise ops: the fused op computes the
+# same formula (within float rounding) at the cost of one. Other names call the model's own.
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
 
 @dataclass
 class _Layer:
@@ -65,7 +74,8 @@ class Seq2SeqStep:
             self.final_norm = (decoder.final_layer_norm.weight.detach(), None)
             self.output_scale = (config.d_model ** -0.5
                                  if getattr(config, "scale_decoder_outputs", False) else None)
-            self.act: Callable = blocks[0].layer[-1].DenseReluDense.act
+            self.act = _ACTIVATIONS.get(config.dense_act_fn,
+                                        blocks[0].layer[-1].DenseReluDense.act)
             self.gated = bool(config.is_gated_act)
             self.layers = [self._t5_layer(b, **options) for b in blocks]
         else:
@@ -79,7 +89,8 @@ class Seq2SeqStep:
             self.position_offset = int(getattr(positions, "offset", 0))
             norm = getattr(decoder, "layernorm_embedding", None)
             self.embed_norm = None if norm is None else _norm(norm)
-            self.act = decoder.layers[0].activation_fn
+            self.act = _ACTIVATIONS.get(config.activation_function,
+                                        decoder.layers[0].activation_fn)
             self.layers = [self._bart_layer(layer, **options) for layer in decoder.layers]
         self.scale = float(attn.scaling)
 
