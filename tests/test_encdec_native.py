@@ -30,12 +30,8 @@ def native_calls(monkeypatch) -> list[int]:
     """Counts native step calls (one entry per call)."""
     calls: list[int] = []
     original = Seq2SeqStep.__call__
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Seq2SeqStep, "__call__", counted)
+    monkeypatch.setattr(Seq2SeqStep, "__call__",
+                        lambda self, *args: calls.append(1) or original(self, *args))
     return calls
 
 
