@@ -150,6 +150,19 @@ class Seq2SeqStep:
         :class:`~fastdecode.hf.seq2seq_attention.Seq2SeqPlan`; encoder_states: [S, d_model] (the
         packed encoder states the encoder plan's slots receive: first step) or None ->
         [S, V] float32."""
+        with torch.inference_mode():  # no autograd bookkeeping on the many small ops
+            h = self._layers(input_ids, positions, plan, kv, cross_kv, encoder_states)
+        # The head runs outside: its logits are ordinary tensors that callers may modify in place.
+        logits = self.head(h)
+        if self.logits_bias is not None:
+            logits = logits + self.logits_bias
+        return logits.float()
+
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, plan,
+                kv: PagedKVCache, cross_kv: PagedKVCache,
+                encoder_states: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`__call__`'s decoder layers -> [S, d_model]: the LM head's input at the plan's
+        ``logits_indices`` rows."""
         hq, d = self.heads, self.head_dim
         h = self._embed(input_ids, positions)
         t = h.shape[0]
@@ -178,10 +191,7 @@ class Seq2SeqStep:
             h = self._normed(h, self.final_norm)
             if self.output_scale is not None:
                 h = h * self.output_scale
-        logits = self.head(h)
-        if self.logits_bias is not None:
-            logits = logits + self.logits_bias
-        return logits.float()
+        return h
 
     def _ffn(self, layer: _Layer) -> Callable[[torch.Tensor], torch.Tensor]:
         def ffn(x: torch.Tensor) -> torch.Tensor:
