@@ -50,7 +50,8 @@ MODELS = {
 def step_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights one decode step reads: every parameter of a decoder-only model; the
     decoder (less its embedding: a row per token) and the LM head of an encoder-decoder model
-    (its encoder runs once per prompt)."""
+    (its encoder runs once per prompt; the cross-attention k/v projections, counted here, only
+    at the first step)."""
     if not model.config.is_encoder_decoder:
         params = list(model.parameters())
     else:
