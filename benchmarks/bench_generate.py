@@ -3,7 +3,9 @@
 Default: the 135M Llama-shaped model (random weights), float32, 32-token prompts, 128 new tokens;
 batch 1 greedy and batch 8 sampling (temperature 0.8, top_k 50, top_p 0.95, repetition penalty
 1.2). HF and fastdecode runs alternate so that machine noise hits both alike; the median is
-reported. Fraction of the weights-read bound = (weight bytes / measured read bandwidth) / step time.
+reported. Fraction of the weights-read bound = (bytes of the weights a decode step reads / measured
+read bandwidth) / step time (encoder-decoder models: decoder and LM head; the encoder's one pass
+counts in the step time).
 
     python benchmarks/bench_generate.py [--device cuda] [--new-tokens 128] [--repeats 3]
 
@@ -45,6 +47,21 @@ MODELS = {
 }
 
 
+def step_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights one decode step reads: every parameter of a decoder-only model; the
+    decoder (less its embedding: a row per token) and the LM head of an encoder-decoder model
+    (its encoder runs once per prompt; the cross-attention k/v projections, counted here, only
+    at the first step)."""
+    if not model.config.is_encoder_decoder:
+        params = list(model.parameters())
+    else:
+        decoder = model.get_decoder()
+        embed = decoder.get_input_embeddings().weight
+        params = [p for p in decoder.parameters() if p is not embed] + [model.lm_head.weight]
+    unique = {p.data_ptr(): p for p in params}.values()
+    return sum(p.numel() * p.element_size() for p in unique)
+
+
 def timed(fn, device: torch.device) -> float:
     """Wall time of one call in seconds (a whole generate call: no warm-up/median inside)."""
     if device.type == "cuda":
@@ -75,7 +92,7 @@ def main() -> None:
     build, described, default_scenarios = MODELS[args.model]
     args.scenarios = args.scenarios or default_scenarios
     model = build(getattr(torch, args.dtype)).to(device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = step_weight_bytes(model)
     # The machine is shared: keep the best bandwidth seen (re-measured after each scenario) so
     # that the bound reflects what the hardware can do, not a busy moment.
     bandwidth = measure_read_bandwidth(str(device)) * 1e9  # bytes/s
@@ -115,7 +132,8 @@ def main() -> None:
     report = Report(name, device=str(device))
     report.add_note(
         f"fastdecode.generate vs model.generate on {described} (random weights), "
-        f"{args.dtype}, {weight_bytes / 2**20:.0f} MiB of weights, {args.prompt_len}-token "
+        f"{args.dtype}, {weight_bytes / 2**20:.0f} MiB of weights read per decode step, "
+        f"{args.prompt_len}-token "
         f"prompts. transformers {transformers.__version__}, fastdecode {fastdecode.__version__} "
         f"(ops backend {args.backend} -> {resolved.split('.')[-1]}). Median of {args.repeats} "
         "alternating runs per system (the machine is shared; both systems see the same noise).")

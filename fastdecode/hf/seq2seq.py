@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from fastdecode import models
 from fastdecode.hf.runner import PagedRunner, _configs
 from fastdecode.plan import PagedKVCache, StepPlan
 from fastdecode.hf.seq2seq_attention import ATTN_NAME, Seq2SeqPlan
@@ -83,8 +84,9 @@ class Seq2SeqDecoder(PagedRunner):
     :class:`~fastdecode.hf.runner.PagedRunner`); each :meth:`step` names the cache and plan of
     the cross-attention (the encoder's keys / values), which the caller owns.
 
-    num_blocks, block_size, kv_dtype, device, backend, fast_linears: as for
-    :class:`~fastdecode.hf.runner.PagedRunner`. ``geometry``: the caches' shape (num_layers,
+    num_blocks, block_size, kv_dtype, device, backend, fast_linears, native: as for
+    :class:`~fastdecode.hf.runner.PagedRunner` (the native step is
+    :class:`fastdecode.models.Seq2SeqStep`). ``geometry``: the caches' shape (num_layers,
     num_kv_heads, head_dim, num_qo_heads), the same for self- and cross-attention.
     """
 
@@ -92,14 +94,14 @@ class Seq2SeqDecoder(PagedRunner):
 
     def __init__(self, model, *, num_blocks: int, block_size: int = 16,
                  kv_dtype: Optional[torch.dtype] = None, device=None, backend: str = "auto",
-                 fast_linears: Optional[bool] = None):
+                 fast_linears: Optional[bool] = None, native: Optional[bool] = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(reason)
         self.geometry = decoder_geometry(model)
         self._setup(model, _configs(model.get_decoder()), self.geometry, num_blocks=num_blocks,
                     block_size=block_size, kv_dtype=kv_dtype, device=device, backend=backend,
-                    fast_linears=fast_linears)
+                    fast_linears=fast_linears, native=native)
         biased = [m for m in _attention_modules(model)[0]
                   if getattr(m, "has_relative_attention_bias", False)]
         with torch.no_grad():
@@ -139,6 +141,9 @@ class Seq2SeqDecoder(PagedRunner):
         cannot project an empty one).
         """
         step = Seq2SeqPlan(plan, cross_plan, self.relative_bias)
+        if self.native is not None and inputs_embeds is None and not models.hooked(self.model):
+            pending = encoder_states[0] if cross_plan.attn.slot_mapping is not None else None
+            return self.native(input_ids, positions, step, self.kv, cross_kv, pending)
         caches = [self.kv] if cross_kv is self.kv else [self.kv, cross_kv]
         calls = sum(c.calls for c in caches)
         extra = ({"decoder_inputs_embeds": inputs_embeds[None]} if inputs_embeds is not None
@@ -191,9 +196,10 @@ class Seq2SeqRunner(Seq2SeqDecoder):
     def __init__(self, model, *, encoder_states: torch.Tensor,
                  encoder_mask: Optional[torch.Tensor], rows_per_prompt: int, num_blocks: int,
                  block_size: int = 16, kv_dtype: Optional[torch.dtype] = None, device=None,
-                 backend: str = "auto", fast_linears: Optional[bool] = None):
+                 backend: str = "auto", fast_linears: Optional[bool] = None,
+                 native: Optional[bool] = None):
         super().__init__(model, num_blocks=num_blocks, block_size=block_size, kv_dtype=kv_dtype,
-                         device=device, backend=backend, fast_linears=fast_linears)
+                         device=device, backend=backend, fast_linears=fast_linears, native=native)
         states = encoder_states[::rows_per_prompt]
         keep = (torch.ones(states.shape[:2], dtype=torch.bool) if encoder_mask is None
                 else encoder_mask[::rows_per_prompt].bool().cpu())

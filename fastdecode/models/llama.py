@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fastdecode.models.layers import Projection, Rotary, rms_norm, silu_and_mul
 from fastdecode.models.packed import weights_signature
+from fastdecode.models.seq2seq import Seq2SeqStep
 from fastdecode.plan import PagedKVCache, StepPlan
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -113,14 +114,16 @@ class LlamaStep:
         return rms_norm(h, self.final_norm, self.eps)
 
 
-def native_step(model: torch.nn.Module, *, packed: bool, fuse: bool) -> LlamaStep:
-    """The native step of ``model`` (built once per model and weight layout; rebuilt after any
-    parameter changes)."""
+def native_step(model: torch.nn.Module, *, packed: bool,
+                fuse: bool) -> LlamaStep | Seq2SeqStep:
+    """The native step of ``model`` (a :class:`Seq2SeqStep` for encoder-decoder models; built
+    once per model and weight layout, rebuilt after any parameter changes)."""
     key = (weights_signature(model), packed, fuse)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
-        step = LlamaStep(model, packed=packed, fuse=fuse)
+        build = Seq2SeqStep if model.config.is_encoder_decoder else LlamaStep
+        step = build(model, packed=packed, fuse=fuse)
     _CACHE[model] = (key, step)
     return step

@@ -19,6 +19,15 @@ FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "
 # Rotary types whose frequencies are fixed at load time. "dynamic" and "longrope" recompute them
 # from the sequence length inside the forward, which a table from ``inv_freq`` would miss.
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "yarn", "llama3"})
+# Encoder-decoder model_type -> (model class, decoder layer class, its attention, its norm) of
+# the decoders :mod:`fastdecode.models.seq2seq` computes: T5 pre-norm blocks (RMSNorm, relative
+# bias in the self-attention), BART / Marian post-norm layers (LayerNorm, learned or
+# sinusoidal positions).
+SEQ2SEQ_FAMILIES = {
+    "t5": ("T5ForConditionalGeneration", "T5Block", "T5Attention", "T5LayerNorm"),
+    "bart": ("BartForConditionalGeneration", "BartDecoderLayer", "BartAttention", "LayerNorm"),
+    "marian": ("MarianMTModel", "MarianDecoderLayer", "MarianAttention", "LayerNorm"),
+}
 
 
 def _module_names(prefix: str) -> dict[str, str]:
@@ -41,6 +50,8 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     """
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return _seq2seq_reason(model, family)
     prefix = FAMILIES.get(family)
     if prefix is None or type(model).__name__ != f"{prefix}ForCausalLM":
         return f"{type(model).__name__} (model_type {family!r}) has no native step"
@@ -81,9 +92,46 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def _seq2seq_reason(model: torch.nn.Module, family: Optional[str]) -> Optional[str]:
+    """:func:`unsupported_reason` for encoder-decoder models (their decoder and LM head)."""
+    names = SEQ2SEQ_FAMILIES.get(family)
+    if names is None or type(model).__name__ != names[0]:
+        return f"{type(model).__name__} (model_type {family!r}) has no native step"
+    _, layer_name, attn_name, norm_name = names
+    if model.training:
+        return "training mode (dropout)"
+    decoder = model.get_decoder()
+    for module in [model.lm_head, *decoder.modules()]:
+        if _overridden(module):
+            return f"a hook or forward override on {type(module).__name__}"
+    layers = decoder.block if family == "t5" else decoder.layers
+    norms, attns = [], []
+    for layer in layers:
+        if type(layer).__name__ != layer_name:
+            return f"a {type(layer).__name__} where {layer_name} is expected"
+        norms += [m for m in layer.modules() if "Norm" in type(m).__name__]
+        attns += [m for m in layer.modules() if "Attention" in type(m).__name__
+                  and not type(m).__name__.startswith("T5Layer")]
+    if any(type(m).__name__ != attn_name for m in attns):
+        return f"an attention other than {attn_name}"
+    if family == "t5":
+        norms.append(decoder.final_layer_norm)
+        if any(m.has_relative_attention_bias for m in attns[2:]):
+            return "a relative position bias per layer"
+    elif getattr(decoder, "layer_norm", None) is not None:
+        return "a final decoder LayerNorm (mBART-style pre-norm layers)"
+    if any(type(n).__name__ != norm_name for n in norms):
+        return f"a norm other than {norm_name}"
+    eps = {float(getattr(n, "eps", getattr(n, "variance_epsilon", 0.0))) for n in norms}
+    if len(eps) > 1 or not all(getattr(n, "bias", None) is not None for n in norms
+                               if family != "t5"):
+        return "norms with different epsilons or without bias"
+    return None
+
+
 def hooked(model: torch.nn.Module) -> bool:
     """Hooks on the model, its decoder or its LM head (e.g. to capture hidden states): the HF
     path runs."""
     from torch.nn.modules import module as nn_module
-    return (_overridden(model) or _overridden(model.model) or _overridden(model.lm_head)
+    return (_overridden(model) or _overridden(model.get_decoder()) or _overridden(model.lm_head)
             or bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks))
