@@ -124,6 +124,27 @@ def _enter(row, step, prev, filtered, top_k, top_p, lo_ptr, floor_ptr, part_ptr,
     return lo, floor
 
 
+@triton.jit
+def _begin_step(step, prev, lo_ptr, floor_ptr, part_ptr, total_ptr, stat_max_ptr,
+                stat_arg_ptr, stat_nan_ptr, temperature_ptr, top_k_ptr, top_p_ptr, vocab, batch,
+                num_splits, SPLITS: tl.constexpr):
+    """What a (row, split) program of ``step`` starts from: its row and split, the row's
+    temperature divisor, max, filtered flag, top_k, top_p and the (lo, floor) entering the step,
+    which split 0 records for the next launch."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    _, t_div, x_max, _, _, filtered = _row(row, temperature_ptr, stat_max_ptr, stat_arg_ptr,
+                                           stat_nan_ptr, num_splits, vocab, SPLITS)
+    top_k = tl.load(top_k_ptr + row)
+    top_p = tl.load(top_p_ptr + row)
+    lo, floor = _enter(row, step, prev, filtered, top_k, top_p, lo_ptr, floor_ptr, part_ptr,
+                       total_ptr, batch, num_splits, SPLITS)
+    if split == 0:
+        tl.store(lo_ptr + step * batch + row, lo)
+        tl.store(floor_ptr + step * batch + row, floor)
+    return row, split, t_div, x_max, filtered, top_k, top_p, lo, floor
+
+
 @triton.jit(do_not_specialize=["num_splits", "chunks"])
 def _stats_kernel(stat_max_ptr, stat_arg_ptr, stat_nan_ptr, logits_ptr, temperature_ptr,
                   stride_lb, vocab, num_splits, chunks, BLOCK: tl.constexpr):
@@ -158,18 +179,11 @@ def _radix_kernel(lo_ptr, floor_ptr, part_ptr, total_ptr, stat_max_ptr, stat_arg
                   BLOCK: tl.constexpr, RADIX: tl.constexpr, SPLITS: tl.constexpr):
     """One radix level of a (row, split): part[step, row, split, d] = weight (1 or
     exp(x - max)) of the range's tokens with key >= floor and key > pivot d, total[...] = the
-    weight of those with key >= floor. Split 0 records the (lo, floor) it entered with."""
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    _, t_div, x_max, _, _, filtered = _row(row, temperature_ptr, stat_max_ptr, stat_arg_ptr,
-                                           stat_nan_ptr, num_splits, vocab, SPLITS)
-    top_k = tl.load(top_k_ptr + row)
-    top_p = tl.load(top_p_ptr + row)
-    lo, floor = _enter(row, step, prev, filtered, top_k, top_p, lo_ptr, floor_ptr, part_ptr,
-                       total_ptr, batch, num_splits, SPLITS)
-    if split == 0:
-        tl.store(lo_ptr + step * batch + row, lo)
-        tl.store(floor_ptr + step * batch + row, floor)
+    weight of those with key >= floor."""
+    row, split, t_div, x_max, filtered, top_k, top_p, lo, floor = _begin_step(
+        step, prev, lo_ptr, floor_ptr, part_ptr, total_ptr, stat_max_ptr,
+        stat_arg_ptr, stat_nan_ptr, temperature_ptr, top_k_ptr, top_p_ptr, vocab, batch,
+        num_splits, SPLITS)
     if _stage_on(step, filtered, top_k, top_p):
         shift = (28 - 4 * (step % 8)).to(tl.int64)
         # Pivots in int64 (the top one of the full range is 2**31 - 1 only after the - 1).
@@ -217,15 +231,11 @@ def _final_kernel(out_ptr, last_ptr, lo_ptr, floor_ptr, part_ptr, total_ptr, sta
                   WRITE_SCORES: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
     """WRITE_SCORES: out [B, V] float32 processed scores of the range. Else the draw's
     partials: total[step, row, split] = the range's kept weight, last[row, split] = its last
-    kept token (-1: none); split 0 records the final floor for :func:`_draw_kernel`."""
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    _, t_div, x_max, _, _, filtered = _row(row, temperature_ptr, stat_max_ptr, stat_arg_ptr,
-                                           stat_nan_ptr, num_splits, vocab, SPLITS)
-    top_k = tl.load(top_k_ptr + row)
-    top_p = tl.load(top_p_ptr + row)
-    lo, floor = _enter(row, step, prev, filtered, top_k, top_p, lo_ptr, floor_ptr, part_ptr,
-                       total_ptr, batch, num_splits, SPLITS)
+    kept token (-1: none). The final floor recorded by split 0 is :func:`_draw_kernel`'s."""
+    row, split, t_div, x_max, filtered, _, _, _, floor = _begin_step(
+        step, prev, lo_ptr, floor_ptr, part_ptr, total_ptr, stat_max_ptr,
+        stat_arg_ptr, stat_nan_ptr, temperature_ptr, top_k_ptr, top_p_ptr, vocab, batch,
+        num_splits, SPLITS)
     min_x = _min_x(min_p_ptr, row, x_max, filtered)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_lb
     begin = split * chunks * BLOCK
@@ -237,20 +247,17 @@ def _final_kernel(out_ptr, last_ptr, lo_ptr, floor_ptr, part_ptr, total_ptr, sta
             keep = (_key(x) >= floor) & (x >= min_x)
             tl.store(out_row + offs, tl.where(keep | (filtered == 0), x, float("-inf")),
                      mask=offs < vocab)
-    else:
-        if split == 0:
-            tl.store(floor_ptr + step * batch + row, floor)
-        if filtered:
-            kept = tl.zeros([BLOCK], tl.float32)
-            last = tl.full([BLOCK], -1, tl.int32)
-            for c in range(0, chunks):
-                offs = begin + c * BLOCK + tl.arange(0, BLOCK)
-                w = _kept_weight(_load_scaled(row_ptr, offs, vocab, t_div), x_max, floor, min_x)
-                kept += w
-                last = tl.maximum(last, tl.where(w > 0, offs, -1))
-            at = row * num_splits + split
-            tl.store(total_ptr + (step * batch) * num_splits + at, tl.sum(kept, 0))
-            tl.store(last_ptr + at, tl.max(last, 0))
+    elif filtered:
+        kept = tl.zeros([BLOCK], tl.float32)
+        last = tl.full([BLOCK], -1, tl.int32)
+        for c in range(0, chunks):
+            offs = begin + c * BLOCK + tl.arange(0, BLOCK)
+            w = _kept_weight(_load_scaled(row_ptr, offs, vocab, t_div), x_max, floor, min_x)
+            kept += w
+            last = tl.maximum(last, tl.where(w > 0, offs, -1))
+        at = row * num_splits + split
+        tl.store(total_ptr + (step * batch) * num_splits + at, tl.sum(kept, 0))
+        tl.store(last_ptr + at, tl.max(last, 0))
 
 
 @triton.jit(do_not_specialize=SHAPE_ARGS)
