@@ -69,28 +69,46 @@ def variants() -> dict[str, tuple]:
             ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_cache_slot", "head_dim",
              "token_numel"),
             dict(BLOCK=kv_cache.APPEND_BLOCK), dict(num_warps=4))
+    shape_args = ("stride_lb", "vocab")  # per model: multiples of 16 for typical vocabularies
+    params = dict(temperature_ptr="fp32", top_k_ptr="i32", top_p_ptr="fp32")
+    stats = dict(stat_max_ptr="fp32", stat_arg_ptr="i32", stat_nan_ptr="i32")
+    state = dict(lo_ptr="i32", floor_ptr="i32", part_ptr="fp32", total_ptr="fp32")
     for c in sampling.sampling_configs():
         dt = _TY[c.dtype]
-        seeds = None if c.write_scores else "i64"
-        out[f"sampling-{dt}-{'process' if c.write_scores else 'sample'}"] = (
-            "sampling._sampling_kernel",
-            dict(out_ptr="fp32" if c.write_scores else "i64", logits_ptr=dt,
-                 temperature_ptr="fp32", top_k_ptr="i32", top_p_ptr="fp32", min_p_ptr="fp32",
-                 seeds_ptr=seeds, offsets_ptr=seeds),
-            (), dict(WRITE_SCORES=c.write_scores, BLOCK=c.block, RADIX=c.radix_block),
-            dict(num_warps=c.num_warps))
+        sizes = dict(BLOCK=c.block, SPLITS=c.max_splits)
+        mode = "process" if c.write_scores else "sample"
+        out[f"sampling-final-{dt}-{mode}"] = (
+            "sampling_kernels._final_kernel",
+            dict(out_ptr="fp32" if c.write_scores else "i64", last_ptr="i32", logits_ptr=dt,
+                 min_p_ptr="fp32", **state, **stats, **params),
+            shape_args + ("stride_ob",) * c.write_scores,
+            dict(WRITE_SCORES=c.write_scores, **sizes), dict(num_warps=c.num_warps))
+        if c.write_scores:
+            continue
+        out[f"sampling-stats-{dt}"] = (
+            "sampling_kernels._stats_kernel",
+            dict(logits_ptr=dt, temperature_ptr="fp32", **stats), shape_args,
+            dict(BLOCK=c.block), dict(num_warps=c.num_warps))
+        out[f"sampling-radix-{dt}"] = (
+            "sampling_kernels._radix_kernel", dict(logits_ptr=dt, **state, **stats, **params),
+            shape_args, dict(RADIX=c.radix_block, **sizes), dict(num_warps=c.num_warps))
+        out[f"sampling-draw-{dt}"] = (
+            "sampling_kernels._draw_kernel",
+            dict(out_ptr="i64", last_ptr="i32", floor_ptr="i32", total_ptr="fp32", logits_ptr=dt,
+                 temperature_ptr="fp32", min_p_ptr="fp32", seeds_ptr="i64", offsets_ptr="i64",
+                 **stats), shape_args, sizes, dict(num_warps=c.num_warps))
     for dtype in sampling.LOGIT_DTYPES:
         out[f"repetition_penalty-{_TY[dtype]}"] = (
-            "sampling._repetition_penalty_kernel",
+            "sampling_kernels._repetition_penalty_kernel",
             dict(out_ptr="fp32", logits_ptr=_TY[dtype], seen_ptr="i64", penalty_ptr="fp32"),
-            (), dict(BLOCK=sampling.BLOCK), dict(num_warps=4))
+            ("stride_lb", "stride_ob", "vocab"), dict(BLOCK=sampling.BLOCK), dict(num_warps=4))
     for e_dtype, a_dtype in itertools.product(sampling.LOGIT_DTYPES, repeat=2):
         out[f"contrastive-{_TY[e_dtype]}-{_TY[a_dtype]}"] = (
             "contrastive._contrastive_kernel",
             dict(out_ptr="fp32", expert_ptr=_TY[e_dtype], amateur_ptr=_TY[a_dtype],
                  alpha_ptr="fp32", plausibility_ptr="fp32"),
             (), dict(BLOCK=contrastive.BLOCK), dict(num_warps=4))
-    out["philox_uniform"] = ("sampling._philox_uniform_kernel",
+    out["philox_uniform"] = ("sampling_kernels._philox_uniform_kernel",
                              dict(out_ptr="fp32", seeds_ptr="i64", offsets_ptr="i64"), (),
                              dict(BLOCK_SIZE=sampling.BLOCK), dict(num_warps=4))
     return out

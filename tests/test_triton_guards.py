@@ -51,11 +51,15 @@ def test_append_kv_guards():
 def test_batch_dependent_ints_are_not_specialised():
     """Integers that change with the batch never select a compiled variant (a new batch size
     would otherwise cost a compile of seconds)."""
-    from fastdecode.triton import sampling
+    from fastdecode.triton import sampling_kernels
 
     expected = {attention._paged_attention_kernel: attention._BATCH_ARGS,
                 attention._merge_partitions_kernel: ["max_kv_len", "max_partitions"],
-                sampling._repetition_penalty_kernel: ["stride_sb", "num_seen"]}
+                sampling_kernels._repetition_penalty_kernel: ["stride_sb", "num_seen", "chunks"],
+                sampling_kernels._stats_kernel: ["num_splits", "chunks"],
+                sampling_kernels._radix_kernel: sampling_kernels.SHAPE_ARGS,
+                sampling_kernels._final_kernel: sampling_kernels.SHAPE_ARGS,
+                sampling_kernels._draw_kernel: sampling_kernels.SHAPE_ARGS}
     for kernel, names in expected.items():
         # A JITFunction keeps the list; the interpreter's wrapper keeps the jit arguments.
         listed = getattr(kernel, "do_not_specialize", None)

@@ -185,6 +185,31 @@ def test_int64_cache_offsets():
 
 
 # ------------------------------------------------------------------------------------- sampling
+# (BLOCK, RADIX_BLOCK, TARGET_PROGRAMS) of the split sampler: the shipped sizes (one split per
+# row at these vocabularies), then small chunks so rows split into one-chunk and multi-chunk
+# ranges with a partial last range.
+SPLIT_LAYOUTS = [None, (64, 32, 512), (32, 16, 64)]
+
+
+@pytest.fixture(params=SPLIT_LAYOUTS, ids=["shipped", "one-chunk-splits", "multi-chunk-splits"])
+def split_layout(request, monkeypatch):
+    if request.param is not None:
+        for name, value in zip(("BLOCK", "RADIX_BLOCK", "TARGET_PROGRAMS"), request.param):
+            monkeypatch.setattr(sampling, name, value)
+    return request.param
+
+
+def test_split_plan_covers_the_vocabulary():
+    for batch in (1, 3, 64, 256, 1000):
+        for vocab in (1, 1023, 1024, 1025, 32000, 128256, 256000):
+            num_splits, chunks = sampling.split_plan(batch, vocab)
+            assert 1 <= num_splits <= sampling.MAX_SPLITS
+            # every token in exactly one split, no split empty
+            assert (num_splits - 1) * chunks * sampling.BLOCK < vocab <= (
+                num_splits * chunks * sampling.BLOCK)
+    assert sampling.split_plan(1, 128256)[0] > 1 and sampling.split_plan(64, 128256)[0] > 1
+
+
 def test_philox_uniform_bit_exact():
     seeds = torch.tensor([0, 1, 2**32 - 1, 2**32, 2**62 - 1, 12345678901234] * 4, device=DEV)
     offsets = torch.tensor([0] * 6 + [1] * 6 + [2**32 + 5] * 6 + [2**40 + 3] * 6, device=DEV)
@@ -211,8 +236,10 @@ def make_logits(batch, vocab, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_process_logits_matches_references(dtype):
+def test_process_logits_matches_references(dtype, split_layout):
     batch, vocab = 24, 333
+    if split_layout is not None:
+        assert sampling.split_plan(batch, vocab)[0] > 1
     logits = make_logits(batch, vocab, dtype)
     params = row_params(batch, vocab)
     dev_params = {k: v.to(DEV) for k, v in params.items()}
@@ -235,7 +262,7 @@ def torch_draw_margin(logits, params, seeds, offsets):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_seeded_draws_match_torch_backend(dtype):
+def test_seeded_draws_match_torch_backend(dtype, split_layout):
     batch, vocab = 48, 257
     logits = make_logits(batch, vocab, dtype)
     params = row_params(batch, vocab)
@@ -256,7 +283,7 @@ def test_seeded_draws_match_torch_backend(dtype):
         assert alone.item() == got[b].item()
 
 
-def test_bad_rows_and_greedy_ties():
+def test_bad_rows_and_greedy_ties(split_layout):
     vocab = 40
     logits = torch.randn(8, vocab)
     logits[0, 3] = float("nan")  # NaN, sampled row
