@@ -112,6 +112,20 @@ def test_chat_uses_the_fallback_format_and_streams(client, model_and_tokenizer, 
         client.chat.completions.create(model=NAME, messages=[], max_tokens=2)
 
 
+def test_chat_n_choices_stream_by_index(client, model_and_tokenizer, reference):
+    expected = text_of(model_and_tokenizer[1], reference[1])
+    messages = [{"role": "user", "content": "Hello"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=24,
+                                       temperature=0, n=2)
+    assert [(c.index, c.message.content) for c in r.choices] == [(0, expected), (1, expected)]
+    chunks = [c.choices[0] for c in client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=24, temperature=0, n=2, stream=True)]
+    for i in (0, 1):
+        mine = [c for c in chunks if c.index == i]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == expected
+
+
 def test_chat_template_of_the_tokenizer_is_used(model_and_tokenizer):
     tok = model_and_tokenizer[1]
     messages = [{"role": "user", "content": "Hi"}]
@@ -150,12 +164,69 @@ def test_seeded_sampling_is_reproducible(client):
     assert len({draw(7), draw(8), draw(9)}) > 1
 
 
+def test_n_choices_draw_with_consecutive_seeds(client, model_and_tokenizer, reference):
+    def create(**kwargs):
+        return client.completions.create(model=NAME, prompt=PROMPT, **{"max_tokens": 12, **kwargs})
+
+    r = create(n=3, temperature=1.0, seed=7)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    # Choice i is the request with seed 7 + i alone.
+    alone = [create(temperature=1.0, seed=7 + i) for i in range(3)]
+    assert [c.text for c in r.choices] == [a.choices[0].text for a in alone]
+    assert len({c.text for c in r.choices}) > 1
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    greedy = create(n=2, temperature=0, max_tokens=24)
+    tok = model_and_tokenizer[1]
+    assert [c.text for c in greedy.choices] == [text_of(tok, reference[0])] * 2
+
+
+def test_n_choices_stream_by_index(client, served):
+    whole = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=16, n=3,
+                                      temperature=1.0, seed=11)
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=16, n=3,
+                                            temperature=1.0, seed=11, stream=True,
+                                            stream_options={"include_usage": True}))
+    for c in whole.choices:
+        mine = [x.choices[0] for x in chunks if x.choices and x.choices[0].index == c.index]
+        assert "".join(x.text for x in mine) == c.text
+        reasons = [x.finish_reason for x in mine]
+        assert reasons[-1] == c.finish_reason and not any(reasons[:-1])
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert idle(served[0])
+
+
+def test_n_past_the_queue_is_refused_whole(client, served):
+    eng = served[0]
+    before = eng.stats["generated_tokens"]
+    with pytest.raises(openai.RateLimitError, match="too many requests in flight"):
+        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=600,
+                                  n=eng.max_in_flight + 1, extra_body={"ignore_eos": True})
+    wait_until(lambda: idle(eng))
+    # The choices queued before the refusal were aborted, not run to their end.
+    assert eng.stats["generated_tokens"] - before < 600
+
+
+def test_client_disconnect_aborts_every_choice(client, served):
+    eng = served[0]
+    stream = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=600, n=2,
+                                       temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 6:
+            break
+    assert eng.stats["running"] == 2
+    stream.close()
+    wait_until(lambda: idle(eng))
+
+
 @pytest.mark.parametrize("kwargs,param,match", [
     (dict(temperature=-1), "temperature", "temperature must be >= 0"),
     (dict(top_p=0), "top_p", r"top_p must be in \(0, 1\]"),
     (dict(max_tokens=0), "max_tokens", "max_tokens must be an integer >= 1"),
     (dict(seed=-3), "seed", "seed must be an integer"),
-    (dict(n=2), "n", "not supported"),
+    (dict(n=0), "n", r"n must be an integer in \[1, 128\]"),
+    (dict(n=129), "n", r"n must be an integer in \[1, 128\]"),
+    (dict(extra_body={"n": 1.5}), "n", "n must be an integer"),
     (dict(presence_penalty=0.5), "presence_penalty", "repetition_penalty"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
     (dict(extra_body={"top_k": 1.5}), "top_k", "top_k must be an integer"),

@@ -19,6 +19,7 @@ from fastdecode.engine import SamplingParams
 from fastdecode.ops import _rules
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_CHOICES = 128  # OpenAI's limit on n
 
 
 class RequestError(ValueError):
@@ -73,13 +74,20 @@ class _Sampling(BaseModel):
     def _max_tokens(self) -> Any:
         return self.max_tokens
 
+    def num_choices(self) -> int:
+        """``n``: how many completions to draw for the prompt."""
+        n = 1 if self.n is None else self.n
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+            raise RequestError(f"n must be an integer in [1, {MAX_CHOICES}]; got "
+                               f"{_rules.short_repr(n)}", param="n")
+        return n
+
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
     def _unsupported(self) -> dict[str, bool]:
         """Fields set to something this server cannot do."""
-        return {"n": self.n not in (None, 1),
-                "presence_penalty": self.presence_penalty not in (None, 0),
+        return {"presence_penalty": self.presence_penalty not in (None, 0),
                 "frequency_penalty": self.frequency_penalty not in (None, 0),
                 "logit_bias": bool(self.logit_bias)}
 

@@ -12,12 +12,13 @@ its request aborted and its blocks freed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Callable, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +31,7 @@ from fastdecode.serving.protocol import ChatCompletionRequest, CompletionRequest
 from fastdecode.serving.text import IncrementalDetokenizer, StopStrings, chat_prompt_ids
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat: the rest of the context
+_SEED_END = 2 ** 63  # SamplingParams.seed is in [0, 2**63)
 _DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
 
 
@@ -53,13 +55,31 @@ class OpenAIServer:
         self.max_model_len = engine.engine.max_model_len
 
     def start(self, prompt_ids: list[int], body, default_max_tokens: Optional[int]
-              ) -> AsyncIterator[Chunk]:
-        """Queue the request now (refusals raise here, before any response is sent) and return
-        its text chunks."""
+              ) -> AsyncIterator[tuple[int, Chunk]]:
+        """Queue the request's ``n`` choices now (refusals raise here, before any response is
+        sent, and leave nothing queued) and return their text chunks as ``(choice index,
+        chunk)``, interleaved as they come.
+
+        The choices are independent requests sharing the prompt's cached blocks; with a
+        ``seed``, choice ``i`` draws with ``seed + i`` (each reproducible, none equal).
+        """
         params = body.sampling_params(len(prompt_ids), self.max_model_len, default_max_tokens)
         stops = body.stops()  # every check before the request is queued
-        outputs = self.engine.generate(prompt_ids, params)
-        return self._chunks(outputs, prompt_ids, stops, time.perf_counter())
+        n = body.num_choices()
+        base = uuid.uuid4().hex
+        rids, streams = [], []
+        try:
+            for i in range(n):
+                choice = params if params.seed is None or i == 0 else dataclasses.replace(
+                    params, seed=(params.seed + i) % _SEED_END)
+                rids.append(f"{base}-{i}")
+                outputs = self.engine.generate(prompt_ids, choice, rids[-1])
+                streams.append(self._chunks(outputs, prompt_ids, stops, time.perf_counter()))
+        except BaseException:
+            for rid in rids:  # ids never queued are ignored
+                self.engine.abort(rid)
+            raise
+        return _merged(streams, lambda: [self.engine.abort(rid) for rid in rids])
 
     async def _chunks(self, outputs, prompt_ids: list[int], stops: list[str],
                       arrival: float) -> AsyncIterator[Chunk]:
@@ -87,6 +107,40 @@ class OpenAIServer:
                     return
                 if delta:
                     yield Chunk(delta, None, len(out.output_ids))
+
+
+async def _merged(streams: list[AsyncIterator[Chunk]], abort: Callable[[], object]
+                  ) -> AsyncIterator[tuple[int, Chunk]]:
+    """``(index, chunk)`` of every stream as they come; the first failure raises. Leaving
+    early cancels the streams and calls ``abort`` (a stream cancelled before it started never
+    closes its request itself)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Chunk]) -> None:
+        try:
+            async with aclosing(stream):
+                async for chunk in stream:
+                    queue.put_nowait((i, chunk))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        abort()
 
 
 def _error(exc: Exception) -> RequestError:
@@ -174,34 +228,40 @@ async def _respond(server: OpenAIServer, request: Request, body, prompt_ids: lis
             "created": int(time.time()), "model": server.model_name}
     usage = {"prompt_tokens": len(prompt_ids)}
     if body.stream:
-        return StreamingResponse(_stream(chunks, head, usage, chat, body.include_usage()),
+        return StreamingResponse(_stream(chunks, body.num_choices(), head, usage, chat,
+                                         body.include_usage()),
                                  media_type="text/event-stream")
     try:
-        text, last = await _collect(chunks, request)
+        texts, lasts = await _collect(chunks, request, body.num_choices())
     except asyncio.CancelledError:  # the client left; the request was aborted
         return Response(status_code=499)
     except Exception as exc:
         return _json_error(exc)
-    usage.update(completion_tokens=last.completion_tokens,
-                 total_tokens=len(prompt_ids) + last.completion_tokens)
-    content = "".join(text)
-    choice = ({"message": {"role": "assistant", "content": content}} if chat
-              else {"text": content, "logprobs": None})
+    completion = sum(last.completion_tokens for last in lasts)
+    usage.update(completion_tokens=completion, total_tokens=len(prompt_ids) + completion)
+    choices = []
+    for i, (text, last) in enumerate(zip(texts, lasts)):
+        content = "".join(text)
+        choice = ({"message": {"role": "assistant", "content": content}} if chat
+                  else {"text": content, "logprobs": None})
+        choices.append({"index": i, **choice, "finish_reason": last.finish_reason})
     return {**head, "object": "chat.completion" if chat else "text_completion",
-            "choices": [{"index": 0, **choice, "finish_reason": last.finish_reason}],
-            "usage": usage}
+            "choices": choices, "usage": usage}
 
 
-async def _collect(chunks: AsyncIterator[Chunk], request: Request) -> tuple[list[str], Chunk]:
-    """Every chunk's text and the last chunk; if the client disconnects meanwhile, the
+async def _collect(chunks: AsyncIterator[tuple[int, Chunk]], request: Request, n: int
+                   ) -> tuple[list[list[str]], list[Chunk]]:
+    """Each choice's chunk texts and last chunk; if the client disconnects meanwhile, the
     collection is cancelled (which closes ``chunks``, aborting the request) and
     CancelledError raised."""
-    async def consume() -> tuple[list[str], Chunk]:
-        text, last = [], None
+    async def consume() -> tuple[list[list[str]], list[Chunk]]:
+        texts: list[list[str]] = [[] for _ in range(n)]
+        lasts: list[Optional[Chunk]] = [None] * n
         async with aclosing(chunks):
-            async for last in chunks:
-                text.append(last.text)
-        return text, last
+            async for i, chunk in chunks:
+                texts[i].append(chunk.text)
+                lasts[i] = chunk
+        return texts, lasts
 
     task = asyncio.ensure_future(consume())
     while not (await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S))[0]:
@@ -210,35 +270,38 @@ async def _collect(chunks: AsyncIterator[Chunk], request: Request) -> tuple[list
     return await task
 
 
-async def _stream(chunks: AsyncIterator[Chunk], head: dict, usage: dict, chat: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events; a client that disconnects cancels this generator, which closes
-    ``chunks`` and so aborts the request."""
+async def _stream(chunks: AsyncIterator[tuple[int, Chunk]], n: int, head: dict, usage: dict,
+                  chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events, each for one choice (its ``index``); a client that disconnects
+    cancels this generator, which closes ``chunks`` and so aborts the request."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def event(text: Optional[str], reason: Optional[str], first: bool = False) -> str:
+    def event(i: int, text: Optional[str], reason: Optional[str], first: bool = False) -> str:
         if chat:
             delta = {"role": "assistant", "content": ""} if first else (
                 {} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "finish_reason": reason}
+            choice = {"index": i, "delta": delta, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+            choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
         return _sse({**head, "object": obj, "choices": [choice]})
 
+    completion = [0] * n
     async with aclosing(chunks):
         if chat:
-            yield event(None, None, first=True)
+            for i in range(n):
+                yield event(i, None, None, first=True)
         try:
-            async for chunk in chunks:
+            async for i, chunk in chunks:
                 if chunk.text:
-                    yield event(chunk.text, None)
+                    yield event(i, chunk.text, None)
                 if chunk.finish_reason is not None:
-                    yield event(None, chunk.finish_reason)
-                    usage.update(completion_tokens=chunk.completion_tokens,
-                                 total_tokens=usage["prompt_tokens"] + chunk.completion_tokens)
+                    yield event(i, None, chunk.finish_reason)
+                    completion[i] = chunk.completion_tokens
         except Exception as exc:  # the status line is sent: report in the stream
             yield _sse(_error(exc).body())
             return
     if include_usage:
+        usage.update(completion_tokens=sum(completion),
+                     total_tokens=usage["prompt_tokens"] + sum(completion))
         yield _sse({**head, "object": obj, "choices": [], "usage": usage})
     yield _sse("[DONE]")
