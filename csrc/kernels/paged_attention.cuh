@@ -29,59 +29,6 @@
 
 namespace fastdecode::kernels {
 
-struct PagedDecodeParams {
-  void* out;                    // [B, Hq, D] query dtype, strides below, 16-byte aligned rows
-  const void* query;            // [B, Hq, D] query dtype, strides below, innermost stride 1
-  const void* k_cache;          // [N, P, Hkv, D], kv strides below, innermost stride 1
-  const void* v_cache;          // [N, P, Hkv, D], same strides as k_cache
-  const int32_t* block_tables;  // [B, M], row stride block_tables_stride; ids outside [0, N) ->
-                                // NaN rows
-  const int32_t* seq_lens;      // [B] KV length including the query token; 0 -> zeros; outside
-                                // [0, M * P] -> NaN rows
-  const float* alibi_slopes;    // [Hq] or nullptr; bias slope * (j - i)
-  float* partial_out;           // [B, Hq, max_partitions, D] workspace; unused if 1 partition
-  float* partial_lse;           // [B, Hq, max_partitions] workspace; unused if 1 partition
-  int64_t q_stride_seq;         // elements between sequences of `query`
-  int64_t q_stride_head;        // elements between heads of `query`
-  int64_t o_stride_seq;         // elements between sequences of `out`
-  int64_t o_stride_head;        // elements between heads of `out`
-  int64_t kv_stride_block;      // elements between blocks of k_cache / v_cache
-  int64_t kv_stride_token;      // elements between tokens of a block
-  int64_t kv_stride_head;       // elements between heads of a token
-  int64_t block_tables_stride;  // elements between rows of block_tables
-  int num_seqs;                 // B
-  int num_qo_heads;             // Hq
-  int num_kv_heads;             // Hkv (Hq % Hkv == 0)
-  int head_dim;                 // D, one of FASTDECODE_CUDA_HEAD_DIMS
-  int block_size;               // P
-  int max_blocks_per_seq;       // M
-  int64_t num_blocks;           // N: block ids are checked against it
-  float scale;                  // logits multiplier (usually D ** -0.5)
-  float softcap;                // logits = softcap * tanh(logits / softcap); 0 = off
-  int sliding_window;           // w: the query at position i sees i - w < j <= i; 0 = off
-  DType dtype;                  // dtype of query / out / caches
-};
-
-// KV tokens per split-KV partition. Fixed, so partitions never depend on the batch.
-constexpr int kPartitionTokens = 256;
-// Query heads of one KV group handled by one CTA; larger groups use several CTAs.
-constexpr int kMaxGroupHeads = 8;
-
-// Partitions the longest possible sequence (M * P tokens) needs: the grid's x extent and the
-// workspace's partition dimension.
-inline int paged_decode_max_partitions(int64_t max_blocks_per_seq, int64_t block_size) {
-  const int64_t tokens = max_blocks_per_seq * block_size;
-  return static_cast<int>((tokens + kPartitionTokens - 1) / kPartitionTokens);
-}
-
-// float32 elements of workspace a call needs: partial_out then partial_lse. 0 when every
-// sequence fits in one partition (then the kernel writes `out` directly and no merge runs).
-inline int64_t paged_decode_workspace_floats(int64_t num_seqs, int64_t num_qo_heads,
-                                             int64_t head_dim, int max_partitions) {
-  if (max_partitions <= 1) return 0;
-  return num_seqs * num_qo_heads * max_partitions * (head_dim + 1);
-}
-
 namespace detail {
 
 constexpr int kAttnThreads = 128;
