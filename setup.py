@@ -37,6 +37,9 @@ def _extension():
                             extra_link_args=["-fopenmp"])
     archs = os.environ.get("FASTDECODE_CUDA_ARCHS", "80;90a").split(";")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # csrc/cuda/*_kernels.cu (nvcc) hold the kernels behind plain launchers and include no torch
+    # header; csrc/cuda/*.cpp, the torch adapters, are compiled by the host compiler with `cxx`.
+    # torch's C++ compiled through nvcc crashed when formatting error messages.
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.c[up]*"))
     nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", *gencode]
     return CUDAExtension("fastdecode._C", sources + cuda_sources,

@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-PARTITION = 256  # kPartitionTokens in csrc/kernels/paged_attention.cuh
+PARTITION = 256  # kPartitionTokens in csrc/kernels/params.h
 
 
 @pytest.fixture(autouse=True)

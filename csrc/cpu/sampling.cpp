@@ -135,7 +135,7 @@ at::Tensor sample(const at::Tensor& logits_, const at::Tensor& temperature,
                   const at::Tensor& offsets_) {
   constexpr const char* op = "sample";
   const at::Tensor logits = checked_logits(op, logits_);
-  const int64_t batch = logits.size(0), vocab = logits.size(1);
+  const int64_t batch = logits.size(0);
   const RowParamTensors params(op, logits, temperature, top_k, top_p, min_p, repetition_penalty);
   const at::Tensor seen = checked_seen(op, seen_tokens, logits);
   const at::Tensor seeds = seeds_.contiguous(), offsets = offsets_.contiguous();

@@ -3,12 +3,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <cuda_runtime.h>
+#include <cuda_runtime_api.h>
 
 #include <cstdint>
 
 #include "../common/checks.h"
-#include "../kernels/common.cuh"
+#include "../kernels/params.h"
 
 namespace fastdecode::cuda {
 

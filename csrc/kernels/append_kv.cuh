@@ -13,27 +13,6 @@
 
 namespace fastdecode::kernels {
 
-struct AppendKVParams {
-  const void* key;              // [T, Hkv, D], element strides below, innermost stride 1
-  const void* value;            // [T, Hkv, D], element strides below, innermost stride 1
-  void* k_cache;                // [N, P, Hkv, D], element strides below
-  void* v_cache;                // [N, P, Hkv, D], same strides as k_cache
-  const int64_t* slot_mapping;  // [T]: block * P + offset; outside [0, num_slots) skips the token
-  int64_t key_stride_token;     // elements between tokens of `key`
-  int64_t key_stride_head;      // elements between heads of `key`
-  int64_t value_stride_token;   // elements between tokens of `value`
-  int64_t value_stride_head;    // elements between heads of `value`
-  int64_t cache_stride_block;   // elements between blocks of the caches (P * Hkv * D contiguous)
-  int64_t cache_stride_token;   // elements between tokens of a block
-  int64_t cache_stride_head;    // elements between heads of a token
-  int64_t num_tokens;           // T
-  int64_t num_slots;            // N * P
-  int num_kv_heads;             // Hkv
-  int head_dim;                 // D
-  int block_size;               // P
-  int elem_bytes;               // 2 (fp16 / bf16) or 4 (fp32)
-};
-
 namespace detail {
 
 constexpr int kAppendThreads = 128;

@@ -9,10 +9,9 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace fastdecode::kernels {
+#include "params.h"
 
-// Floating dtype of a call's tensors; the adapters map torch dtypes onto it.
-enum class DType : int { kFloat32, kFloat16, kBFloat16 };
+namespace fastdecode::kernels {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;

@@ -11,20 +11,6 @@
 
 namespace fastdecode::kernels {
 
-struct ContrastiveParams {
-  const void* expert;          // [B, V] `dtype`, unit stride along V
-  const void* amateur;         // [B, V] `dtype`, unit stride along V
-  const float* alpha;          // [B] in [0, 1e6]
-  const float* plausibility;   // [B] in [0, 1]
-  float* out;                  // [B, V] float32
-  int64_t expert_stride;       // elements between rows of `expert`
-  int64_t amateur_stride;      // elements between rows of `amateur`
-  int64_t out_stride;          // elements between rows of `out`
-  int num_rows;                // B
-  int vocab_size;              // V >= 1
-  DType dtype;                 // of expert and amateur (the adapter makes them one)
-};
-
 constexpr int kContrastiveThreads = 256;
 constexpr int kContrastiveWarps = kContrastiveThreads / kWarpSize;
 

@@ -1,5 +1,5 @@
 // Compile-time dispatch on the runtime dtype and head_dim: the only place that lists which
-// instantiations exist. Each macro expands to a switch whose cases run the lambda-like body with
+// instantiations exist (DISPATCH_HEAD_DIM's cases are FASTDECODE_CUDA_HEAD_DIMS of params.h). Each macro expands to a switch whose cases run the lambda-like body with
 // a type alias / constexpr bound; an unlisted value makes the enclosing launcher return
 // cudaErrorInvalidValue (the torch adapters check first and raise a readable error).
 #pragma once
@@ -9,21 +9,6 @@
 #include <cuda_runtime.h>
 
 #include "common.cuh"
-
-// Head dims the CUDA attention kernels are built for (Triton / CPU serve any other).
-#define FASTDECODE_CUDA_HEAD_DIMS 64, 80, 96, 128, 256
-#define FASTDECODE_CUDA_HEAD_DIMS_STR "64, 80, 96, 128, 256"
-
-namespace fastdecode::kernels {
-
-__host__ __device__ constexpr bool is_supported_head_dim(int head_dim) {
-  for (int d : {FASTDECODE_CUDA_HEAD_DIMS}) {
-    if (d == head_dim) return true;
-  }
-  return false;
-}
-
-}  // namespace fastdecode::kernels
 
 // DISPATCH_DTYPE(dtype, T, ...): runs `...` with `using T = float | __half | __nv_bfloat16`.
 #define DISPATCH_DTYPE(dtype, T, ...)                                          \

@@ -9,7 +9,9 @@
 //
 // Inside a CTA, KV tiles of kTile tokens stream through shared memory with cp.async double
 // buffering (16-byte copies); scores, online softmax and P.V run on the tile in float32, reading
-// the tile with 128-bit shared loads from rows padded so that those loads are conflict-free.
+// the tile with 128-bit shared loads from rows padded so that those loads are conflict-free. Each
+// K or V vector is read from shared memory once per tile and applied to every head of the group
+// from registers (the score and P.V loops are register-blocked over the group's heads).
 //
 // Device-side guards (the public op does not copy seq_lens / block_tables to the host on CUDA): a
 // seq_len outside [0, M * P] makes the sequence's output rows NaN without reading its KV; a block
@@ -28,59 +30,6 @@
 #include "dispatch.cuh"
 
 namespace fastdecode::kernels {
-
-struct PagedDecodeParams {
-  void* out;                    // [B, Hq, D] query dtype, strides below, 16-byte aligned rows
-  const void* query;            // [B, Hq, D] query dtype, strides below, innermost stride 1
-  const void* k_cache;          // [N, P, Hkv, D], kv strides below, innermost stride 1
-  const void* v_cache;          // [N, P, Hkv, D], same strides as k_cache
-  const int32_t* block_tables;  // [B, M], row stride block_tables_stride; ids outside [0, N) ->
-                                // NaN rows
-  const int32_t* seq_lens;      // [B] KV length including the query token; 0 -> zeros; outside
-                                // [0, M * P] -> NaN rows
-  const float* alibi_slopes;    // [Hq] or nullptr; bias slope * (j - i)
-  float* partial_out;           // [B, Hq, max_partitions, D] workspace; unused if 1 partition
-  float* partial_lse;           // [B, Hq, max_partitions] workspace; unused if 1 partition
-  int64_t q_stride_seq;         // elements between sequences of `query`
-  int64_t q_stride_head;        // elements between heads of `query`
-  int64_t o_stride_seq;         // elements between sequences of `out`
-  int64_t o_stride_head;        // elements between heads of `out`
-  int64_t kv_stride_block;      // elements between blocks of k_cache / v_cache
-  int64_t kv_stride_token;      // elements between tokens of a block
-  int64_t kv_stride_head;       // elements between heads of a token
-  int64_t block_tables_stride;  // elements between rows of block_tables
-  int num_seqs;                 // B
-  int num_qo_heads;             // Hq
-  int num_kv_heads;             // Hkv (Hq % Hkv == 0)
-  int head_dim;                 // D, one of FASTDECODE_CUDA_HEAD_DIMS
-  int block_size;               // P
-  int max_blocks_per_seq;       // M
-  int64_t num_blocks;           // N: block ids are checked against it
-  float scale;                  // logits multiplier (usually D ** -0.5)
-  float softcap;                // logits = softcap * tanh(logits / softcap); 0 = off
-  int sliding_window;           // w: the query at position i sees i - w < j <= i; 0 = off
-  DType dtype;                  // dtype of query / out / caches
-};
-
-// KV tokens per split-KV partition. Fixed, so partitions never depend on the batch.
-constexpr int kPartitionTokens = 256;
-// Query heads of one KV group handled by one CTA; larger groups use several CTAs.
-constexpr int kMaxGroupHeads = 8;
-
-// Partitions the longest possible sequence (M * P tokens) needs: the grid's x extent and the
-// workspace's partition dimension.
-inline int paged_decode_max_partitions(int64_t max_blocks_per_seq, int64_t block_size) {
-  const int64_t tokens = max_blocks_per_seq * block_size;
-  return static_cast<int>((tokens + kPartitionTokens - 1) / kPartitionTokens);
-}
-
-// float32 elements of workspace a call needs: partial_out then partial_lse. 0 when every
-// sequence fits in one partition (then the kernel writes `out` directly and no merge runs).
-inline int64_t paged_decode_workspace_floats(int64_t num_seqs, int64_t num_qo_heads,
-                                             int64_t head_dim, int max_partitions) {
-  if (max_partitions <= 1) return 0;
-  return num_seqs * num_qo_heads * max_partitions * (head_dim + 1);
-}
 
 namespace detail {
 
@@ -121,9 +70,9 @@ struct DecodeTraits {
   static constexpr int kRowStride = kChunks + kv_row_pad(kChunks);
   static constexpr int kTile = kv_tile_tokens<T, D>();
   static constexpr int kQStride = D + 4;          // floats; padded like the KV rows
-  static constexpr int kAccPerThread = ceil_div(kMaxGroupHeads * kChunks, kAttnThreads);
   static_assert(D % kVec == 0, "head_dim must be a multiple of the 16-byte vector");
   static_assert(kTile <= kWarpSize, "softmax maps one tile position per lane");
+  static_assert(kChunks <= kAttnThreads, "P.V gives each thread one vector of the head row");
   static_assert(kRowStride % 8 == 4, "conflict-free 128-bit reads need a row stride of 4 mod 8");
 };
 
@@ -200,20 +149,16 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
     return bad_tile;
   };
 
-  // P.V work split: (head, vector) pairs; when there are fewer pairs than threads (small groups),
-  // `slices` threads share a pair, each taking every slices-th token of a tile.
-  const int npairs = nh * kChunks;
-  const int slices = max(1, kAttnThreads / npairs);
-  int acc_head[Tr::kAccPerThread], acc_vec[Tr::kAccPerThread], acc_slice[Tr::kAccPerThread];
-  float acc[Tr::kAccPerThread][kVec];
+  // P.V work split: each thread owns one 16-byte vector of the head row for every head of the
+  // group (so each V vector read from shared memory serves all of them); when there are fewer
+  // vectors than threads, `slices` threads share a vector, each taking every slices-th token.
+  const int slices = kAttnThreads / kChunks;
+  const int my_vec = tid % kChunks, my_slice = tid / kChunks;  // my_slice >= slices: idle
+  float acc[kMaxGroupHeads][kVec];
 #pragma unroll
-  for (int k = 0; k < Tr::kAccPerThread; ++k) {
-    const int u = tid + k * kAttnThreads;
-    acc_slice[k] = u / npairs;  // >= slices: this accumulator is idle
-    acc_head[k] = (u % npairs) / kChunks;
-    acc_vec[k] = (u % npairs) % kChunks;
+  for (int h = 0; h < kMaxGroupHeads; ++h) {
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) acc[k][i] = 0.f;
+    for (int i = 0; i < kVec; ++i) acc[h][i] = 0.f;
   }
 
   const unsigned dot_mask = 0xfu << (lane & ~(kDotLanes - 1));
@@ -229,26 +174,39 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
     __pipeline_wait_prior(1);  // this tile's copies are done; the next tile's may be in flight
     __syncthreads();
 
-    // Scores: kDotLanes lanes per (head, token) dot product.
-    for (int dot = tid / kDotLanes; dot < nh * kTile; dot += kAttnThreads / kDotLanes) {
-      const int h = dot / kTile, t = dot % kTile;
-      float s = 0.f;
+    // Scores: kDotLanes lanes per token; each K vector is read from shared memory once and
+    // dotted with every head of the group (the q reads are broadcasts across the tokens).
+    for (int t = tid / kDotLanes; t < kTile; t += kAttnThreads / kDotLanes) {
+      float s[kMaxGroupHeads];
+#pragma unroll
+      for (int h = 0; h < kMaxGroupHeads; ++h) s[h] = 0.f;
       for (int v = tid % kDotLanes; v < kChunks; v += kDotLanes) {
         float k[kVec];
         unpack16<T>(kv_smem[stage][0][t][v], k);  // one LDS.128
-        const float* q = &q_smem[h][v * kVec];
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) s = fmaf(q[i], k[i], s);
-      }
-      s += __shfl_xor_sync(dot_mask, s, 1);
-      s += __shfl_xor_sync(dot_mask, s, 2);
-      if (tid % kDotLanes == 0) {
-        s *= p.scale;
-        if (p.softcap > 0.f) s = p.softcap * accurate_tanh(s * inv_softcap);  // before masking
-        if (p.alibi_slopes != nullptr) {
-          s += p.alibi_slopes[h0 + h] * (static_cast<float>(t0 + t) - slope_pos);
+        for (int h = 0; h < kMaxGroupHeads; ++h) {
+          if (h >= nh) break;
+          const float* q = &q_smem[h][v * kVec];
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) s[h] = fmaf(q[i], k[i], s[h]);
         }
-        s_smem[h][t] = t0 + t < hi ? s : -INFINITY;
+      }
+#pragma unroll
+      for (int h = 0; h < kMaxGroupHeads; ++h) {
+        s[h] += __shfl_xor_sync(dot_mask, s[h], 1);
+        s[h] += __shfl_xor_sync(dot_mask, s[h], 2);
+      }
+      // Each of the kDotLanes lanes finishes every kDotLanes-th head.
+#pragma unroll
+      for (int h = 0; h < kMaxGroupHeads; ++h) {
+        if (h >= nh) break;
+        if (h % kDotLanes != tid % kDotLanes) continue;
+        float x = s[h] * p.scale;
+        if (p.softcap > 0.f) x = p.softcap * accurate_tanh(x * inv_softcap);  // before masking
+        if (p.alibi_slopes != nullptr) {
+          x += p.alibi_slopes[h0 + h] * (static_cast<float>(t0 + t) - slope_pos);
+        }
+        s_smem[h][t] = t0 + t < hi ? x : -INFINITY;
       }
     }
     __syncthreads();
@@ -272,18 +230,24 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
     __syncthreads();
 
     // acc = acc * alpha + P.V
+    if (my_slice < slices) {
 #pragma unroll
-    for (int k = 0; k < Tr::kAccPerThread; ++k) {
-      if (acc_slice[k] >= slices) continue;
-      const float alpha = alpha_smem[acc_head[k]];
+      for (int h = 0; h < kMaxGroupHeads; ++h) {
+        if (h >= nh) break;
+        const float alpha = alpha_smem[h];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[k][i] *= alpha;
-      for (int t = acc_slice[k]; t < kTile; t += slices) {
-        const float prob = s_smem[acc_head[k]][t];
+        for (int i = 0; i < kVec; ++i) acc[h][i] *= alpha;
+      }
+      for (int t = my_slice; t < kTile; t += slices) {
         float v[kVec];
-        unpack16<T>(kv_smem[stage][1][t][acc_vec[k]], v);  // one LDS.128
+        unpack16<T>(kv_smem[stage][1][t][my_vec], v);  // one LDS.128
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[k][i] = fmaf(prob, v[i], acc[k][i]);
+        for (int h = 0; h < kMaxGroupHeads; ++h) {
+          if (h >= nh) break;
+          const float prob = s_smem[h][t];
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) acc[h][i] = fmaf(prob, v[i], acc[h][i]);
+        }
       }
     }
     __syncthreads();  // the next iteration's copies overwrite this stage
@@ -291,37 +255,40 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_kernel(PagedDecodeP
   // m / l are read across threads below, also when there was no tile.
   const bool bad_block = __syncthreads_or(saw_bad_block);
 
-  // Sum the token slices (fixed order: deterministic). The KV tiles are free now.
+  // Per head: sum the token slices (fixed order: deterministic) through the free KV tiles, then
+  // the first slice normalises and stores the head's vector.
   float* reduce = reinterpret_cast<float*>(&kv_smem[0][0][0][0]);  // [kAttnThreads][kVec]
-  if (slices > 1) {
-    if (acc_slice[0] < slices) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) reduce[tid * kVec + i] = acc[0][i];
-    }
-    __syncthreads();
-    if (acc_slice[0] == 0) {
-      for (int s = 1; s < slices; ++s) {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[0][i] += reduce[(tid + s * npairs) * kVec + i];
-      }
-    }
-  }
-
-#pragma unroll
-  for (int k = 0; k < Tr::kAccPerThread; ++k) {
-    if (acc_slice[k] != 0) continue;
-    const int h = acc_head[k], v = acc_vec[k];
-    const float l = l_smem[h];
-    const float inv = bad_block ? __uint_as_float(0x7fc00000u) : (l > 0.f ? 1.f / l : 0.f);
+  for (int h = 0; h < kMaxGroupHeads; ++h) {  // unrolled: acc stays in registers
+    if (h >= nh) break;  // uniform across the CTA: the barriers below stay matched
     float o[kVec];
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) o[i] = acc[k][i] * inv;
+    for (int i = 0; i < kVec; ++i) o[i] = acc[h][i];
+    if (slices > 1) {
+      if (my_slice < slices) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) reduce[tid * kVec + i] = o[i];
+      }
+      __syncthreads();
+      if (my_slice == 0) {
+        for (int s = 1; s < slices; ++s) {
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) o[i] += reduce[(tid + s * kChunks) * kVec + i];
+        }
+      }
+      __syncthreads();  // the buffer is rewritten for the next head
+    }
+    if (my_slice != 0) continue;
+    const float l = l_smem[h];
+    const float inv = bad_block ? __uint_as_float(0x7fc00000u) : (l > 0.f ? 1.f / l : 0.f);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) o[i] *= inv;
     if (direct) {
-      *reinterpret_cast<uint4*>(out + (h0 + h) * p.o_stride_head + v * kVec) = pack16<T>(o);
+      *reinterpret_cast<uint4*>(out + (h0 + h) * p.o_stride_head + my_vec * kVec) = pack16<T>(o);
     } else {
       float* po = p.partial_out +
                   ((static_cast<int64_t>(seq) * p.num_qo_heads + h0 + h) * gridDim.x + part) * D +
-                  v * kVec;
+                  my_vec * kVec;
 #pragma unroll
       for (int i = 0; i < kVec; i += 4) {
         *reinterpret_cast<float4*>(po + i) = make_float4(o[i], o[i + 1], o[i + 2], o[i + 3]);

@@ -14,7 +14,7 @@ import torch
 
 EMU = Path(__file__).resolve().parent
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-PARTITION = 256  # kPartitionTokens of csrc/kernels/paged_attention.cuh
+PARTITION = 256  # kPartitionTokens of csrc/kernels/params.h
 
 
 def build(out_dir: Path) -> Optional[ctypes.CDLL]:

@@ -6,8 +6,8 @@
 #include <array>
 #include <atomic>
 
-#include "../kernels/sampling.cuh"
 #include "checks.h"
+#include "launchers.h"
 #include "ops.h"
 
 namespace fastdecode::cuda {
@@ -83,7 +83,7 @@ at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature,
   p.out = out.data_ptr<int64_t>();
   kernels::bind_sampling_workspace(p, floats.data_ptr<float>(), ints.data_ptr<int32_t>());
   p.tickets = reinterpret_cast<uint32_t*>(tickets.data_ptr<int32_t>());
-  check_launch(kernels::sample(p, c10::cuda::getCurrentCUDAStream()), "sample");
+  check_launch(launch_sample(p, c10::cuda::getCurrentCUDAStream()), "sample");
   return out;
 }
 

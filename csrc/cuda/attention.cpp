@@ -4,10 +4,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "../kernels/append_kv.cuh"
-#include "../kernels/dispatch.cuh"
-#include "../kernels/paged_attention.cuh"
 #include "checks.h"
+#include "launchers.h"
 #include "ops.h"
 
 namespace fastdecode::cuda {
@@ -41,7 +39,7 @@ void append_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cac
   p.block_size = static_cast<int>(c.block_size);
   p.elem_bytes = static_cast<int>(k_cache.element_size());
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  check_launch(kernels::append_kv(p, c10::cuda::getCurrentCUDAStream()), "append_kv");
+  check_launch(launch_append_kv(p, c10::cuda::getCurrentCUDAStream()), "append_kv");
 }
 
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
@@ -109,8 +107,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
     p.partial_lse = p.partial_out + num_seqs * hq * max_parts * d;
   }
   const c10::cuda::CUDAGuard guard(query.device());
-  check_launch(kernels::paged_decode_attention(p, c10::cuda::getCurrentCUDAStream()),
-               "paged_attention");
+  check_launch(launch_paged_decode(p, c10::cuda::getCurrentCUDAStream()), "paged_attention");
   if (!out_ok) out.copy_(dst);
 }
 

@@ -3,8 +3,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "../kernels/contrastive.cuh"
+#include <limits>
+
 #include "checks.h"
+#include "launchers.h"
 #include "ops.h"
 
 namespace fastdecode::cuda {
@@ -39,7 +41,7 @@ at::Tensor contrastive_logits(const at::Tensor& expert_logits, const at::Tensor&
   p.num_rows = static_cast<int>(batch);
   p.vocab_size = static_cast<int>(vocab);
   p.dtype = kernel_dtype(expert);
-  check_launch(kernels::contrastive_logits(p, c10::cuda::getCurrentCUDAStream()),
+  check_launch(launch_contrastive_logits(p, c10::cuda::getCurrentCUDAStream()),
                "contrastive_logits");
   return out;
 }
