@@ -114,15 +114,22 @@ def copy_gbps() -> float:
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
-def attention_rows(batch: int, kv_len: int, hq: int, hkv: int, copy: float) -> list[dict]:
-    d, p, dtype = 128, 16, torch.bfloat16
+def decode_case(batch: int, kv_len: int, hq: int, hkv: int, d: int = 128, p: int = 16):
+    """A bf16 decode step on the GPU, every sequence ``kv_len`` tokens in shuffled blocks of p:
+    (query [B, Hq, D], k_cache, v_cache [N, P, Hkv, D], block_tables [B, M], seq_lens [B])."""
     m = -(-kv_len // p)
     shape = (batch * m, p, hkv, d)
-    k_cache = torch.randn(shape, dtype=dtype, device="cuda")
-    v_cache = torch.randn(shape, dtype=dtype, device="cuda")
+    k_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     tables = torch.randperm(batch * m, device="cuda").view(batch, m).int()
     lens = torch.full((batch,), kv_len, dtype=torch.int32, device="cuda")
-    query = torch.randn(batch, hq, d, dtype=dtype, device="cuda")
+    query = torch.randn(batch, hq, d, dtype=torch.bfloat16, device="cuda")
+    return query, k_cache, v_cache, tables, lens
+
+
+def attention_rows(batch: int, kv_len: int, hq: int, hkv: int, copy: float) -> list[dict]:
+    d = 128
+    query, k_cache, v_cache, tables, lens = decode_case(batch, kv_len, hq, hkv, d)
     out = torch.empty_like(query)
     idx = tables.long()
     k, v = (c[idx].view(batch, -1, hkv, d)[:, :kv_len].transpose(1, 2).contiguous()

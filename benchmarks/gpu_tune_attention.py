@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_suite import device_time_ms, write
+from gpu_suite import decode_case, device_time_ms, write
 from fastdecode.triton import attention as tri
 
 # (block_n, num_warps, num_stages, partition_size); None: the shipped default.
@@ -50,12 +50,7 @@ def _with(candidate):
 def shape_rows(batch: int, kv_len: int, hq: int, hkv: int) -> list[dict]:
     d, p, dtype = 128, 16, torch.bfloat16
     m = -(-kv_len // p)
-    shape = (batch * m, p, hkv, d)
-    k_cache = torch.randn(shape, dtype=dtype, device="cuda")
-    v_cache = torch.randn(shape, dtype=dtype, device="cuda")
-    tables = torch.randperm(batch * m, device="cuda").view(batch, m).int()
-    lens = torch.full((batch,), kv_len, dtype=torch.int32, device="cuda")
-    query = torch.randn(batch, hq, d, dtype=dtype, device="cuda")
+    query, k_cache, v_cache, tables, lens = decode_case(batch, kv_len, hq, hkv, d, p)
     kv_bytes = 2 * batch * kv_len * hkv * d * 2
     reference, rows = None, []
     original = tri.attention_config
