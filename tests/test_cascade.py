@@ -103,6 +103,8 @@ def test_lse_is_the_log_sum_exp_of_the_scaled_logits():
     logits = torch.einsum("hd,thd->ht", q[0].double(), keys.repeat_interleave(2, dim=1)) * 0.3
     torch.testing.assert_close(lse[0].double(), logits.logsumexp(-1), rtol=1e-6, atol=1e-6)
     assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
+    torch.library.opcheck(torch.ops.fastdecode.paged_attention_lse,
+                          (out, lse, q, k, k, tables, lens, None, 0.3, True, 0.0))
     with pytest.raises(ValueError, match="lse must be"):
         torch.ops.fastdecode.paged_attention_lse(out, torch.empty(2, 3), q, k, k, tables, lens,
                                                  None, 0.3, True, 0.0)
