@@ -18,6 +18,10 @@ TORCH_LIBRARY(fastdecode, m) {
         "Tensor block_tables, Tensor seq_lens, Tensor? cu_seqlens_q, float scale, bool causal, "
         "float softcap, int sliding_window, Tensor? alibi_slopes, Tensor? relative_bias=None) "
         "-> ()");
+  // CPU only: paged attention that also returns each row's log-sum-exp (shared-prefix decode).
+  m.def("paged_attention_lse(Tensor(a!) out, Tensor(b!) lse, Tensor query, Tensor k_cache, "
+        "Tensor v_cache, Tensor block_tables, Tensor seq_lens, Tensor? cu_seqlens_q, "
+        "float scale, bool causal, float softcap) -> ()");
   m.def("apply_repetition_penalty(Tensor logits, Tensor? seen_tokens, Tensor penalty) -> Tensor");
   m.def("process_logits(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
         "Tensor min_p, Tensor repetition_penalty, Tensor? seen_tokens) -> Tensor");
@@ -38,6 +42,7 @@ TORCH_LIBRARY(fastdecode, m) {
 TORCH_LIBRARY_IMPL(fastdecode, CPU, m) {
   m.impl("append_kv", &fastdecode::cpu::append_kv);
   m.impl("paged_attention", &fastdecode::cpu::paged_attention);
+  m.impl("paged_attention_lse", &fastdecode::cpu::paged_attention_lse);
   m.impl("apply_repetition_penalty", &fastdecode::cpu::apply_repetition_penalty);
   m.impl("process_logits", &fastdecode::cpu::process_logits);
   m.impl("sample", &fastdecode::cpu::sample);

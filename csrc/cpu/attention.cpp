@@ -58,12 +58,17 @@ void append_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cac
   });
 }
 
-void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
-                     const at::Tensor& v_cache, const at::Tensor& block_tables,
-                     const at::Tensor& seq_lens, const std::optional<at::Tensor>& cu_seqlens_q,
-                     double scale, bool causal, double softcap, int64_t sliding_window,
-                     const std::optional<at::Tensor>& alibi_slopes,
-                     const std::optional<at::Tensor>& relative_bias) {
+namespace {
+
+// The checked call of both ops; lse: the float pointer of a checked [rows, Hq] tensor, or
+// nullptr.
+void run_paged_attention(at::Tensor& out, float* lse, const at::Tensor& query,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                         const std::optional<at::Tensor>& cu_seqlens_q, double scale, bool causal,
+                         double softcap, int64_t sliding_window,
+                         const std::optional<at::Tensor>& alibi_slopes,
+                         const std::optional<at::Tensor>& relative_bias) {
   check_cpu("paged_attention", query, "query");
   const checks::PagedDims d = checks::paged_attention(
       out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, softcap,
@@ -95,9 +100,40 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   p.softcap = static_cast<float>(softcap);
   p.sliding_window = sliding_window;
   p.causal = causal;
+  p.lse = lse;
   dispatch_dtype(query.scalar_type(), "paged_attention", [&](auto tag) {
     paged_attention_kernel<decltype(tag)>(p);
   });
+}
+
+}  // namespace
+
+void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, const at::Tensor& block_tables,
+                     const at::Tensor& seq_lens, const std::optional<at::Tensor>& cu_seqlens_q,
+                     double scale, bool causal, double softcap, int64_t sliding_window,
+                     const std::optional<at::Tensor>& alibi_slopes,
+                     const std::optional<at::Tensor>& relative_bias) {
+  run_paged_attention(out, nullptr, query, k_cache, v_cache, block_tables, seq_lens,
+                      cu_seqlens_q, scale, causal, softcap, sliding_window, alibi_slopes,
+                      relative_bias);
+}
+
+void paged_attention_lse(at::Tensor& out, at::Tensor& lse, const at::Tensor& query,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                         const std::optional<at::Tensor>& cu_seqlens_q, double scale, bool causal,
+                         double softcap) {
+  const char* op = "paged_attention_lse";
+  FASTDECODE_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat &&
+                       lse.is_contiguous() && lse.dim() == 2 &&
+                       lse.size(0) == query.size(0) && lse.size(1) == query.size(1),
+                   op, "lse must be a contiguous CPU float32 tensor of shape [",
+                   query.size(0), ", ", query.size(1), "] (query's rows and heads), got ",
+                   lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
+  run_paged_attention(out, lse.data_ptr<float>(), query, k_cache, v_cache, block_tables,
+                      seq_lens, cu_seqlens_q, scale, causal, softcap, 0, std::nullopt,
+                      std::nullopt);
 }
 
 }  // namespace fastdecode::cpu

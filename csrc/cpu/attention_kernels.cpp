@@ -405,6 +405,10 @@ class AttentionWorker {
       T* dst = out + (item.q_first + token_of(r, item)) * p_.o_stride_t +
                head_of(r, item) * p_.o_stride_h;
       for (int64_t i = 0; i < p_.head_dim; ++i) dst[i] = static_cast<T>(o[i] * inv);
+      if (p_.lse) {
+        p_.lse[(item.q_first + token_of(r, item)) * p_.num_qo_heads + head_of(r, item)] =
+            l_[r] > 0.f ? m_[r] + std::log(l_[r]) : kNegInf;
+      }
     }
   }
 

@@ -47,6 +47,8 @@ struct PagedAttentionParams {
   float softcap;                 // 0 = off; else logits = softcap * tanh(logits / softcap)
   int64_t sliding_window;        // 0 = off; else query at i sees keys i - w < j <= i
   bool causal;                   // bottom-right aligned: query t of q_len sits at n - q_len + t
+  float* lse;                    // [B or T, Hq] contiguous, or nullptr: each row's log-sum-exp
+                                 // of its final logits (-inf: no key), to merge partial results
 };
 
 template <typename T>

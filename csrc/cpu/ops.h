@@ -24,6 +24,15 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                      const std::optional<at::Tensor>& alibi_slopes,
                      const std::optional<at::Tensor>& relative_bias);
 
+// paged_attention without window, ALiBi or bias that also writes lse: [B or T, Hq] float32,
+// each row's log-sum-exp of its scaled (and soft-capped) logits, -inf for a row with no key:
+// the state that merges attention over disjoint key sets (shared-prefix decode).
+void paged_attention_lse(at::Tensor& out, at::Tensor& lse, const at::Tensor& query,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                         const std::optional<at::Tensor>& cu_seqlens_q, double scale, bool causal,
+                         double softcap);
+
 // logits: [B, V] any float dtype; seen_tokens: [B, L] int64 (-1 = padding); penalty: [B] f32.
 // Returns [B, V] float32.
 at::Tensor apply_repetition_penalty(const at::Tensor& logits,

@@ -29,6 +29,13 @@ def _paged_attention_fake(out, query, k_cache, v_cache, block_tables, seq_lens, 
                 alibi_slopes=alibi_slopes, relative_bias=relative_bias)
 
 
+@torch.library.register_fake(_LIB + "paged_attention_lse")
+def _paged_attention_lse_fake(out, lse, query, k_cache, v_cache, block_tables, seq_lens,
+                              cu_seqlens_q, scale, causal, softcap) -> None:
+    same_device(query.device, out=out, lse=lse, k_cache=k_cache, v_cache=v_cache,
+                block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q)
+
+
 @torch.library.register_fake(_LIB + "apply_repetition_penalty")
 def _penalty_fake(logits, seen_tokens, penalty):
     same_device(logits.device, seen_tokens=seen_tokens, penalty=penalty)

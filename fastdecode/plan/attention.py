@@ -17,6 +17,7 @@ import torch
 from fastdecode.ops import _backends
 from fastdecode.ops._attention_checks import append_kv_args, paged_attention_args
 from fastdecode.ops.memory import allocate_kv_cache
+from fastdecode.plan.cascade import attend_shared_prefix
 
 if TYPE_CHECKING:
     from fastdecode.plan.step import StepPlan
@@ -47,6 +48,8 @@ class PagedKVCache:
         self._decode = _backends.resolve(backend, "paged_attention", self.device, head_dim)
         self._prefill = _backends.resolve(backend, "paged_prefill", self.device, head_dim)
         self._backend = backend
+        # Shared-prefix decode runs on the CPU extension's kernels (fastdecode.plan.cascade).
+        self.shared_prefix_decode = self._decode.__name__ == "fastdecode.ops.cpu_backend"
         self._decode_with_bias = None
         self._workspace_size = getattr(self._decode, "workspace_size", None)
         self._workspace: Optional[torch.Tensor] = None
@@ -121,6 +124,11 @@ class PagedKVCache:
                                   sliding_window, relative_bias)
         if meta.slot_mapping is not None:
             self._append.append_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        if (meta.shared_prefix is not None and self.shared_prefix_decode and not scalars[2]
+                and relative_bias is None and not torch.compiler.is_compiling()):
+            attend_shared_prefix(query, k_cache, v_cache, meta.shared_prefix, out,
+                                 scale=scalars[0], softcap=scalars[1])
+            return out if out.dtype == dtype else out.to(dtype)
         if not meta.decode_only:
             impl = self._prefill
         elif relative_bias is None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from fastdecode.plan.cascade import SharedPrefix, plan_shared_prefix
 from fastdecode.plan.staging import Staging
 
 if TYPE_CHECKING:
@@ -33,7 +34,9 @@ class AttentionMeta:
     slot_mapping: [T] int64 cache slot of each new token (-1 = not written), or None for a
     read-only set (an encoder's keys, for cross-attention); decode_only: one token per sequence
     (the kernels' decode form runs); causal: bottom-right causal mask within each sequence;
-    workspace: float32 scratch of split-KV decode kernels, shared by every layer, or None.
+    workspace: float32 scratch of split-KV decode kernels, shared by every layer, or None;
+    shared_prefix: the leading blocks every sequence of a decode step reads (CPU, see
+    :mod:`fastdecode.plan.cascade`), or None.
     """
 
     block_tables: torch.Tensor
@@ -43,6 +46,7 @@ class AttentionMeta:
     decode_only: bool
     causal: bool = True
     workspace: Optional[torch.Tensor] = None
+    shared_prefix: Optional[SharedPrefix] = None
 
     @property
     def num_seqs(self) -> int:
@@ -222,15 +226,17 @@ class StepPlanner:
             ids_dev = stg.device_view("input_ids", t_rows)
             if input_ids is not None:
                 ids_dev[:tokens].copy_(input_ids, non_blocking=True)
-        workspace = None
+        workspace = shared = None
         if decode and self.kv is not None:
             workspace = self.kv.workspace(rows, width)
+        if decode and rows == b and self.kv is not None and self.kv.shared_prefix_decode:
+            shared = plan_shared_prefix(tables, kv, size)  # padded (static) steps: one call
         meta = AttentionMeta(
             block_tables=stg.device_view("block_tables", rows * width).view(rows, width),
             seq_lens=stg.device_view("seq_lens", rows),
             cu_seqlens_q=stg.device_view("cu_seqlens_q", rows + 1),
             slot_mapping=stg.device_view("slot_mapping", t_rows), decode_only=decode,
-            workspace=workspace)
+            workspace=workspace, shared_prefix=shared)
         return StepPlan(
             input_ids=ids_dev, positions=positions if on_device else stg.device_view(
                 "positions", t_rows), attn=meta, num_real=b,
