@@ -10,7 +10,9 @@ import torch
 
 import fastdecode
 from _hf_helpers import BACKEND
+from fastdecode.hf import runner as runner_module
 from fastdecode.hf.runner import PagedRunner
+from fastdecode.models.cpp_loop import CppLoop
 from fastdecode.models import layers
 from test_native_step import forbid_hf_layers
 from tiny import tiny_model
@@ -69,3 +71,56 @@ def test_cpp_loop_equals_python_loop_and_hf(family, monkeypatch):
         assert a.shape == b.shape == c.shape
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_greedy_equals_model_generate(monkeypatch):
+    model = tiny_model("qwen3", **MODELS["qwen3"])
+    monkeypatch.setattr(runner_module, "_large_linears", lambda model: True)  # pack the products
+    calls = []
+    run = CppLoop.__call__
+    monkeypatch.setattr(CppLoop, "__call__", lambda self, *a: calls.append(1) or run(self, *a))
+    prompts = torch.randint(3, model.config.vocab_size, (3, 9), generator=torch.Generator()
+                            .manual_seed(1))
+    hf = model.generate(prompts, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ours = fastdecode.generate(model, prompts, max_new_tokens=12, do_sample=False,
+                               pad_token_id=0)
+    assert torch.equal(ours, hf) and len(calls) >= 11
+
+
+def _loop_args(runner, plan):
+    loop = runner.native.cpp_loop
+    h = torch.zeros(plan.num_tokens, runner.model.config.hidden_size)
+    meta = plan.attn
+    return [h, plan.positions, list(loop.flat), runner.kv.k_caches, runner.kv.v_caches,
+            list(loop.windows), meta.block_tables, meta.seq_lens, None, meta.slot_mapping,
+            loop.inv_freq, loop.scaling, loop.num_heads, loop.eps, loop.scale]
+
+
+@pytest.mark.parametrize("index, value, message", [
+    (0, torch.zeros(112), r"hidden must be a contiguous \[T, H\]"),
+    (1, torch.zeros(2, dtype=torch.int32), "positions"),
+    (5, [-1, 0], r"sliding_windows\[layer\]"),
+    (12, 0, "num_heads"),
+    (13, float("nan"), "eps"),
+])
+def test_op_errors_name_the_argument(index, value, message):
+    model = tiny_model("qwen3", **MODELS["qwen3"])
+    runner = PagedRunner(model, num_blocks=8, block_size=P, backend=BACKEND, native=True,
+                         fast_linears=True)
+    plan = runner.planner().build([1, 1], [3, 5], [[2], [6, 1]], token_ids=[4, 5])
+    args = _loop_args(runner, plan)
+    torch.ops.fastdecode.decoder_layers(*args)  # the unchanged arguments pass
+    args[index] = value
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.fastdecode.decoder_layers(*args)
+
+
+def test_op_error_names_the_layer_weight():
+    model = tiny_model("llama", **MODELS["llama"])
+    runner = PagedRunner(model, num_blocks=8, block_size=P, backend=BACKEND, native=True,
+                         fast_linears=True)
+    plan = runner.planner().build([1], [3], [[2]], token_ids=[4])
+    args = _loop_args(runner, plan)
+    args[2][12 + 5] = args[2][12 + 5][:-1]  # layer 1's packed o: one panel short
+    with pytest.raises(ValueError, match=r"layer 1 o"):
+        torch.ops.fastdecode.decoder_layers(*args)
