@@ -124,3 +124,13 @@ def test_op_error_names_the_layer_weight():
     args[2][12 + 5] = args[2][12 + 5][:-1]  # layer 1's packed o: one panel short
     with pytest.raises(ValueError, match=r"layer 1 o"):
         torch.ops.fastdecode.decoder_layers(*args)
+
+
+def test_op_passes_opcheck():
+    model = tiny_model("qwen3", **MODELS["qwen3"])
+    runner = PagedRunner(model, num_blocks=8, block_size=P, backend=BACKEND, native=True,
+                         fast_linears=True)
+    plan = runner.planner().build([1, 1], [3, 5], [[2], [6, 1]], token_ids=[4, 5])
+    args = _loop_args(runner, plan)
+    args[0] = torch.randn(args[0].shape)
+    torch.library.opcheck(torch.ops.fastdecode.decoder_layers, tuple(args))
