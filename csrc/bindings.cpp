@@ -35,6 +35,11 @@ TORCH_LIBRARY(fastdecode, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rotary_embedding(Tensor(a!) x, Tensor positions, Tensor inv_freq, float scaling) -> ()");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  // CPU only: every decoder layer of a Llama-family step, float32.
+  m.def("decoder_layers(Tensor(a!) hidden, Tensor positions, Tensor?[] layers, "
+        "Tensor(b!)[] k_caches, Tensor(c!)[] v_caches, int[] sliding_windows, "
+        "Tensor block_tables, Tensor seq_lens, Tensor? cu_seqlens_q, Tensor slot_mapping, "
+        "Tensor inv_freq, float rotary_scaling, int num_heads, float eps, float scale) -> ()");
   m.def("contrastive_logits(Tensor expert_logits, Tensor amateur_logits, Tensor alpha, "
         "Tensor plausibility) -> Tensor");
 }
@@ -51,5 +56,6 @@ TORCH_LIBRARY_IMPL(fastdecode, CPU, m) {
   m.impl("rms_norm", &fastdecode::cpu::rms_norm);
   m.impl("rotary_embedding", &fastdecode::cpu::rotary_embedding);
   m.impl("silu_and_mul", &fastdecode::cpu::silu_and_mul);
+  m.impl("decoder_layers", &fastdecode::cpu::decoder_layers);
   m.impl("contrastive_logits", &fastdecode::cpu::contrastive_logits);
 }

@@ -14,7 +14,7 @@ import torch
 from fastdecode.models import layers
 from reference import assert_close_2x
 
-pytestmark = pytest.mark.skipif(not layers._cpu_kernels(), reason="C++ extension not built")
+pytestmark = pytest.mark.skipif(not layers.cpu_kernels(), reason="C++ extension not built")
 ops = torch.ops.fastdecode
 
 # rows x width: one row, a decode batch, and enough elements for the thread team (>= 2**16).

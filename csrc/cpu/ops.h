@@ -76,6 +76,20 @@ void rotary_embedding(at::Tensor& x, const at::Tensor& positions, const at::Tens
 // gate_up: [..., 2I]. Returns silu(gate) * up, [..., I].
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
 
+// The Llama-family layer loop, float32 (decoder_step.h): hidden [T, H] updated in place by
+// every layer. layers: 12 entries per layer (decoder.cpp's Slot order: input_norm, packed qkv,
+// qkv_bias?, q_norm?, k_norm?, packed o, o_bias?, post_norm, packed gate_up, gate_up_bias?,
+// packed down, down_bias?); k_caches, v_caches: [N, P, Hkv, D] per layer; sliding_windows: per
+// layer, 0 = off; the step's metadata as paged_attention takes it (decode form without
+// cu_seqlens_q) with slot_mapping [T] int64 and positions [T] int64; inv_freq: [D / 2].
+void decoder_layers(at::Tensor& hidden, const at::Tensor& positions,
+                    const c10::List<std::optional<at::Tensor>>& layers,
+                    at::TensorList k_caches, at::TensorList v_caches,
+                    at::IntArrayRef sliding_windows, const at::Tensor& block_tables,
+                    const at::Tensor& seq_lens, const std::optional<at::Tensor>& cu_seqlens_q,
+                    const at::Tensor& slot_mapping, const at::Tensor& inv_freq,
+                    double rotary_scaling, int64_t num_heads, double eps, double scale);
+
 // expert_logits, amateur_logits: [B, V] any float dtypes (each its own); alpha, plausibility:
 // [B] float32 in [0, 1e6] / [0, 1]. Returns [B, V] float32 contrastive-decoding scores.
 at::Tensor contrastive_logits(const at::Tensor& expert_logits, const at::Tensor& amateur_logits,

@@ -65,7 +65,7 @@ class Projection:
 
 
 @functools.cache
-def _cpu_kernels() -> bool:
+def cpu_kernels() -> bool:
     """Whether the C++ extension's one-pass elementwise layers are built (RMSNorm, rotary,
     SiLU-and-multiply: csrc/cpu/layer_kernels.cpp). torch runs each as several ops, each a pass
     and a parallel region, which on a small model's decode step costs more than the work."""
@@ -78,7 +78,7 @@ def _cpu_kernels() -> bool:
 
 def _fused(x: torch.Tensor) -> bool:
     """Whether ``x``'s layer runs on the C++ kernels (float32 CPU tensors)."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and _cpu_kernels()
+    return x.dtype == torch.float32 and x.device.type == "cpu" and cpu_kernels()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -127,7 +127,7 @@ class Rotary:
         contiguous), which may rotate ``x`` in place: on float32 CPU tensors one C++ pass per
         call that computes the tables itself, elsewhere :meth:`apply` over the step's
         :meth:`tables`."""
-        if dtype == torch.float32 and positions.device.type == "cpu" and _cpu_kernels():
+        if dtype == torch.float32 and positions.device.type == "cpu" and cpu_kernels():
             def rotate(x: torch.Tensor) -> torch.Tensor:
                 torch.ops.fastdecode.rotary_embedding(x, positions, self.inv_freq, self.scaling)
                 return x

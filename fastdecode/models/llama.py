@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastdecode.models.cpp_loop import CppLoop
 from fastdecode.models.layers import Projection, Rotary, rms_norm, silu_and_mul
 from fastdecode.models.packed import weights_signature
 from fastdecode.models.seq2seq import Seq2SeqStep
@@ -63,6 +64,8 @@ class LlamaStep:
         self.head = Projection([model.lm_head], **options)
         self.scale = float(base.layers[0].self_attn.scaling)
         self.layers = [self._layer(layer, config, **options) for layer in base.layers]
+        self.cpp_loop = CppLoop.build(self.layers, num_heads=self.num_heads, eps=self.eps,
+                                      scale=self.scale, rotary=self.rotary)
 
     def _layer(self, layer: torch.nn.Module, config, **options: bool) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -93,8 +96,19 @@ class LlamaStep:
                 kv: PagedKVCache) -> torch.Tensor:
         """input_ids, positions: [T] int64 -> [S, H]: the final norm's output at the plan's
         ``logits_indices`` rows."""
-        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         h = F.embedding(input_ids, self.embed)
+        if self.cpp_loop is not None and self.cpp_loop.applies(h, plan, kv):
+            h = self.cpp_loop(h, positions, plan, kv)
+        else:
+            h = self._python_layers(h, positions, plan, kv)
+        if plan.logits_indices is not None:
+            h = h.index_select(0, plan.logits_indices)
+        return rms_norm(h, self.final_norm, self.eps)
+
+    def _python_layers(self, h: torch.Tensor, positions: torch.Tensor, plan: StepPlan,
+                       kv: PagedKVCache) -> torch.Tensor:
+        """h: [T, H] embeddings -> [T, H] after every layer: the reference loop, op by op."""
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         t = h.shape[0]
         rotate = self.rotary.rotation(positions, h.dtype)
         for index, layer in enumerate(self.layers):
@@ -109,9 +123,7 @@ class LlamaStep:
             h = layer.o.add_to(h, out.view(t, hq * d))
             gate_up = layer.gate_up(rms_norm(h, layer.post_norm, self.eps))
             h = layer.down.add_to(h, silu_and_mul(gate_up))
-        if plan.logits_indices is not None:
-            h = h.index_select(0, plan.logits_indices)
-        return rms_norm(h, self.final_norm, self.eps)
+        return h
 
 
 def native_step(model: torch.nn.Module, *, packed: bool,

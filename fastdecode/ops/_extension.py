@@ -85,6 +85,14 @@ def _silu_and_mul_fake(gate_up):
     return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
 
+@torch.library.register_fake(_LIB + "decoder_layers")
+def _decoder_layers_fake(hidden, positions, layers, k_caches, v_caches, sliding_windows,
+                         block_tables, seq_lens, cu_seqlens_q, slot_mapping, inv_freq,
+                         rotary_scaling, num_heads, eps, scale) -> None:
+    same_device(hidden.device, positions=positions, block_tables=block_tables,
+                seq_lens=seq_lens, slot_mapping=slot_mapping, inv_freq=inv_freq)
+
+
 @torch.library.register_fake(_LIB + "contrastive_logits")
 def _contrastive_fake(expert_logits, amateur_logits, alpha, plausibility):
     same_device(expert_logits.device, amateur_logits=amateur_logits, alpha=alpha,
