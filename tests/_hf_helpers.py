@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import fastdecode
+from fastdecode.models.cpp_loop import CppLoop
 from fastdecode.plan import PagedKVCache
 
 BACKEND = os.environ.get("FASTDECODE_TEST_BACKEND", "auto")
@@ -75,7 +76,8 @@ def assert_greedy_match(hf_out, ours: torch.Tensor, prompt_len: int, tie: float 
 @contextlib.contextmanager
 def count_paged_calls(monkeypatch):
     """Count layer calls of the paged KV cache (each appends and attends: ``append_kv`` and
-    ``paged_attention``) and DynamicCache constructions."""
+    ``paged_attention``, in Python or in the native step's C++ layer loop) and DynamicCache
+    constructions."""
     counts = {"append_kv": 0, "paged_attention": 0, "dynamic_cache": 0}
 
     def wrap(name, fn):
@@ -86,6 +88,14 @@ def count_paged_calls(monkeypatch):
 
     attend = wrap("append_kv", wrap("paged_attention", PagedKVCache.attend))
     monkeypatch.setattr(PagedKVCache, "attend", attend)
+    run_loop = CppLoop.__call__
+
+    def loop(self, *args, **kwargs):  # the C++ layer loop appends and attends once per layer
+        counts["append_kv"] += len(self.windows)
+        counts["paged_attention"] += len(self.windows)
+        return run_loop(self, *args, **kwargs)
+
+    monkeypatch.setattr(CppLoop, "__call__", loop)
     init = transformers.DynamicCache.__init__
     monkeypatch.setattr(transformers.DynamicCache, "__init__",
                         wrap("dynamic_cache", init))

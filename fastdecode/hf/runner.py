@@ -31,6 +31,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from fastdecode import models
+from fastdecode.models import cpp_loop
 from fastdecode.hf import attention as _attention
 from fastdecode.hf import transform
 from fastdecode.hf.context import PagedContext
@@ -131,9 +132,11 @@ class PagedRunner:
         self._configs = configs
         self._verified = False
         self._active = False
+        native_packed = fast_linears
         if fast_linears is None:
             fast_linears = transform.worth_it(model) and _large_linears(model)
-        self.native = _select_native(model, native, fast_linears)
+            native_packed = fast_linears or (transform.worth_it(model) and _cpp_loop(model))
+        self.native = _select_native(model, native, native_packed)
         # The native step holds its own packed copies; the HF path's are built only without it.
         use_layout = fast_linears and self.native is None
         self._layout = transform.LinearLayout(model) if use_layout else None
@@ -239,6 +242,14 @@ def _select_native(model: torch.nn.Module, native: Optional[bool],
     if required:
         raise ValueError(f"native=True: the native step cannot run this model: {reason}")
     return None
+
+
+def _cpp_loop(model: torch.nn.Module) -> bool:
+    """Whether a decoder-only model's native step may take the C++ layer loop, which needs packed
+    products: there they pay at any size, the per-call cost of nn.Linear being gone with the
+    Python loop (built-in 3.5M model, batch 8, greedy: 1.14-1.17 ms per step packed against
+    1.43-1.47 ms with nn.Linear, alternated runs)."""
+    return not getattr(model.config, "is_encoder_decoder", False) and cpp_loop.available()
 
 
 def _large_linears(model: torch.nn.Module) -> bool:

@@ -34,6 +34,11 @@ def _on_cpu_kernels(kv: PagedKVCache) -> bool:
     return kv._append is cpu_backend and kv._decode is cpu_backend and kv._prefill is cpu_backend
 
 
+def available() -> bool:
+    """Whether the C++ extension with the layer loop is built."""
+    return cpu_kernels() and hasattr(torch.ops.fastdecode, "decoder_layers")
+
+
 class CppLoop:
     """The loop's flat argument list for ``layers`` (the step's ``_Layer`` records).
 
@@ -49,7 +54,7 @@ class CppLoop:
     @classmethod
     def build(cls, layers: Sequence, *, num_heads: int, eps: float, scale: float,
               rotary) -> Optional["CppLoop"]:
-        if not (cpu_kernels() and hasattr(torch.ops.fastdecode, "decoder_layers")):
+        if not available():
             return None
         flat: list = []
         for layer in layers:
