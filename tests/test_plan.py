@@ -190,6 +190,8 @@ def test_a_row_breaking_the_rules_is_reported_and_sampled_neutrally():
 
 # ---------------------------------------------------------------------- layer calls
 def test_layers_run_through_backends_resolved_once_and_checked_once_per_signature(monkeypatch):
+    # The Python layer loop's per-layer calls (the C++ loop checks its arguments once per call).
+    monkeypatch.setenv("FASTDECODE_NATIVE_CPP", "0")
     engine = Engine(tiny_llama(2), num_blocks=64, max_batch_tokens=8)
     layers = engine.runner.paged.num_layers
     checks = []
