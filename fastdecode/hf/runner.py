@@ -134,8 +134,9 @@ class PagedRunner:
         self._active = False
         native_packed = fast_linears
         if fast_linears is None:
-            fast_linears = transform.worth_it(model) and _large_linears(model)
-            native_packed = fast_linears or (transform.worth_it(model) and _cpp_loop(model))
+            fits = transform.worth_it(model)
+            fast_linears = fits and _large_linears(model)
+            native_packed = fits and (fast_linears or _cpp_loop(model))
         self.native = _select_native(model, native, native_packed)
         # The native step holds its own packed copies; the HF path's are built only without it.
         use_layout = fast_linears and self.native is None
