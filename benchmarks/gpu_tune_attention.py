@@ -4,7 +4,7 @@ choice of defaults (``fastdecode/triton/attention.py``: ``attention_config``, ``
     python benchmarks/gpu_tune_attention.py --out DIR [--budget SECONDS]
 
 The decode form (bf16, head_dim 128, block 16, shuffled blocks; GQA 4 and 8) at the shapes where
-the kernel trails SDPA on contiguous KV (batch >= 16) and at batch 1 with long KV, for each
+the kernel trails SDPA on contiguous KV (batch >= 16) and at batch 1 with 1k-32k tokens, for each
 candidate (KV tokens per tile, warps, pipeline stages, split-KV partition size). Each candidate
 is checked against the default's output, then timed as ``gpu_suite.py`` times (CUDA-graph replay
 between CUDA events). Results: DIR/tune_attention_gpu.{md,csv}, written after every shape, with
@@ -26,8 +26,11 @@ from fastdecode.triton import attention as tri
 # (block_n, num_warps, num_stages, partition_size); None: the shipped default.
 CANDIDATES = [None, (64, 4, 3, None), (64, 8, 2, None), (128, 4, 2, None), (128, 8, 2, None),
               (128, 8, 3, None), (32, 4, 2, None), (64, 4, 2, 1024), (64, 4, 2, 2048),
-              (128, 8, 2, 2048), (64, 4, 4, None), (128, 4, 3, 1024)]
-SHAPES = [(64, 4096), (16, 16384), (256, 1024), (1, 32768)]  # (batch, kv_len)
+              (128, 8, 2, 2048), (64, 4, 4, None), (128, 4, 3, 1024), (128, 8, 2, 1024),
+              (32, 4, 2, 1024)]
+# (batch, kv_len): where the kernel trails SDPA, and batch 1 from short to long KV (the partition
+# size, fixed for batch invariance, sets how many programs a batch-1 step gets).
+SHAPES = [(64, 4096), (16, 16384), (256, 1024), (1, 32768), (1, 4096), (1, 1024)]
 HEADS = [(32, 8), (64, 8)]  # GQA 4, 8
 
 

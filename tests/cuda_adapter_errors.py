@@ -3,7 +3,8 @@ tests/cuda_adapter_errors.py CASE`` calls ``torch.ops.fastdecode.paged_attention
 the inputs of CASE and prints ``raised <ExceptionType>: <first line>``; a crash shows as the
 process's exit status. The cases differ in where the adapter throws (before or after the shared
 checks, inside them) and in what the message formats (strings only, integers), so a crash in one
-of them (a head_dim-72 call once killed its process on an H100) says which path is at fault."""
+of them says which path is at fault (on an H100 the two that format an integer once killed their
+process, before the messages were built without iostreams: csrc/common/message.h)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """backend="auto" on CUDA tensors: per op, the GPU backend whose tests passed on the device's
-family (the committed GPU validation record), CUDA before Triton, Triton when nothing is
-recorded; resolved once, then a dict lookup. Runs without a GPU (the device queries are faked)."""
+family (the committed GPU validation record), the faster of the two where both passed,
+Triton when nothing is recorded; resolved once, then a dict lookup. Runs without a GPU (the device queries are faked)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,16 @@ def test_auto_is_resolved_once(fake_gpu, monkeypatch):
     for _ in range(5):
         assert _backends.resolve("auto", "sample", torch.device("cuda", 0)) is first
     assert len(calls) == 1
+
+
+def test_auto_takes_the_faster_of_two_validated_backends(fake_gpu, monkeypatch):
+    both = {"sm_90": {"passed": {name: ["paged_attention", "sample"]
+                                 for name in ("cuda", "triton")}}}
+    monkeypatch.setattr(_backends, "validation_record", lambda: both)
+    assert _auto("paged_attention") == "triton"  # Triton's decode kernel is the faster
+    assert _auto("sample") == "cuda"  # CUDA's sampler is the faster
+    assert _backends.validated_backends("paged_attention", torch.device("cuda")) == [
+        "triton", "cuda"]
 
 
 def test_validation_record_is_read_from_the_package(tmp_path, monkeypatch):

@@ -142,6 +142,36 @@ def test_cxx_ops_pass_opcheck():
 
 
 @needs_ext
+@pytest.mark.parametrize("case, error, match", [
+    ("tokens", ValueError, r"^fastdecode\.paged_attention: query: the decode form takes one "
+     r"token per sequence, got 3 tokens for 2 sequences"),
+    ("out", ValueError, r"out must be \[tokens, 3, 16\], got \[2, 2, 16\]$"),
+    ("softcap", ValueError, r"softcap must be >= 0 \(0 = off\), got -1\.5$"),
+    ("dtype", TypeError, r"query must be Half, got Float$"),
+])
+def test_cxx_messages_format_numbers_shapes_and_dtypes(case, error, match):
+    """The C++ adapters build their messages without iostreams (csrc/common/message.h; an
+    integer formatted through c10::str's ostringstream killed a CUDA process): integers, shapes,
+    doubles and dtypes read as torch prints them."""
+    k, v = _cache(n=3, p=4, hkv=1, d=16)
+    bt, sl = torch.tensor([[2, 0], [1, 2]], dtype=torch.int32), torch.tensor([5, 3],
+                                                                             dtype=torch.int32)
+    q, softcap = torch.randn(2, 2, 16), 0.0
+    out = torch.empty_like(q)
+    if case == "tokens":
+        q = out = torch.randn(3, 2, 16)
+    elif case == "out":
+        q = torch.randn(2, 3, 16)
+    elif case == "softcap":
+        softcap = -1.5
+    else:
+        k, v = k.half(), v.half()
+    with pytest.raises(error, match=match):
+        torch.ops.fastdecode.paged_attention(out, q, k, v, bt, sl, None, 0.25, True, softcap, 0,
+                                             None)
+
+
+@needs_ext
 def test_cxx_sample_compiles_without_graph_breaks():
     def step(logits, seeds, offsets):
         return ops.sample(logits, temperature=0.8, top_k=5, seeds=seeds, offsets=offsets,

@@ -14,12 +14,15 @@
 #include <limits>
 #include <optional>
 
+#include "message.h"
+
 // Python sees ValueError for a bad shape, size, device or value and TypeError for a bad dtype,
 // as from the checks of fastdecode.ops.
+// The message is built only when the check fails (csrc/common/message.h).
 #define FASTDECODE_CHECK(cond, op, ...) \
-  TORCH_CHECK_VALUE((cond), "fastdecode.", op, ": ", __VA_ARGS__)
+  TORCH_CHECK_VALUE((cond), ::fastdecode::message::text("fastdecode.", op, ": ", __VA_ARGS__))
 #define FASTDECODE_CHECK_TYPE(cond, op, ...) \
-  TORCH_CHECK_TYPE((cond), "fastdecode.", op, ": ", __VA_ARGS__)
+  TORCH_CHECK_TYPE((cond), ::fastdecode::message::text("fastdecode.", op, ": ", __VA_ARGS__))
 
 namespace fastdecode::checks {
 

@@ -19,8 +19,8 @@ void dispatch_dtype(at::ScalarType dtype, const char* what, F&& f) {
     case at::kBFloat16: return f(c10::BFloat16{});
     case at::kHalf: return f(c10::Half{});
     default:
-      TORCH_CHECK(false, what, ": unsupported dtype ", dtype,
-                  " (supported: float32, bfloat16, float16)");
+      TORCH_CHECK(false, message::text(what, ": unsupported dtype ", dtype,
+                                       " (supported: float32, bfloat16, float16)"));
   }
 }
 

@@ -21,8 +21,8 @@ inline kernels::DType kernel_dtype(const at::Tensor& t) {
     case at::kBFloat16:
       return kernels::DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "fastdecode (cuda): unsupported dtype ", t.scalar_type(),
-                  " (float32, float16 or bfloat16)");
+      TORCH_CHECK(false, message::text("fastdecode (cuda): unsupported dtype ",
+                                       t.scalar_type(), " (float32, float16 or bfloat16)"));
   }
 }
 
@@ -37,8 +37,8 @@ inline bool aligned16(const at::Tensor& t) {
 }
 
 inline void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "fastdecode (cuda): ", what, " failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, message::text("fastdecode (cuda): ", what, " failed: ",
+                                               cudaGetErrorString(err)));
 }
 
 }  // namespace fastdecode::cuda

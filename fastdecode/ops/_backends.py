@@ -97,14 +97,23 @@ def device_family(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
+# Among the GPU backends validated for an op, ``auto`` takes the faster one as measured on an H100
+# (benchmarks/results/attention_gpu.md, sampling_gpu.md): CUDA's sampler runs 4-7x Triton's at
+# batch >= 64, while Triton's decode attention runs 1.2-2x the CUDA kernel's speed.
+_GPU_PREFERENCE = {"paged_attention": ("triton", "cuda")}
+_GPU_DEFAULT_ORDER = ("cuda", "triton")
+
+
 def validated_backends(op: str, device: torch.device) -> list[str]:
-    """The GPU backends whose tests of ``op`` passed on ``device``'s family, CUDA first.
-    ``FASTDECODE_AUTO_CUDA=1`` trusts the CUDA backend without a record, ``=0`` never picks it."""
+    """The GPU backends whose tests of ``op`` passed on ``device``'s family, the faster first
+    (``_GPU_PREFERENCE``). ``FASTDECODE_AUTO_CUDA=1`` trusts the CUDA backend without a record
+    and puts it first, ``=0`` never picks it."""
     env = os.environ.get("FASTDECODE_AUTO_CUDA")
     if env is not None:
         return ["cuda"] if env == "1" else []
     passed = validation_record().get(device_family(device), {}).get("passed", {})
-    return [name for name in ("cuda", "triton") if op in passed.get(name, ())]
+    order = _GPU_PREFERENCE.get(op, _GPU_DEFAULT_ORDER)
+    return [name for name in order if op in passed.get(name, ())]
 
 
 def _interpreting() -> bool:
@@ -123,7 +132,7 @@ def resolve(backend: str, op: str, device: torch.device,
     """Return the backend module that runs ``op`` on tensors of ``device``.
 
     ``auto``: CPU tensors -> ``cpu`` (``torch`` if the extension is not built); CUDA tensors ->
-    the backends validated for ``op`` on the device's family (CUDA, then Triton), else
+    the backends validated for ``op`` on the device's family (the faster first), else
     ``triton`` (``torch`` if Triton is missing). An explicit backend that cannot run raises
     :class:`BackendUnavailableError`. Resolved once per argument set (and environment), then
     cached.
