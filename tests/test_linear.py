@@ -10,14 +10,17 @@ import torch.nn.functional as F
 
 from fastdecode import ops
 from fastdecode.hf import transform
-from fastdecode.models.packed import pack
+from fastdecode.models.layers import Projection
+from fastdecode.models.packed import STREAM_MAX_ROWS, pack
 
 pytestmark = pytest.mark.skipif(not ops.is_available("cpu"), reason="C++ extension not built")
 
 # (in_features, out_features): single elements, features that are not a multiple of any vector
 # width or panel, a tiny model's shapes, and a panel count that does not divide evenly.
 SHAPES = [(1, 1), (7, 33), (31, 65), (96, 160), (577, 47), (130, 100)]
-ROWS = [*range(1, 10), 12, 13, 17, 25, 64]
+# Up to kMaxRows rows in registers, then passes of row tiles (remainder tiles included), then
+# groups of 64 rows (70, 131: a second, partial group).
+ROWS = [*range(1, 10), 12, 13, 17, 25, 64, 70, 131]
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -142,3 +145,27 @@ def test_decode_step_products_run_on_the_streaming_kernel():
     layers = model.config.num_hidden_layers
     assert calls.get("fastdecode::packed_linear") == 4 * layers + 1  # qkv, o, gate_up, down
     assert "aten::linear" not in calls and "aten::addmm" not in calls
+
+
+@pytest.mark.parametrize("rows", [3, STREAM_MAX_ROWS + 5])
+def test_packed_projection_on_either_side_of_the_streaming_rows(rows):
+    """Packed q/k/v-like parts (one with a bias) and a single packed part: the streaming kernel
+    up to STREAM_MAX_ROWS rows, the original weights beyond (each part written into its
+    columns), with leading dims kept; add_to as the residual sum."""
+    g = torch.Generator().manual_seed(rows)
+    parts = [torch.nn.Linear(45, n, bias=bias)
+             for n, bias in ((40, True), (13, False), (13, False))]
+    for m in parts:
+        for t in m.parameters():
+            t.data = torch.randn(t.shape, generator=g)
+    x = torch.randn(rows, 45, generator=g)
+    fused = Projection(parts, packed=True, fuse=False)
+    assert fused.product is not None and fused.weight is None
+    weight = torch.cat([m.weight for m in parts]).detach()
+    bias = torch.cat([parts[0].bias, torch.zeros(26)]).detach()
+    _assert_close_to_float64(fused(x), x, weight, bias)
+    _assert_close_to_float64(fused(x.view(1, rows, 45))[0], x, weight, bias)
+    single = Projection(parts[1:2], packed=True, fuse=False)
+    residual = torch.randn(rows, 13, generator=g)
+    ref = residual.double() + F.linear(x.double(), parts[1].weight.double())
+    torch.testing.assert_close(single.add_to(residual, x).double(), ref, atol=1e-4, rtol=1e-5)

@@ -22,8 +22,8 @@ class Projection:
     packed: run on the streaming kernel's packed copy (:class:`~fastdecode.models.packed.Product`,
     float32 CPU weights) up to the rows it serves; fuse: without packing, concatenate several
     parts once into one weight (a copy: one product per call instead of one per part). Products
-    the packed copy does not serve (prefill) and unfused parts run ``F.linear`` on the original
-    weights.
+    the packed copy does not serve (prefill) and unfused parts run on the original weights, each
+    part's product written into its columns of one output (no concatenation afterwards).
     """
 
     def __init__(self, linears: Sequence[torch.nn.Linear], *, packed: bool, fuse: bool) -> None:
@@ -44,7 +44,7 @@ class Projection:
                 self.product = Product(fused_w, fused_b)
             else:
                 self.weight, self.bias = fused_w, fused_b
-        elif single:
+        if single:
             self.weight, self.bias = self.parts[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,13 +53,30 @@ class Projection:
             return self.product(x)
         if self.weight is not None:
             return F.linear(x, self.weight, self.bias)
-        return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
+        return self._into_columns(x)
+
+    def _into_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> [..., sum of out]: each part's product written into its columns."""
+        flat = x.reshape(-1, x.shape[-1])
+        out = x.new_empty(flat.shape[0], sum(w.shape[0] for w, _ in self.parts))
+        start = 0
+        for w, b in self.parts:
+            cols = out[:, start:start + w.shape[0]]
+            if b is None:
+                torch.mm(flat, w.t(), out=cols)
+            else:
+                torch.addmm(b, flat, w.t(), out=cols)
+            start += w.shape[0]
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual: [T, out]; x: [T, in] -> ``residual + self(x)``, as one GEMM with the
-        residual as its accumulator where the weight is unpacked, float32 and has no bias (in
-        16-bit dtypes the GEMM would skip the rounding of the product that HF's add sees)."""
-        if self.weight is not None and self.bias is None and self.weight.dtype == torch.float32:
+        residual as its accumulator where the product runs on the original weight, float32 and
+        without bias (in 16-bit dtypes the GEMM would skip the rounding of the product that HF's
+        add sees)."""
+        streamed = self.product is not None and self.product.fits(x)
+        if (not streamed and self.weight is not None and self.bias is None
+                and self.weight.dtype == torch.float32):
             return torch.addmm(residual, x, self.weight.t())
         return residual + self(x)
 
