@@ -39,7 +39,8 @@ TORCH_LIBRARY(fastdecode, m) {
   m.def("decoder_layers(Tensor(a!) hidden, Tensor positions, Tensor?[] layers, "
         "Tensor(b!)[] k_caches, Tensor(c!)[] v_caches, int[] sliding_windows, "
         "Tensor block_tables, Tensor seq_lens, Tensor? cu_seqlens_q, Tensor slot_mapping, "
-        "Tensor inv_freq, float rotary_scaling, int num_heads, float eps, float scale) -> ()");
+        "Tensor inv_freq, float rotary_scaling, int num_heads, float eps, float scale, "
+        "Tensor[] shared_prefix) -> ()");
   m.def("contrastive_logits(Tensor expert_logits, Tensor amateur_logits, Tensor alpha, "
         "Tensor plausibility) -> Tensor");
 }

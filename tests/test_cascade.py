@@ -13,6 +13,8 @@ import fastdecode.plan.attention as plan_attention
 import fastdecode.plan.cascade as cascade
 import reference
 from fastdecode import Engine, SamplingParams
+from fastdecode.models import cpp_loop
+from fastdecode.models.cpp_loop import CppLoop
 from fastdecode.plan.attention import PagedKVCache
 from fastdecode.plan.step import StepPlanner
 from test_engine import prompts_of, single_thread, tiny_llama  # noqa: F401 (autouse)
@@ -110,11 +112,21 @@ def test_lse_is_the_log_sum_exp_of_the_scaled_logits():
                                                  None, 0.3, True, 0.0)
 
 
-def test_engine_with_a_shared_system_prompt_decodes_through_the_shared_prefix(monkeypatch):
+@pytest.mark.parametrize("native_cpp", ["0", "1"])
+def test_engine_with_a_shared_system_prompt_decodes_through_the_shared_prefix(native_cpp,
+                                                                             monkeypatch):
+    """Through the Python layer loop's attention and through the C++ layer loop."""
+    if native_cpp == "1" and not cpp_loop.available():
+        pytest.skip("the C++ layer loop is not built")
+    monkeypatch.setenv("FASTDECODE_NATIVE_CPP", native_cpp)
     calls = []
     attend = plan_attention.attend_shared_prefix
     monkeypatch.setattr(plan_attention, "attend_shared_prefix",
                         lambda *a, **kw: calls.append(1) or attend(*a, **kw))
+    loop_calls = []
+    loop = CppLoop.__call__
+    monkeypatch.setattr(CppLoop, "__call__", lambda self, h, positions, plan, kv: loop_calls.append(
+        plan.attn.shared_prefix is not None) or loop(self, h, positions, plan, kv))
     system = prompts_of([cascade.MIN_SHARED_BLOCKS * 5 + 3], seed=1)[0]
     prompts = [system + p for p in prompts_of([1, 4, 9, 13, 20], seed=2)]
     params = SamplingParams(max_new_tokens=10, temperature=0)
@@ -127,7 +139,8 @@ def test_engine_with_a_shared_system_prompt_decodes_through_the_shared_prefix(mo
         return [o.output_ids for o in engine.generate(prompts, params)]
 
     plain = run(len(prompts) + 1)
-    assert not calls
+    assert not calls and not any(loop_calls)
     shared = run(default)
-    assert calls  # every decode step with all five running took the cascade path
+    # Decode steps with all five running took the cascade path, in the loop that ran them.
+    assert (any(loop_calls) and not calls) if native_cpp == "1" else (calls and not loop_calls)
     assert shared == plain

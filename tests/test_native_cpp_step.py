@@ -14,6 +14,7 @@ from fastdecode.hf import runner as runner_module
 from fastdecode.hf.runner import PagedRunner
 from fastdecode.models.cpp_loop import CppLoop
 from fastdecode.models import layers
+from fastdecode.plan import cascade
 from test_native_step import forbid_hf_layers
 from tiny import tiny_model
 
@@ -87,13 +88,58 @@ def test_generate_greedy_equals_model_generate(monkeypatch):
     assert torch.equal(ours, hf) and len(calls) >= 11
 
 
+def shared_prefix_steps(model, mode: str, monkeypatch) -> tuple[list[torch.Tensor], int]:
+    """(logits, Python-loop attention calls) of two decode steps of five sequences whose first
+    four blocks hold one 16-token system prompt (their prompts prefilled first: the prompt and
+    one sequence's own tokens, then the others' own tokens); mode: "cpp" or "python" (which
+    loop; both plan the shared prefix), or "plain" (no shared-prefix plan, C++ loop)."""
+    monkeypatch.setenv("FASTDECODE_NATIVE_CPP", "0" if mode == "python" else "1")
+    if mode == "plain":
+        monkeypatch.setattr(cascade, "MIN_SEQS", 99)
+    g = torch.Generator().manual_seed(1)
+    own = [3, 1, 6, 2, 5]  # tokens past the prompt, then two decode tokens each
+    seqs = [torch.randint(3, model.config.vocab_size, (16 + n + 2,), generator=g) for n in own]
+    for s in seqs[1:]:
+        s[:16] = seqs[0][:16]
+    runner = PagedRunner(model, num_blocks=32, block_size=P, backend=BACKEND, native=True,
+                         fast_linears=True)
+    planner = runner.planner()
+    tables = [[0, 1, 2, 3, *range(4 + 3 * i, 7 + 3 * i)] for i in range(len(seqs))]
+    steps = [[(0, 0, 16 + own[0])], [(i, 16, 16 + own[i]) for i in range(1, len(seqs))],
+             *([(i, 16 + n + j, 17 + n + j) for i, n in enumerate(own)] for j in range(2))]
+    logits, shared = [], []
+    for spans in steps:  # (sequence, first, end) new tokens
+        plan = planner.build([b - a for _, a, b in spans], [b for _, _, b in spans],
+                             [tables[i] for i, _, _ in spans],
+                             token_ids=torch.cat([seqs[i][a:b] for i, a, b in spans]).tolist())
+        shared.append(plan.attn.shared_prefix is not None)
+        logits.append(runner.forward(plan.input_ids, plan.positions, plan))
+    assert shared == [False, False, *(2 * [mode != "plain"])]
+    return logits[2:], runner.kv.calls
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_shared_prefix_steps_take_the_cascade_in_the_loop(family, monkeypatch):
+    """The loop's shared-prefix attention (mistral: a window, so plain decode attention in every
+    layer) gives the Python loop's cascade logits and those of plain decode attention."""
+    model = tiny_model(family, **MODELS[family])
+    results = {}
+    for mode in ("cpp", "python", "plain"):
+        with monkeypatch.context() as m:
+            results[mode] = shared_prefix_steps(model, mode, m)
+    assert results["cpp"][1] == 0 and results["python"][1] > 0
+    for cpp, python, plain in zip(*(results[m][0] for m in ("cpp", "python", "plain"))):
+        torch.testing.assert_close(cpp, python, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cpp, plain, atol=1e-5, rtol=1e-5)
+
+
 def _loop_args(runner, plan):
     loop = runner.native.cpp_loop
     h = torch.zeros(plan.num_tokens, runner.model.config.hidden_size)
     meta = plan.attn
     return [h, plan.positions, list(loop.flat), runner.kv.k_caches, runner.kv.v_caches,
             list(loop.windows), meta.block_tables, meta.seq_lens, None, meta.slot_mapping,
-            loop.inv_freq, loop.scaling, loop.num_heads, loop.eps, loop.scale]
+            loop.inv_freq, loop.scaling, loop.num_heads, loop.eps, loop.scale, []]
 
 
 @pytest.mark.parametrize("index, value, message", [
@@ -102,6 +148,7 @@ def _loop_args(runner, plan):
     (5, [-1, 0], r"sliding_windows\[layer\]"),
     (12, 0, "num_heads"),
     (13, float("nan"), "eps"),
+    (15, [torch.zeros(1, 1, dtype=torch.int32)], "shared_prefix must be empty or"),
 ])
 def test_op_errors_name_the_argument(index, value, message):
     model = tiny_model("qwen3", **MODELS["qwen3"])

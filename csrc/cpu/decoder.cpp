@@ -52,6 +52,40 @@ std::vector<int64_t> packed_shape(int64_t out_features, int64_t in_features) {
   return {(out_features + panel - 1) / panel, in_features, panel};
 }
 
+// The shared-prefix plan's two attention calls checked as the public op checks them (shapes,
+// then values), or nullopt without a plan.
+std::optional<SharedPrefixParams> shared_prefix_params(
+    at::TensorList plan, const at::Tensor& attn, const at::Tensor& query,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, bool decode_only, double scale) {
+  if (plan.empty()) return std::nullopt;
+  FASTDECODE_CHECK(plan.size() == 5, kOp, "shared_prefix must be empty or [tables, lens, "
+                   "cu_seqlens, suffix_tables, suffix_lens], got ", plan.size(), " tensors");
+  FASTDECODE_CHECK(decode_only, kOp, "shared_prefix applies to decode steps only (no "
+                   "cu_seqlens_q)");
+  const at::Tensor &tables = plan[0], &lens = plan[1], &cu = plan[2];
+  const at::Tensor &suffix_tables = plan[3], &suffix_lens = plan[4];
+  const checks::PagedDims shared = checks::paged_attention(
+      attn, query, k_cache, v_cache, tables, lens, cu, scale, 0.0, 0, std::nullopt,
+      std::nullopt);
+  FASTDECODE_CHECK(shared.num_seqs == 1, kOp, "shared_prefix tables must be [1, C], got ",
+                   tables.sizes());
+  values::paged_attention(tables, lens, cu, std::nullopt, std::nullopt, false, shared);
+  const checks::PagedDims own = checks::paged_attention(
+      attn, query, k_cache, v_cache, suffix_tables, suffix_lens, std::nullopt, scale, 0.0, 0,
+      std::nullopt, std::nullopt);
+  values::paged_attention(suffix_tables, suffix_lens, std::nullopt, std::nullopt, std::nullopt,
+                          true, own);
+  SharedPrefixParams sp{};
+  sp.tables = tables.const_data_ptr<int32_t>();
+  sp.lens = lens.const_data_ptr<int32_t>();
+  sp.cu_seqlens = cu.const_data_ptr<int32_t>();
+  sp.suffix_tables = suffix_tables.const_data_ptr<int32_t>();
+  sp.suffix_lens = suffix_lens.const_data_ptr<int32_t>();
+  sp.num_blocks = shared.max_blocks;
+  sp.suffix_max_blocks = own.max_blocks;
+  return sp;
+}
+
 }  // namespace
 
 void decoder_layers(at::Tensor& hidden, const at::Tensor& positions, const Layers& layers,
@@ -59,7 +93,8 @@ void decoder_layers(at::Tensor& hidden, const at::Tensor& positions, const Layer
                     at::IntArrayRef sliding_windows, const at::Tensor& block_tables,
                     const at::Tensor& seq_lens, const std::optional<at::Tensor>& cu_seqlens_q,
                     const at::Tensor& slot_mapping, const at::Tensor& inv_freq,
-                    double rotary_scaling, int64_t num_heads, double eps, double scale) {
+                    double rotary_scaling, int64_t num_heads, double eps, double scale,
+                    at::TensorList shared_prefix) {
   FASTDECODE_CHECK(hidden.device().is_cpu(), kOp, "hidden must be a CPU tensor, got ",
                    hidden.device());
   checks::dtype(kOp, hidden, "hidden", at::kFloat);
@@ -103,6 +138,8 @@ void decoder_layers(at::Tensor& hidden, const at::Tensor& positions, const Layer
   values::slots(slot_mapping, c);
   values::paged_attention(block_tables, seq_lens, cu_seqlens_q, std::nullopt, std::nullopt,
                           true, pd);
+  const std::optional<SharedPrefixParams> shared = shared_prefix_params(
+      shared_prefix, attn, query, k_caches[0], v_caches[0], !cu_seqlens_q.has_value(), scale);
 
   std::vector<DecoderLayerWeights> weights(num_layers);
   for (int64_t l = 0; l < num_layers; ++l) {
@@ -149,6 +186,7 @@ void decoder_layers(at::Tensor& hidden, const at::Tensor& positions, const Layer
   p.seq_lens = seq_lens.const_data_ptr<int32_t>();
   p.cu_seqlens_q = cu_seqlens_q ? cu_seqlens_q->const_data_ptr<int32_t>() : nullptr;
   p.slot_mapping = slot_mapping.const_data_ptr<int64_t>();
+  p.shared_prefix = shared ? &*shared : nullptr;
   p.inv_freq = inv_freq.const_data_ptr<float>();
   p.rotary_scaling = static_cast<float>(rotary_scaling);
   p.num_tokens = t;

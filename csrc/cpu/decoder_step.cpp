@@ -2,6 +2,9 @@
 // of an existing kernel; only the residual add lives here.
 #include "decoder_step.h"
 
+#include <algorithm>
+#include <cmath>
+
 #include "attention_kernels.h"
 #include "layer_kernels.h"
 #include "linear_kernel.h"
@@ -12,6 +15,7 @@ namespace {
 // Scratch regions of one call, in floats, laid out one after another.
 struct Scratch {
   float *normed, *qkv, *attn, *proj, *gate_up, *act;
+  float *shared, *lse;  // shared-prefix steps: [T, Hq, D] the shared part, [2, T, Hq]
 };
 
 Scratch carve(float* base, int64_t t, int64_t h, int64_t inter, int64_t hq, int64_t hkv,
@@ -23,6 +27,8 @@ Scratch carve(float* base, int64_t t, int64_t h, int64_t inter, int64_t hq, int6
   s.proj = s.attn + t * hq * d;
   s.gate_up = s.proj + t * h;
   s.act = s.gate_up + t * 2 * inter;
+  s.shared = s.act + t * inter;
+  s.lse = s.shared + t * hq * d;
   return s;
 }
 
@@ -72,8 +78,25 @@ void norm_heads(const DecoderStepParams& p, const DecoderLayerWeights& w, float*
   }
 }
 
-void attend(const DecoderStepParams& p, const DecoderLayerWeights& w, const float* qkv,
-            float* out, int64_t row) {
+// out = the shared part and the own part of each row, weighted by the softmax of their
+// log-sum-exps (lse [2, T, Hq]; the own part always has a key, so the weights are finite).
+void merge_parts(const DecoderStepParams& p, float* out, const float* shared, const float* lse) {
+  const int64_t rows = p.num_tokens * p.num_heads, d = p.head_dim;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float m = std::max(lse[r], lse[rows + r]);
+    const float e_shared = std::exp(lse[r] - m), e_own = std::exp(lse[rows + r] - m);
+    const float w_shared = e_shared / (e_shared + e_own), w_own = e_own / (e_shared + e_own);
+    float* o = out + r * d;
+    const float* sh = shared + r * d;
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) o[i] = o[i] * w_own + sh[i] * w_shared;
+  }
+}
+
+void attend(const DecoderStepParams& p, const DecoderLayerWeights& w, const Scratch& s,
+            int64_t row) {
+  const float* qkv = s.qkv;
+  float* out = s.attn;
   const int64_t hq = p.num_heads, hkv = p.num_kv_heads, d = p.head_dim;
   AppendKvParams a{};
   a.key = qkv + hq * d;
@@ -109,7 +132,27 @@ void attend(const DecoderStepParams& p, const DecoderLayerWeights& w, const floa
   at.scale = p.scale;
   at.sliding_window = w.sliding_window;
   at.causal = true;
+  const SharedPrefixParams* sp = p.shared_prefix;
+  if (sp == nullptr || w.sliding_window > 0) {
+    paged_attention_kernel<float>(at);
+    return;
+  }
+  PagedAttentionParams shared = at;  // every query row over the shared blocks, no mask
+  shared.out = s.shared;
+  shared.lse = s.lse;
+  shared.block_tables = sp->tables;
+  shared.seq_lens = sp->lens;
+  shared.cu_seqlens_q = sp->cu_seqlens;
+  shared.num_seqs = 1;
+  shared.max_blocks_per_seq = sp->num_blocks;
+  shared.causal = false;
+  paged_attention_kernel<float>(shared);
+  at.lse = s.lse + p.num_tokens * p.num_heads;  // each row over its own blocks
+  at.block_tables = sp->suffix_tables;
+  at.seq_lens = sp->suffix_lens;
+  at.max_blocks_per_seq = sp->suffix_max_blocks;
   paged_attention_kernel<float>(at);
+  merge_parts(p, out, s.shared, s.lse);
 }
 
 }  // namespace
@@ -117,8 +160,8 @@ void attend(const DecoderStepParams& p, const DecoderLayerWeights& w, const floa
 int64_t decoder_step_scratch_size(int64_t num_tokens, int64_t hidden_size,
                                   int64_t intermediate_size, int64_t num_heads,
                                   int64_t num_kv_heads, int64_t head_dim) {
-  return num_tokens * (2 * hidden_size + (2 * num_heads + 2 * num_kv_heads) * head_dim +
-                       3 * intermediate_size);
+  return num_tokens * (2 * hidden_size + (3 * num_heads + 2 * num_kv_heads) * head_dim +
+                       3 * intermediate_size + 2 * num_heads);
 }
 
 void decoder_step_kernel(const DecoderStepParams& p) {
@@ -149,7 +192,7 @@ void decoder_step_kernel(const DecoderStepParams& p) {
     linear(s.qkv, s.normed, w.qkv, w.qkv_bias, t, h, row);
     if (w.q_norm != nullptr) norm_heads(p, w, s.qkv, row);
     rotary_kernel(rot);
-    attend(p, w, s.qkv, s.attn, row);
+    attend(p, w, s, row);
     linear(s.proj, s.attn, w.o, w.o_bias, t, hq * d, h);
     add_into(p.hidden, s.proj, t * h);
     rms_norm(s.normed, p.hidden, w.post_norm, t, h, h, p.eps);

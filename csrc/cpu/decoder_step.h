@@ -29,6 +29,21 @@ struct DecoderLayerWeights {
   int64_t sliding_window;   // 0 = off
 };
 
+// A decode step whose B sequences all start with the same C cache blocks (a shared system
+// prompt): each layer without a window attends to those blocks in one packed, non-causal call
+// of all B query rows, to each sequence's remaining blocks in a decode call, and merges the two
+// exactly by their log-sum-exps (fastdecode/plan/cascade.py; layers with a window take the
+// plain decode call).
+struct SharedPrefixParams {
+  const int32_t* tables;         // [1, C]: the shared block ids
+  const int32_t* lens;           // [1]: C * P
+  const int32_t* cu_seqlens;     // [2]: 0, B (the B query rows as one packed sequence)
+  const int32_t* suffix_tables;  // [B, M - C]: each sequence's remaining blocks
+  const int32_t* suffix_lens;    // [B]: its KV length past the shared blocks (>= 1)
+  int64_t num_blocks;            // C
+  int64_t suffix_max_blocks;     // M - C
+};
+
 struct DecoderStepParams {
   float* hidden;                 // [T, H] contiguous: the residual stream, updated in place
   float* scratch;                // decoder_step_scratch_size(...) floats
@@ -39,6 +54,7 @@ struct DecoderStepParams {
   const int32_t* seq_lens;       // [B], KV lengths including this step's tokens
   const int32_t* cu_seqlens_q;   // [B + 1] (packed form) or nullptr (decode: T == B)
   const int64_t* slot_mapping;   // [T]; < 0 skips the token
+  const SharedPrefixParams* shared_prefix;  // decode steps (T == B) only, or nullptr
   const float* inv_freq;         // [D / 2]
   float rotary_scaling;
   int64_t num_tokens;            // T
@@ -51,7 +67,7 @@ struct DecoderStepParams {
   float scale;                   // attention's q . k scale
 };
 
-// Floats of scratch one call needs for T tokens.
+// Floats of scratch one call needs for T tokens (shared-prefix steps included).
 int64_t decoder_step_scratch_size(int64_t num_tokens, int64_t hidden_size,
                                   int64_t intermediate_size, int64_t num_heads,
                                   int64_t num_kv_heads, int64_t head_dim);

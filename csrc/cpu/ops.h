@@ -82,13 +82,17 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up);
 // packed down, down_bias?); k_caches, v_caches: [N, P, Hkv, D] per layer; sliding_windows: per
 // layer, 0 = off; the step's metadata as paged_attention takes it (decode form without
 // cu_seqlens_q) with slot_mapping [T] int64 and positions [T] int64; inv_freq: [D / 2].
+// shared_prefix: empty, or (decode steps) the five int32 tensors of a shared-prefix plan
+// (fastdecode/plan/cascade.py: tables [1, C], lens [1], cu_seqlens [2], suffix_tables
+// [B, M - C], suffix_lens [B]).
 void decoder_layers(at::Tensor& hidden, const at::Tensor& positions,
                     const c10::List<std::optional<at::Tensor>>& layers,
                     at::TensorList k_caches, at::TensorList v_caches,
                     at::IntArrayRef sliding_windows, const at::Tensor& block_tables,
                     const at::Tensor& seq_lens, const std::optional<at::Tensor>& cu_seqlens_q,
                     const at::Tensor& slot_mapping, const at::Tensor& inv_freq,
-                    double rotary_scaling, int64_t num_heads, double eps, double scale);
+                    double rotary_scaling, int64_t num_heads, double eps, double scale,
+                    at::TensorList shared_prefix);
 
 // expert_logits, amateur_logits: [B, V] any float dtypes (each its own); alpha, plausibility:
 // [B] float32 in [0, 1e6] / [0, 1]. Returns [B, V] float32 contrastive-decoding scores.

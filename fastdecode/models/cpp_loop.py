@@ -6,9 +6,8 @@ It applies to float32 CPU steps whose products all run on the streaming kernel's
 (at most :data:`~fastdecode.models.packed.STREAM_MAX_ROWS` rows) over a float32 cache of the
 C++ backend; everything else (other dtypes and devices, prefill, torch.compile) runs the Python
 loop, which stays the reference. Decode steps planned with a shared prefix
-(:mod:`fastdecode.plan.cascade`) also run the Python loop, whose attention takes the cascade
-path: with the 135M model's 32 requests on a 512-token system prompt, inter-token latency was
-131 ms that way against 138 ms in the C++ loop without it (one round each, same load). ``FASTDECODE_NATIVE_CPP=0`` forces the Python loop.
+(:mod:`fastdecode.plan.cascade`) take the same cascade attention in the loop.
+``FASTDECODE_NATIVE_CPP=0`` forces the Python loop.
 """
 
 from __future__ import annotations
@@ -80,7 +79,7 @@ class CppLoop:
         """Whether this step (h: [T, H]) runs here rather than in the Python loop."""
         return (h.dtype == kv.dtype == torch.float32 and h.device.type == "cpu"
                 and h.shape[0] <= STREAM_MAX_ROWS and plan.attn.slot_mapping is not None
-                and plan.attn.causal and plan.attn.shared_prefix is None
+                and plan.attn.causal
                 and not torch.compiler.is_compiling()
                 and os.environ.get("FASTDECODE_NATIVE_CPP", "1") != "0"
                 and _on_cpu_kernels(kv))
@@ -90,8 +89,11 @@ class CppLoop:
         """h: [T, H] float32 embeddings -> [T, H], every layer applied (in place)."""
         meta = plan.attn
         h = h.contiguous()
+        shared = meta.shared_prefix
         torch.ops.fastdecode.decoder_layers(
             h, positions, self.flat, kv.k_caches, kv.v_caches, self.windows, meta.block_tables,
             meta.seq_lens, None if meta.decode_only else meta.cu_seqlens_q, meta.slot_mapping,
-            self.inv_freq, self.scaling, self.num_heads, self.eps, self.scale)
+            self.inv_freq, self.scaling, self.num_heads, self.eps, self.scale,
+            [] if shared is None else [shared.tables, shared.lens, shared.cu_seqlens,
+                                       shared.suffix_tables, shared.suffix_lens])
         return h

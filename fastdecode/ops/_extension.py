@@ -88,9 +88,10 @@ def _silu_and_mul_fake(gate_up):
 @torch.library.register_fake(_LIB + "decoder_layers")
 def _decoder_layers_fake(hidden, positions, layers, k_caches, v_caches, sliding_windows,
                          block_tables, seq_lens, cu_seqlens_q, slot_mapping, inv_freq,
-                         rotary_scaling, num_heads, eps, scale) -> None:
+                         rotary_scaling, num_heads, eps, scale, shared_prefix) -> None:
     same_device(hidden.device, positions=positions, block_tables=block_tables,
-                seq_lens=seq_lens, slot_mapping=slot_mapping, inv_freq=inv_freq)
+                seq_lens=seq_lens, slot_mapping=slot_mapping, inv_freq=inv_freq,
+                **{f"shared_prefix[{i}]": t for i, t in enumerate(shared_prefix)})
 
 
 @torch.library.register_fake(_LIB + "contrastive_logits")
