@@ -109,9 +109,11 @@ template <int R>
 inline void score_tile(const float* const* q, const float* const* k, int64_t dp,
                        float* const* s) {
   constexpr int kKeys = kVec / R;
-  Vec acc[kVec];  // acc[r * kKeys + t]
-  for (int64_t a = 0; a < kVec; ++a) acc[a] = Vec(0.f);
-  for (int64_t i = 0; i < dp; i += kVec) {
+  Vec acc[kVec];  // acc[r * kKeys + t]: unrolled loops keep the array in registers
+#pragma GCC unroll 16
+  for (int a = 0; a < kVec; ++a) acc[a] = Vec(0.f);
+  int64_t i = 0;
+  do {  // dp >= kVec: a loop the compiler sees run keeps acc out of memory
     Vec kv[kKeys];
 #pragma GCC unroll 16
     for (int t = 0; t < kKeys; ++t) kv[t] = Vec::loadu(k[t] + i);
@@ -121,7 +123,8 @@ inline void score_tile(const float* const* q, const float* const* k, int64_t dp,
 #pragma GCC unroll 16
       for (int t = 0; t < kKeys; ++t) acc[r * kKeys + t] = at::vec::fmadd(qi, kv[t], acc[r * kKeys + t]);
     }
-  }
+    i += kVec;
+  } while (i < dp);
   __at_align__ float sums[kVec];
   hsum_lanes(acc).store(sums);
   for (int r = 0; r < R; ++r) std::memcpy(s[r], sums + r * kKeys, kKeys * sizeof(float));
