@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -92,10 +93,37 @@ class Call:
         return 4.0 * self.d * self.hq * pairs
 
 
+PREFILL_STEP = "engine: first step of the shared-prefix serving workload (s)"
+
+
+def prefill_step_seconds(repeat: int) -> float:
+    """Median wall time of an Engine's first step on bench_serving.py's shared-prefix workload
+    (135M Llama-shaped random model, 32 prompts of a 512-token system prompt + 16-64 own tokens,
+    its default engine settings): the packed prefill of the burst."""
+    from argparse import Namespace
+
+    from bench_serving import build_model, workload
+    from fastdecode import Engine, SamplingParams
+    model = build_model()
+    prompts = workload(Namespace(workload="shared-prefix", system_len=512, num_requests=32,
+                                 seed=0), model.config.vocab_size)
+    times = []
+    for _ in range(repeat):
+        engine = Engine(model, block_size=16, num_blocks=2048, max_batch_tokens=2048,
+                        max_num_seqs=256, enable_prefix_caching=True)
+        for p in prompts:
+            engine.add_request(p, SamplingParams(max_new_tokens=1, temperature=0.0))
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def worker(args) -> dict[str, float]:
-    """GFLOP/s of every shape with the fastdecode found on sys.path."""
+    """GFLOP/s of every shape (and the engine step's seconds) with the fastdecode found on
+    sys.path."""
     torch.set_num_threads(args.threads)
-    res = {}
+    res = {PREFILL_STEP: prefill_step_seconds(args.step_repeat)} if args.prefill_step else {}
     for s in shapes(args.prefill_tokens):
         call = Call(s, args.num_qo_heads, args.num_kv_heads, args.head_dim, args.block_size)
         ms = time_ms(call.fn(), repeat=args.repeat, min_time_s=args.min_time)
@@ -124,6 +152,9 @@ def parse_args(argv: Optional[list[str]] = None):
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds timed per shape")
+    ap.add_argument("--prefill-step", action="store_true",
+                    help="also time an Engine's first step on the shared-prefix workload")
+    ap.add_argument("--step-repeat", type=int, default=3, help="engine steps per round")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -142,19 +173,21 @@ def main() -> None:
             runs[str(b)].append(run_build(b, passthrough) if b else worker(args))
     base = str(builds[0])
     rows = []
-    for s in shapes(args.prefill_tokens):
-        row = {"call": s.name}
+    names = [s.name for s in shapes(args.prefill_tokens)]
+    for name in names + ([PREFILL_STEP] if args.prefill_step else []):
+        row = {"call": name}
         for b in builds:
-            row[f"GFLOP/s {b or 'this tree'}"] = statistics.median(r[s.name] for r in runs[str(b)])
-        for b in builds[1:]:
-            row[f"{b} / {base}"] = row[f"GFLOP/s {b}"] / row[f"GFLOP/s {base}"]
+            row[f"{b or 'this tree'}"] = statistics.median(r[name] for r in runs[str(b)])
+        for b in builds[1:]:  # speedup: GFLOP/s ratio, or the inverse ratio of seconds
+            ratio = row[f"{b}"] / row[f"{base}"]
+            row[f"{b} / {base}"] = ratio if name in names else 1 / ratio
         rows.append(row)
     report = Report("attention_rows", "cpu")
     report.add_note(f"Hq {args.num_qo_heads}, Hkv {args.num_kv_heads}, head_dim {args.head_dim}, "
                     f"block {args.block_size}, fp32, {args.threads} thread(s); medians of "
                     f"{args.rounds} alternated rounds.")
     report.add_note(__doc__.split("\n\n", 2)[2])
-    report.add_table("GFLOP/s per call", rows, csv_name="rows")
+    report.add_table("GFLOP/s per call (engine step: seconds)", rows, csv_name="rows")
     if not args.no_write:
         for path in report.write():
             print("wrote", path)
