@@ -88,6 +88,38 @@ inline Vec hsum_lanes(const Vec* acc) {
 #endif
 }
 
+// Lane i of the result = op over x[i]'s lanes, in vec_reduce_all's order (lane j with j + kVec / 2,
+// then j + kVec / 4, ...), so a sum has the bits of reducing the row alone. On AVX-512 the 16
+// reductions share one transposition: ~3 shuffles / ops per row instead of a latency chain of 8.
+template <typename Op>
+inline Vec reduce_rows(const Vec* x, const Op& op) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // Lane 4q + j of the last step holds input 4j + q: inputs are taken in that order.
+  auto in = [&](int s) -> __m512 { return x[s % 4 * 4 + s / 4]; };
+  __m512 y[8], z[4], w[2];
+  for (int i = 0; i < 8; ++i) {  // lanes 0-7: input 2i's j + (j + 8); lanes 8-15: input 2i + 1's
+    const __m512 a = in(2 * i), b = in(2 * i + 1);
+    y[i] = op(Vec(_mm512_shuffle_f32x4(a, b, 0x44)), Vec(_mm512_shuffle_f32x4(a, b, 0xEE)));
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit lane q: input 4i + q's j + (j + 4)
+    z[i] = op(Vec(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88)),
+              Vec(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD)));
+  }
+  for (int i = 0; i < 2; ++i) {  // 128-bit lane q: j + (j + 2) of inputs 8i + q, 8i + 4 + q
+    const __m512d a = _mm512_castps_pd(z[2 * i]), b = _mm512_castps_pd(z[2 * i + 1]);
+    w[i] = op(Vec(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b))),
+              Vec(_mm512_castpd_ps(_mm512_unpackhi_pd(a, b))));
+  }
+  return op(Vec(_mm512_shuffle_ps(w[0], w[1], 0x88)), Vec(_mm512_shuffle_ps(w[0], w[1], 0xDD)));
+#else
+  __at_align__ float r[kVec];
+  for (int64_t t = 0; t < kVec; ++t) {
+    r[t] = at::vec::vec_reduce_all<float>([&](Vec& a, Vec& b) { return op(a, b); }, x[t]);
+  }
+  return Vec::loadu(r);
+#endif
+}
+
 // Register tiles. Scores: kScoreRows query rows x kVec / kScoreRows keys, one accumulator per
 // (row, key) (a full hsum_lanes input), so each K vector loaded serves kScoreRows rows and each
 // q vector kVec / kScoreRows keys: ~0.5 loads per FMA instead of ~1 for one row at a time.
@@ -251,6 +283,8 @@ class AttentionWorker {
         s_(max_rows * kTile),
         m_(max_rows),
         l_(max_rows),
+        pos_(max_rows),
+        head_(max_rows),
         active_(max_rows),
         qrows_(max_rows),
         srows_(max_rows),
@@ -273,6 +307,10 @@ class AttentionWorker {
     const int64_t hi = p_.causal ? std::min(n, last_pos + 1) : n;
 
     load_queries(item);
+    for (int64_t r = 0; r < rows; ++r) {  // once per item: divisions are slow
+      pos_[r] = first_pos + token_of(r, item);
+      head_[r] = head_of(r, item);
+    }
     std::fill_n(m_.begin(), rows, kNegInf);
     std::fill_n(l_.begin(), rows, 0.f);
     std::fill_n(o_.begin(), rows * dp_, 0.f);
@@ -285,7 +323,7 @@ class AttentionWorker {
     for (int cur = 0; t0 < hi; t0 += kTile, cur = (cur + 1) % 3) {
       const int64_t ahead = t0 + 2 * kTile;
       locate(item, ahead, std::min(ahead + kTile, hi), ahead, (cur + 2) % 3);
-      tile(item, first_pos, t0, std::max(t0, lo) - t0, std::min(t0 + kTile, hi) - t0,
+      tile(item, t0, std::max(t0, lo) - t0, std::min(t0 + kTile, hi) - t0,
            offsets_[cur], offsets_[(cur + 1) % 3], offsets_[(cur + 2) % 3]);
     }
     store_outputs(item);
@@ -380,7 +418,7 @@ class AttentionWorker {
   // One tile: KV positions t0 + [t_begin, t_end) (row offsets from locate). Lanes of the score
   // tile are absolute positions t0 + t, so a row's arithmetic is the same however the work
   // was cut. Scores, one online-softmax step per row, then P @ V.
-  void tile(const WorkItem& item, int64_t first_pos, int64_t t0, int64_t t_begin, int64_t t_end,
+  void tile(const WorkItem& item, int64_t t0, int64_t t_begin, int64_t t_end,
             const int64_t* offsets, const int64_t* next_offsets, const int64_t* ahead_offsets) {
     const auto* k_cache = static_cast<const T*>(p_.k_cache);
     const auto* v_cache = static_cast<const T*>(p_.v_cache);
@@ -409,10 +447,7 @@ class AttentionWorker {
         }
       }
     }
-    for (int64_t r = 0; r < head_rows * heads_; ++r) {
-      active_[r] = softmax_step(r, first_pos + token_of(r, item) - t0, head_of(r, item),
-                                t0, t_begin, t_end);
-    }
+    softmax_step(head_rows * heads_, t0, t_begin, t_end);
     for (int64_t h = 0; h < heads_; ++h) {
       for (int64_t t = t_begin; t < t_end; ++t) {
         vrows_[t] = row_f32(v_cache + offsets[t] + h * d, vtile_.data() + t * dp_, d, dp_);
@@ -434,11 +469,58 @@ class AttentionWorker {
     prefetch_step(std::numeric_limits<int64_t>::max());
   }
 
-  // Turns row r's scores of the tile into probabilities (in place) and rescales its running
-  // max / sum / output. pos: the row's query position relative to t0. Returns false when the
-  // row sees no key of the tile.
-  bool softmax_step(int64_t r, int64_t pos, int64_t head, int64_t t0, int64_t t_begin,
-                    int64_t t_end) {
+  // Turns every row's scores of the tile into probabilities (in place) and rescales its running
+  // max / sum / output; active_[r]: whether row r sees a key of the tile. Rows go kVec at a time
+  // so that their max and sum reductions share reduce_rows' transpositions.
+  void softmax_step(int64_t rows, int64_t t0, int64_t t_begin, int64_t t_end) {
+    const auto max = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
+    const auto add = [](const Vec& a, const Vec& b) { return a + b; };
+    for (int64_t r0 = 0; r0 < rows; r0 += kVec) {
+      const int64_t n = std::min(kVec, rows - r0);
+      Vec part[kVec];  // per row: lane-wise max of its scores, then lane-wise sum of exps
+      for (int64_t i = 0; i < kVec; ++i) {
+        const int64_t r = r0 + i;
+        part[i] = Vec(kNegInf);
+        if (i >= n || !(active_[r] = bias_and_mask(r, pos_[r] - t0, head_[r], t_begin, t_end))) {
+          continue;
+        }
+        const float* s = s_.data() + r * kTile;
+        for (int64_t j = 0; j < kTile; j += kVec) part[i] = max(part[i], Vec::loadu(s + j));
+      }
+      __at_align__ float m_new[kVec], sums[kVec];
+      reduce_rows(part, max).store(m_new);
+      for (int64_t i = 0; i < kVec; ++i) {
+        const int64_t r = r0 + i;
+        part[i] = Vec(0.f);
+        if (i >= n || !active_[r]) continue;
+        m_new[i] = std::max(m_[r], m_new[i]);
+        float* s = s_.data() + r * kTile;
+        const Vec vm(m_new[i]);
+        for (int64_t j = 0; j < kTile; j += kVec) {
+          const Vec e = (Vec::loadu(s + j) - vm).exp_u20();  // exp(-inf) = 0 for masked keys
+          e.store(s + j);
+          part[i] = part[i] + e;
+        }
+      }
+      reduce_rows(part, add).store(sums);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = r0 + i;
+        if (!active_[r]) continue;
+        if (m_new[i] != m_[r]) {
+          const float alpha = std::exp(m_[r] - m_new[i]);  // 0 on the row's first visible tile
+          l_[r] *= alpha;
+          scale_row(o_.data() + r * dp_, alpha, dp_);
+          m_[r] = m_new[i];
+        }
+        l_[r] += sums[i];
+      }
+    }
+  }
+
+  // Row r's scores of the tile with softcap -> ALiBi -> relative bias -> masks applied (masked
+  // lanes -inf). pos: the row's query position relative to the tile's first. Returns false
+  // (scores left as they are) when the row sees no key of the tile.
+  bool bias_and_mask(int64_t r, int64_t pos, int64_t head, int64_t t_begin, int64_t t_end) {
     const int64_t w = p_.sliding_window;
     const int64_t t_lo = w > 0 ? std::clamp<int64_t>(pos - w + 1, t_begin, t_end) : t_begin;
     const int64_t t_hi = p_.causal ? std::clamp<int64_t>(pos + 1, t_begin, t_end) : t_end;
@@ -464,25 +546,6 @@ class AttentionWorker {
     }
     std::fill(s, s + t_lo, kNegInf);
     std::fill(s + t_hi, s + kTile, kNegInf);
-    Vec vmax(kNegInf);
-    for (int64_t i = 0; i < kTile; i += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(s + i));
-    const float m_new = std::max(m_[r], at::vec::vec_reduce_all<float>(
-        [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax));
-    const Vec vm(m_new);
-    Vec vsum(0.f);
-    for (int64_t i = 0; i < kTile; i += kVec) {
-      const Vec e = (Vec::loadu(s + i) - vm).exp_u20();  // exp(-inf) = 0 for masked keys
-      e.store(s + i);
-      vsum = vsum + e;
-    }
-    const float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
-    if (m_new != m_[r]) {
-      const float alpha = std::exp(m_[r] - m_new);  // 0 on the row's first visible tile
-      l_[r] *= alpha;
-      scale_row(o_.data() + r * dp_, alpha, dp_);
-      m_[r] = m_new;
-    }
-    l_[r] += sum;
     return true;
   }
 
@@ -507,6 +570,7 @@ class AttentionWorker {
   std::vector<float> q_, o_;  // [rows, dp]: scaled queries, unnormalised outputs
   std::vector<float> s_;      // [rows, kTile]: scores, then probabilities
   std::vector<float> m_, l_;  // [rows]: running max and sum of exp
+  std::vector<int64_t> pos_, head_;  // [rows]: the row's query position and query head
   std::vector<char> active_;  // [rows]: the row sees a key of the current tile
   // Row pointers handed to the register tiles: one kv head's queries and scores; its active
   // rows' outputs and probabilities.
