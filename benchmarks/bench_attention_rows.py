@@ -2,16 +2,16 @@
 shared-prefix (cascade) call, and decode, in GFLOP/s.
 
     PYTHONPATH=. python benchmarks/bench_attention_rows.py --threads 1
-    python benchmarks/bench_attention_rows.py --builds BASE_TREE,. --rounds 5   # before / after
+    python benchmarks/bench_attention_rows.py --builds before=BASE_TREE,after=. --rounds 5
 
 With many query rows per kv head (a prefill's tokens x the GQA group, or every decode row of a
 step against a shared system prompt) the kernel is bound by its arithmetic, not by reading the
 KV, so it is reported in GFLOP/s: 4 * head_dim floating-point operations per (query row, visible
-key) pair (q . k and p * v), counted from the masks. Decode rows are shown for comparison: few
-rows per kv head, so they measure that the row tiling costs decode nothing.
+key) pair (q . k and p * v), counted from the masks. Decode calls (few rows per kv head) are timed
+too: what speeds up many rows must not slow them down.
 
-``--builds`` names source trees with a built extension (each a ``fastdecode`` checkout): each
-round runs every build in its own process, alternated, and the table gives medians over the
+``--builds`` names source trees with a built extension (each a ``fastdecode`` checkout, e.g. an
+earlier commit exported with ``git archive`` and built in place): each round runs every build in its own process, alternated, and the table gives medians over the
 rounds and the ratio of each build to the first (the baseline, measured in the same run).
 """
 
@@ -140,7 +140,7 @@ def run_build(tree: str, argv: list[str]) -> dict[str, float]:
 
 def parse_args(argv: Optional[list[str]] = None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--builds", help="comma-separated source trees, each with a built "
+    ap.add_argument("--builds", help="comma-separated [label=]source trees, each with a built "
                     "extension; the first is the baseline (default: the fastdecode on the path)")
     ap.add_argument("--rounds", type=int, default=3, help="alternated rounds over the builds")
     ap.add_argument("--threads", type=int, default=1)
@@ -160,27 +160,36 @@ def parse_args(argv: Optional[list[str]] = None):
     return ap.parse_args(argv)
 
 
+def parse_builds(spec: Optional[str]) -> dict[str, Optional[str]]:
+    """``label=tree,...`` (a bare tree is its own label) -> {label: tree}; None: this process's
+    fastdecode only."""
+    if not spec:
+        return {"this tree": None}
+    return dict((part.split("=", 1) if "=" in part else (part, part))
+                for part in spec.split(","))
+
+
 def main() -> None:
     args = parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
     passthrough = [a for a in sys.argv[1:] if a != "--no-write"]
-    builds = args.builds.split(",") if args.builds else [None]
-    runs: dict[str, list[dict[str, float]]] = {str(b): [] for b in builds}
+    builds = parse_builds(args.builds)
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label in builds}
     for _ in range(args.rounds):
-        for b in builds:
-            runs[str(b)].append(run_build(b, passthrough) if b else worker(args))
-    base = str(builds[0])
+        for label, tree in builds.items():
+            runs[label].append(run_build(tree, passthrough) if tree else worker(args))
+    base, *others = builds
     rows = []
     names = [s.name for s in shapes(args.prefill_tokens)]
     for name in names + ([PREFILL_STEP] if args.prefill_step else []):
         row = {"call": name}
-        for b in builds:
-            row[f"{b or 'this tree'}"] = statistics.median(r[name] for r in runs[str(b)])
-        for b in builds[1:]:  # speedup: GFLOP/s ratio, or the inverse ratio of seconds
-            ratio = row[f"{b}"] / row[f"{base}"]
-            row[f"{b} / {base}"] = ratio if name in names else 1 / ratio
+        for label in builds:
+            row[label] = statistics.median(r[name] for r in runs[label])
+        for label in others:  # speedup: the GFLOP/s ratio, or the inverse ratio of seconds
+            ratio = row[label] / row[base]
+            row[f"{label} / {base}"] = ratio if name in names else 1 / ratio
         rows.append(row)
     report = Report("attention_rows", "cpu")
     report.add_note(f"Hq {args.num_qo_heads}, Hkv {args.num_kv_heads}, head_dim {args.head_dim}, "
