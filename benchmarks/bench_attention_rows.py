@@ -11,8 +11,9 @@ key) pair (q . k and p * v), counted from the masks. Decode calls (few rows per 
 too: what speeds up many rows must not slow them down.
 
 ``--builds`` names source trees with a built extension (each a ``fastdecode`` checkout, e.g. an
-earlier commit exported with ``git archive`` and built in place): each round runs every build in its own process, alternated, and the table gives medians over the
-rounds and the ratio of each build to the first (the baseline, measured in the same run).
+earlier commit exported with ``git archive`` and built in place): each round runs every build
+in its own process, alternated, and the table gives medians over the rounds and the ratio of
+each build to the first (the baseline, measured in the same run).
 """
 
 from __future__ import annotations
@@ -194,7 +195,9 @@ def main() -> None:
     report = Report("attention_rows", "cpu")
     report.add_note(f"Hq {args.num_qo_heads}, Hkv {args.num_kv_heads}, head_dim {args.head_dim}, "
                     f"block {args.block_size}, fp32, {args.threads} thread(s); medians of "
-                    f"{args.rounds} alternated rounds.")
+                    f"{args.rounds} alternated rounds. Builds: "
+                    + ", ".join(f"{label} = {tree or 'this process'}"
+                                for label, tree in builds.items()) + ".")
     report.add_note(__doc__.split("\n\n", 2)[2])
     report.add_table("GFLOP/s per call (engine step: seconds)", rows, csv_name="rows")
     if not args.no_write:

@@ -7,6 +7,9 @@
 // rows' scores, applies softcap -> ALiBi -> masks, takes one online-softmax step per row, then
 // streams the V rows once into every row's float32 accumulator, while the next tile's rows are
 // prefetched (blocks are scattered, so hardware prefetchers alone cannot follow the table).
+// With many rows per kv head (prefill, shared-prefix decode) the work is arithmetic, not reads:
+// the score and P @ V loops then take several rows per register tile, so that every K / V
+// vector loaded serves them all, without changing any row's arithmetic.
 #include "vec.h"  // first: it selects at::vec's instruction set
 
 #include <ATen/Parallel.h>
@@ -160,7 +163,9 @@ inline void score_tile(const float* const* q, const float* const* k, int64_t dp,
     for (int r = 0; r < R; ++r) {
       const Vec qi = Vec::loadu(q[r] + i);
 #pragma GCC unroll 16
-      for (int t = 0; t < kKeys; ++t) acc[r * kKeys + t] = at::vec::fmadd(qi, kv[t], acc[r * kKeys + t]);
+      for (int t = 0; t < kKeys; ++t) {
+        acc[r * kKeys + t] = at::vec::fmadd(qi, kv[t], acc[r * kKeys + t]);
+      }
     }
     i += kVec;
   } while (i < dp);
@@ -488,9 +493,9 @@ class AttentionWorker {
       for (int64_t i = 0; i < kVec; ++i) {
         const int64_t r = r0 + i;
         part[i] = Vec(kNegInf);
-        if (i >= n || !(active_[r] = bias_and_mask(r, pos_[r] - t0, head_[r], t_begin, t_end))) {
-          continue;
-        }
+        if (i >= n) continue;
+        active_[r] = bias_and_mask(r, pos_[r] - t0, head_[r], t_begin, t_end);
+        if (!active_[r]) continue;
         const float* s = s_.data() + r * kTile;
         for (int64_t j = 0; j < kTile; j += kVec) part[i] = max(part[i], Vec::loadu(s + j));
       }
