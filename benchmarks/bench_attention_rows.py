@@ -196,7 +196,7 @@ def main() -> None:
     report.add_note(f"Hq {args.num_qo_heads}, Hkv {args.num_kv_heads}, head_dim {args.head_dim}, "
                     f"block {args.block_size}, fp32, {args.threads} thread(s); medians of "
                     f"{args.rounds} alternated rounds. Builds: "
-                    + ", ".join(f"{label} = {tree or 'this process'}"
+                    + ", ".join(f"{label} (`{tree or 'this process'}`)"
                                 for label, tree in builds.items()) + ".")
     report.add_note(__doc__.split("\n\n", 2)[2])
     report.add_table("GFLOP/s per call (engine step: seconds)", rows, csv_name="rows")
