@@ -7,6 +7,9 @@
 // rows' scores, applies softcap -> ALiBi -> masks, takes one online-softmax step per row, then
 // streams the V rows once into every row's float32 accumulator, while the next tile's rows are
 // prefetched (blocks are scattered, so hardware prefetchers alone cannot follow the table).
+// With many rows per kv head (prefill, shared-prefix decode) the work is arithmetic, not reads:
+// the score and P @ V loops then take several rows per register tile, so that every K / V
+// vector loaded serves them all, without changing any row's arithmetic.
 #include "vec.h"  // first: it selects at::vec's instruction set
 
 #include <ATen/Parallel.h>
@@ -33,7 +36,9 @@ constexpr int64_t kTile = 32;
 static_assert(kTile % kVec == 0, "score tiles are processed in whole vectors");
 // Query rows (tokens x heads of one GQA group) per packed-form work item: one pass over the KV
 // serves them all, while their scratch still fits in L2 and long prefills split into many items.
-constexpr int64_t kChunkRows = 64;
+// With register tiles the per-tile work shared by the rows (locating, prefetching, converting
+// K / V) shows: 128 ran one-thread prefill 13-18% faster than 64; 256 was no faster.
+constexpr int64_t kChunkRows = 128;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -88,45 +93,157 @@ inline Vec hsum_lanes(const Vec* acc) {
 #endif
 }
 
-// s[t] = q . k[t] for kVec rows k[t] of dp floats: one accumulator per key (they fit in the
-// register file), reduced together at the end.
-inline void scores(const float* q, const float* const* k, int64_t dp, float* s) {
-  Vec acc[kVec];
-  for (int64_t t = 0; t < kVec; ++t) acc[t] = Vec(0.f);
-  for (int64_t i = 0; i < dp; i += kVec) {
-    const Vec qi = Vec::loadu(q + i);
-#pragma GCC unroll 16
-    for (int64_t t = 0; t < kVec; ++t) acc[t] = at::vec::fmadd(qi, Vec::loadu(k[t] + i), acc[t]);
+// Lane i of the result = op over x[i]'s lanes, in vec_reduce_all's order (lane j with j + kVec / 2,
+// then j + kVec / 4, ...), so a sum has the bits of reducing the row alone. On AVX-512 the 16
+// reductions share one transposition: ~3 shuffles / ops per row instead of a latency chain of 8.
+template <typename Op>
+inline Vec reduce_rows(const Vec* x, const Op& op) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // Lane 4q + j of the last step holds input 4j + q: inputs are taken in that order.
+  auto in = [&](int s) -> __m512 { return x[s % 4 * 4 + s / 4]; };
+  __m512 y[8], z[4], w[2];
+  for (int i = 0; i < 8; ++i) {  // lanes 0-7: input 2i's j + (j + 8); lanes 8-15: input 2i + 1's
+    const __m512 a = in(2 * i), b = in(2 * i + 1);
+    y[i] = op(Vec(_mm512_shuffle_f32x4(a, b, 0x44)), Vec(_mm512_shuffle_f32x4(a, b, 0xEE)));
   }
-  hsum_lanes(acc).store(s);
+  for (int i = 0; i < 4; ++i) {  // 128-bit lane q: input 4i + q's j + (j + 4)
+    z[i] = op(Vec(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88)),
+              Vec(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD)));
+  }
+  for (int i = 0; i < 2; ++i) {  // 128-bit lane q: j + (j + 2) of inputs 8i + q, 8i + 4 + q
+    const __m512d a = _mm512_castps_pd(z[2 * i]), b = _mm512_castps_pd(z[2 * i + 1]);
+    w[i] = op(Vec(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b))),
+              Vec(_mm512_castpd_ps(_mm512_unpackhi_pd(a, b))));
+  }
+  return op(Vec(_mm512_shuffle_ps(w[0], w[1], 0x88)), Vec(_mm512_shuffle_ps(w[0], w[1], 0xDD)));
+#else
+  __at_align__ float r[kVec];
+  for (int64_t t = 0; t < kVec; ++t) {
+    r[t] = at::vec::vec_reduce_all<float>([&](Vec& a, Vec& b) { return op(a, b); }, x[t]);
+  }
+  return Vec::loadu(r);
+#endif
 }
 
-// o += sum over t in [t_begin, t_end) of p[t] * v[t]: o is held in registers, four vectors at a
-// time, while the (L1-resident) value rows stream past.
-inline void accumulate(float* o, const float* p, const float* const* v, int64_t t_begin,
-                       int64_t t_end, int64_t dp) {
+// Register tiles. Scores: kScoreRows query rows x kVec / kScoreRows keys, one accumulator per
+// (row, key) (a full hsum_lanes input), so each K vector loaded serves kScoreRows rows and each
+// q vector kVec / kScoreRows keys: ~0.5 loads per FMA instead of ~1 for one row at a time.
+// P @ V: kAccRows rows' output vectors stay in registers while each V vector is loaded once
+// for all of them. Remainder rows take smaller tiles of the same arithmetic (below).
+// The scores keep the one-row loop's arithmetic (lane-wise chains, then a fixed reduction tree)
+// rather than transposing each K tile to drop the reductions: a decode step has 1-8 rows per kv
+// head, too few to pay for a transposition per tile, and both forms must give a row the same
+// bits (a token decoded alone or in a packed mixed step).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kScoreRows = 4;  // 16 accumulators + 4 K vectors + 1 q of 32 zmm
+constexpr int kAccRows = 6;    // 6 x 4 accumulators + 4 V vectors + 1 broadcast of 32 zmm
+                               // (5-9% faster prefill than 4 rows)
+#else
+constexpr int kScoreRows = 2;  // 8 accumulators + 4 K vectors + 1 q of 16 ymm
+constexpr int kAccRows = 2;    // 2 x 4 accumulators + 4 V vectors + 1 broadcast
+#endif
+static_assert(kVec % kScoreRows == 0, "a score tile's keys are a whole part of a vector");
+
+// s[r][t] = q[r] . k[t] for R rows and kVec / R keys. Every (row, key) pair is computed the same
+// way whatever R and its place in the tile: kVec lane-wise FMA chains over the dims, then
+// hsum_lanes' fixed reduction tree, so a row's scores never depend on its tile's other rows.
+template <int R>
+inline void score_tile(const float* const* q, const float* const* k, int64_t dp,
+                       float* const* s) {
+  constexpr int kKeys = kVec / R;
+  Vec acc[kVec];  // acc[r * kKeys + t]: unrolled loops keep the array in registers
+#pragma GCC unroll 16
+  for (int a = 0; a < kVec; ++a) acc[a] = Vec(0.f);
+  int64_t i = 0;
+  do {  // dp >= kVec: a loop the compiler sees run keeps acc out of memory
+    Vec kv[kKeys];
+#pragma GCC unroll 16
+    for (int t = 0; t < kKeys; ++t) kv[t] = Vec::loadu(k[t] + i);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const Vec qi = Vec::loadu(q[r] + i);
+#pragma GCC unroll 16
+      for (int t = 0; t < kKeys; ++t) {
+        acc[r * kKeys + t] = at::vec::fmadd(qi, kv[t], acc[r * kKeys + t]);
+      }
+    }
+    i += kVec;
+  } while (i < dp);
+  __at_align__ float sums[kVec];
+  hsum_lanes(acc).store(sums);
+  for (int r = 0; r < R; ++r) std::memcpy(s[r], sums + r * kKeys, kKeys * sizeof(float));
+}
+
+// s[r][col + t] = q[r] . k[t] for n <= kScoreRows rows and kVec keys k[t], in tiles of the
+// widest row count that fits (a remainder of 3 rows: 2, then 1).
+inline void score_rows(int64_t n, const float* const* q, const float* const* k, int64_t dp,
+                       float* const* s, int64_t col) {
+  float* st[kScoreRows];
+  auto run = [&](auto rows_c, int64_t r0) {
+    constexpr int R = decltype(rows_c)::value;
+    for (int64_t t = 0; t < kVec; t += kVec / R) {
+      for (int r = 0; r < R; ++r) st[r] = s[r0 + r] + col + t;
+      score_tile<R>(q + r0, k + t, dp, st);
+    }
+  };
+  int64_t r0 = 0;
+  if constexpr (kScoreRows >= 4) {
+    for (; r0 + 4 <= n; r0 += 4) run(std::integral_constant<int, 4>{}, r0);
+  }
+  for (; r0 + 2 <= n; r0 += 2) run(std::integral_constant<int, 2>{}, r0);
+  for (; r0 < n; ++r0) run(std::integral_constant<int, 1>{}, r0);
+}
+
+// o[r] += sum over t in [t_begin, t_end) of p[r][t] * v[t] for R rows: the rows' outputs are
+// held in registers, four vectors at a time, while the (L1-resident) value rows stream past,
+// each loaded once for the R rows. Each output element is one FMA chain over t, in order,
+// whatever R.
+template <int R>
+inline void accumulate_tile(float* const* o, const float* const* p, const float* const* v,
+                            int64_t t_begin, int64_t t_end, int64_t dp) {
   int64_t i = 0;
   for (; i + 4 * kVec <= dp; i += 4 * kVec) {
-    Vec a0 = Vec::loadu(o + i), a1 = Vec::loadu(o + i + kVec);
-    Vec a2 = Vec::loadu(o + i + 2 * kVec), a3 = Vec::loadu(o + i + 3 * kVec);
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const Vec pt(p[t]);
-      const float* x = v[t] + i;
-      a0 = at::vec::fmadd(pt, Vec::loadu(x), a0);
-      a1 = at::vec::fmadd(pt, Vec::loadu(x + kVec), a1);
-      a2 = at::vec::fmadd(pt, Vec::loadu(x + 2 * kVec), a2);
-      a3 = at::vec::fmadd(pt, Vec::loadu(x + 3 * kVec), a3);
+    Vec a[R][4];
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < 4; ++j) a[r][j] = Vec::loadu(o[r] + i + j * kVec);
     }
-    a0.store(o + i);
-    a1.store(o + i + kVec);
-    a2.store(o + i + 2 * kVec);
-    a3.store(o + i + 3 * kVec);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const float* x = v[t] + i;
+      const Vec x0 = Vec::loadu(x), x1 = Vec::loadu(x + kVec);
+      const Vec x2 = Vec::loadu(x + 2 * kVec), x3 = Vec::loadu(x + 3 * kVec);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const Vec pt(p[r][t]);
+        a[r][0] = at::vec::fmadd(pt, x0, a[r][0]);
+        a[r][1] = at::vec::fmadd(pt, x1, a[r][1]);
+        a[r][2] = at::vec::fmadd(pt, x2, a[r][2]);
+        a[r][3] = at::vec::fmadd(pt, x3, a[r][3]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < 4; ++j) a[r][j].store(o[r] + i + j * kVec);
+    }
   }
   for (; i < dp; i += kVec) {
-    Vec a = Vec::loadu(o + i);
-    for (int64_t t = t_begin; t < t_end; ++t) a = at::vec::fmadd(Vec(p[t]), Vec::loadu(v[t] + i), a);
-    a.store(o + i);
+    Vec a[R];
+    for (int r = 0; r < R; ++r) a[r] = Vec::loadu(o[r] + i);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const Vec x = Vec::loadu(v[t] + i);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r] = at::vec::fmadd(Vec(p[r][t]), x, a[r]);
+    }
+    for (int r = 0; r < R; ++r) a[r].store(o[r] + i);
   }
+}
+
+// accumulate_tile for n in [1, kAccRows] rows.
+template <int R = kAccRows>
+inline void accumulate_rows(int64_t n, float* const* o, const float* const* p,
+                            const float* const* v, int64_t t_begin, int64_t t_end, int64_t dp) {
+  if constexpr (R > 1) {
+    if (n < R) return accumulate_rows<R - 1>(n, o, p, v, t_begin, t_end, dp);
+  }
+  accumulate_tile<R>(o, p, v, t_begin, t_end, dp);
 }
 
 inline void scale_row(float* y, float a, int64_t dp) {
@@ -178,7 +295,13 @@ class AttentionWorker {
         s_(max_rows * kTile),
         m_(max_rows),
         l_(max_rows),
+        pos_(max_rows),
+        head_(max_rows),
         active_(max_rows),
+        qrows_(max_rows),
+        srows_(max_rows),
+        orows_(max_rows),
+        prows_(max_rows),
         ktile_(kTile * dp_),
         vtile_(kTile * dp_),
         zeros_(dp_, 0.f) {}
@@ -196,6 +319,10 @@ class AttentionWorker {
     const int64_t hi = p_.causal ? std::min(n, last_pos + 1) : n;
 
     load_queries(item);
+    for (int64_t r = 0; r < rows; ++r) {  // once per item: divisions are slow
+      pos_[r] = first_pos + token_of(r, item);
+      head_[r] = head_of(r, item);
+    }
     std::fill_n(m_.begin(), rows, kNegInf);
     std::fill_n(l_.begin(), rows, 0.f);
     std::fill_n(o_.begin(), rows * dp_, 0.f);
@@ -208,7 +335,7 @@ class AttentionWorker {
     for (int cur = 0; t0 < hi; t0 += kTile, cur = (cur + 1) % 3) {
       const int64_t ahead = t0 + 2 * kTile;
       locate(item, ahead, std::min(ahead + kTile, hi), ahead, (cur + 2) % 3);
-      tile(item, first_pos, t0, std::max(t0, lo) - t0, std::min(t0 + kTile, hi) - t0,
+      tile(item, t0, std::max(t0, lo) - t0, std::min(t0 + kTile, hi) - t0,
            offsets_[cur], offsets_[(cur + 1) % 3], offsets_[(cur + 2) % 3]);
     }
     store_outputs(item);
@@ -303,7 +430,7 @@ class AttentionWorker {
   // One tile: KV positions t0 + [t_begin, t_end) (row offsets from locate). Lanes of the score
   // tile are absolute positions t0 + t, so a row's arithmetic is the same however the work
   // was cut. Scores, one online-softmax step per row, then P @ V.
-  void tile(const WorkItem& item, int64_t first_pos, int64_t t0, int64_t t_begin, int64_t t_end,
+  void tile(const WorkItem& item, int64_t t0, int64_t t_begin, int64_t t_end,
             const int64_t* offsets, const int64_t* next_offsets, const int64_t* ahead_offsets) {
     const auto* k_cache = static_cast<const T*>(p_.k_cache);
     const auto* v_cache = static_cast<const T*>(p_.v_cache);
@@ -311,44 +438,101 @@ class AttentionWorker {
     const int64_t g_begin = t_begin / kVec * kVec;
     const int64_t groups = (t_end - g_begin + kVec - 1) / kVec;
     touch_pages(ahead_offsets);
-    prefetch_start(next_offsets, heads_ * head_rows * (groups + 1));
+    const int64_t score_blocks = (head_rows + kScoreRows - 1) / kScoreRows;
+    const int64_t acc_blocks = (head_rows + kAccRows - 1) / kAccRows;
+    prefetch_start(next_offsets, heads_ * (score_blocks * groups + acc_blocks));
     for (int64_t h = 0; h < heads_; ++h) {
-      const float* q = q_.data() + h * head_rows * dp_;
-      float* s = s_.data() + h * head_rows * kTile;
       for (int64_t t = 0; t < kTile; ++t) {
         krows_[t] = t < t_begin || t >= t_end ? zeros_.data()  // lane masked later
                     : row_f32(k_cache + offsets[t] + h * d, ktile_.data() + t * dp_, d, dp_);
       }
+      const int64_t r_first = h * head_rows;
+      for (int64_t r = 0; r < head_rows; ++r) {
+        qrows_[r] = q_.data() + (r_first + r) * dp_;
+        srows_[r] = s_.data() + (r_first + r) * kTile;
+      }
       for (int64_t g = g_begin; g < t_end; g += kVec) {
-        for (int64_t r = 0; r < head_rows; ++r) {
-          scores(q + r * dp_, krows_ + g, dp_, s + r * kTile + g);
+        for (int64_t r = 0; r < head_rows; r += kScoreRows) {
+          score_rows(std::min<int64_t>(kScoreRows, head_rows - r), qrows_.data() + r, krows_ + g,
+                     dp_, srows_.data() + r, g);
           prefetch_step(pf_step_);
         }
       }
     }
-    for (int64_t r = 0; r < head_rows * heads_; ++r) {
-      active_[r] = softmax_step(r, first_pos + token_of(r, item) - t0, head_of(r, item),
-                                t0, t_begin, t_end);
-    }
+    softmax_step(head_rows * heads_, t0, t_begin, t_end);
     for (int64_t h = 0; h < heads_; ++h) {
       for (int64_t t = t_begin; t < t_end; ++t) {
         vrows_[t] = row_f32(v_cache + offsets[t] + h * d, vtile_.data() + t * dp_, d, dp_);
       }
+      // Rows that see no key of the tile are left out, not given zero probabilities: their
+      // outputs stay untouched, bit for bit.
+      int64_t n = 0;
       for (int64_t r = h * head_rows; r < (h + 1) * head_rows; ++r) {
-        if (active_[r]) {
-          accumulate(o_.data() + r * dp_, s_.data() + r * kTile, vrows_, t_begin, t_end, dp_);
-        }
+        if (!active_[r]) continue;
+        orows_[n] = o_.data() + r * dp_;
+        prows_[n++] = s_.data() + r * kTile;
+      }
+      for (int64_t r = 0; r < n; r += kAccRows) {
+        accumulate_rows(std::min<int64_t>(kAccRows, n - r), orows_.data() + r,
+                        prows_.data() + r, vrows_, t_begin, t_end, dp_);
         prefetch_step(pf_step_);
       }
     }
     prefetch_step(std::numeric_limits<int64_t>::max());
   }
 
-  // Turns row r's scores of the tile into probabilities (in place) and rescales its running
-  // max / sum / output. pos: the row's query position relative to t0. Returns false when the
-  // row sees no key of the tile.
-  bool softmax_step(int64_t r, int64_t pos, int64_t head, int64_t t0, int64_t t_begin,
-                    int64_t t_end) {
+  // Turns every row's scores of the tile into probabilities (in place) and rescales its running
+  // max / sum / output; active_[r]: whether row r sees a key of the tile. Rows go kVec at a time
+  // so that their max and sum reductions share reduce_rows' transpositions.
+  void softmax_step(int64_t rows, int64_t t0, int64_t t_begin, int64_t t_end) {
+    const auto max = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
+    const auto add = [](const Vec& a, const Vec& b) { return a + b; };
+    for (int64_t r0 = 0; r0 < rows; r0 += kVec) {
+      const int64_t n = std::min(kVec, rows - r0);
+      Vec part[kVec];  // per row: lane-wise max of its scores, then lane-wise sum of exps
+      for (int64_t i = 0; i < kVec; ++i) {
+        const int64_t r = r0 + i;
+        part[i] = Vec(kNegInf);
+        if (i >= n) continue;
+        active_[r] = bias_and_mask(r, pos_[r] - t0, head_[r], t_begin, t_end);
+        if (!active_[r]) continue;
+        const float* s = s_.data() + r * kTile;
+        for (int64_t j = 0; j < kTile; j += kVec) part[i] = max(part[i], Vec::loadu(s + j));
+      }
+      __at_align__ float m_new[kVec], sums[kVec];
+      reduce_rows(part, max).store(m_new);
+      for (int64_t i = 0; i < kVec; ++i) {
+        const int64_t r = r0 + i;
+        part[i] = Vec(0.f);
+        if (i >= n || !active_[r]) continue;
+        m_new[i] = std::max(m_[r], m_new[i]);
+        float* s = s_.data() + r * kTile;
+        const Vec vm(m_new[i]);
+        for (int64_t j = 0; j < kTile; j += kVec) {
+          const Vec e = (Vec::loadu(s + j) - vm).exp_u20();  // exp(-inf) = 0 for masked keys
+          e.store(s + j);
+          part[i] = part[i] + e;
+        }
+      }
+      reduce_rows(part, add).store(sums);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = r0 + i;
+        if (!active_[r]) continue;
+        if (m_new[i] != m_[r]) {
+          const float alpha = std::exp(m_[r] - m_new[i]);  // 0 on the row's first visible tile
+          l_[r] *= alpha;
+          scale_row(o_.data() + r * dp_, alpha, dp_);
+          m_[r] = m_new[i];
+        }
+        l_[r] += sums[i];
+      }
+    }
+  }
+
+  // Row r's scores of the tile with softcap -> ALiBi -> relative bias -> masks applied (masked
+  // lanes -inf). pos: the row's query position relative to the tile's first. Returns false
+  // (scores left as they are) when the row sees no key of the tile.
+  bool bias_and_mask(int64_t r, int64_t pos, int64_t head, int64_t t_begin, int64_t t_end) {
     const int64_t w = p_.sliding_window;
     const int64_t t_lo = w > 0 ? std::clamp<int64_t>(pos - w + 1, t_begin, t_end) : t_begin;
     const int64_t t_hi = p_.causal ? std::clamp<int64_t>(pos + 1, t_begin, t_end) : t_end;
@@ -374,25 +558,6 @@ class AttentionWorker {
     }
     std::fill(s, s + t_lo, kNegInf);
     std::fill(s + t_hi, s + kTile, kNegInf);
-    Vec vmax(kNegInf);
-    for (int64_t i = 0; i < kTile; i += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(s + i));
-    const float m_new = std::max(m_[r], at::vec::vec_reduce_all<float>(
-        [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax));
-    const Vec vm(m_new);
-    Vec vsum(0.f);
-    for (int64_t i = 0; i < kTile; i += kVec) {
-      const Vec e = (Vec::loadu(s + i) - vm).exp_u20();  // exp(-inf) = 0 for masked keys
-      e.store(s + i);
-      vsum = vsum + e;
-    }
-    const float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
-    if (m_new != m_[r]) {
-      const float alpha = std::exp(m_[r] - m_new);  // 0 on the row's first visible tile
-      l_[r] *= alpha;
-      scale_row(o_.data() + r * dp_, alpha, dp_);
-      m_[r] = m_new;
-    }
-    l_[r] += sum;
     return true;
   }
 
@@ -417,7 +582,13 @@ class AttentionWorker {
   std::vector<float> q_, o_;  // [rows, dp]: scaled queries, unnormalised outputs
   std::vector<float> s_;      // [rows, kTile]: scores, then probabilities
   std::vector<float> m_, l_;  // [rows]: running max and sum of exp
+  std::vector<int64_t> pos_, head_;  // [rows]: the row's query position and query head
   std::vector<char> active_;  // [rows]: the row sees a key of the current tile
+  // Row pointers handed to the register tiles: one kv head's queries and scores; its active
+  // rows' outputs and probabilities.
+  std::vector<const float*> qrows_;
+  std::vector<float*> srows_, orows_;
+  std::vector<const float*> prows_;
   std::vector<float> ktile_, vtile_;  // [kTile, dp]: K / V rows converted to float32
   std::vector<float> zeros_;          // [dp]: stands in for the keys of masked lanes
   const float* krows_[kTile];         // the tile's K / V rows as float32
