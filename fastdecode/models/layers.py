@@ -74,9 +74,9 @@ class Projection:
         residual as its accumulator where the product runs on the original weight, float32 and
         without bias (in 16-bit dtypes the GEMM would skip the rounding of the product that HF's
         add sees)."""
-        streamed = self.product is not None and self.product.fits(x)
-        if (not streamed and self.weight is not None and self.bias is None
-                and self.weight.dtype == torch.float32):
+        if self.product is not None and self.product.fits(x):
+            return residual + self.product(x)
+        if self.weight is not None and self.bias is None and self.weight.dtype == torch.float32:
             return torch.addmm(residual, x, self.weight.t())
         return residual + self(x)
 
